@@ -1,0 +1,131 @@
+//! Per-stage throughput of the save pipeline, in bytes per second on one
+//! core: FastCDC, keyed BLAKE3, zstd, AES-256-GCM, pack write and read.
+//! Run: `cargo bench -p ferry-bench --bench stages`.
+//!
+//! Input: 16 MiB of half-compressible data (text-like runs mixed with
+//! noise), like the volumes `shared/bench/gen_dataset.py` builds.
+
+use std::hint::black_box;
+
+use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+use ferry_core::chunker::Chunker;
+use ferry_core::codec::ObjectCipher;
+use ferry_core::config::ChunkerParams;
+use ferry_core::id::{BlobKind, IdHasher};
+use ferry_core::pack::{PackWriter, read_whole};
+
+const SIZE: usize = 16 << 20;
+
+fn input() -> Vec<u8> {
+    let mut x = 0x2545F4914F6CDD1Du64;
+    let words: Vec<&[u8]> = vec![
+        b"INFO ",
+        b"request ",
+        b"duration=",
+        b"user_id ",
+        b"GET /api/v1/items ",
+        b"200 OK\n",
+    ];
+    let mut out = Vec::with_capacity(SIZE);
+    while out.len() < SIZE {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        if x.is_multiple_of(2) {
+            for i in 0..64 {
+                out.extend_from_slice(words[((x >> i) % 6) as usize]);
+            }
+        } else {
+            for _ in 0..64 {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                out.extend_from_slice(&x.to_le_bytes());
+            }
+        }
+    }
+    out.truncate(SIZE);
+    out
+}
+
+fn stages(c: &mut Criterion) {
+    let data = input();
+    let params = ChunkerParams::default();
+    let chunks: Vec<Vec<u8>> = Chunker::new(&data[..], &params)
+        .map(|c| c.unwrap())
+        .collect();
+    let ids = IdHasher::new([7; 32]);
+    let mut g = c.benchmark_group("stage");
+    g.throughput(Throughput::Bytes(SIZE as u64));
+    g.sample_size(10);
+
+    g.bench_function("fastcdc", |b| {
+        b.iter(|| {
+            Chunker::new(black_box(&data[..]), &params)
+                .map(|c| c.unwrap().len())
+                .sum::<usize>()
+        })
+    });
+    g.bench_function("blake3_keyed", |b| {
+        b.iter(|| {
+            chunks
+                .iter()
+                .map(|c| ids.id(black_box(c)).0[0] as usize)
+                .sum::<usize>()
+        })
+    });
+    for level in [1, 3] {
+        g.bench_function(format!("zstd_{level}"), |b| {
+            b.iter(|| {
+                chunks
+                    .iter()
+                    .map(|c| {
+                        ferry_core::codec::compress(black_box(c), level).map_or(0, |v| v.len())
+                    })
+                    .sum::<usize>()
+            })
+        });
+    }
+    let cipher = ObjectCipher::new(&[1; 32], &[2; 32]);
+    g.bench_function("aes256gcm", |b| {
+        b.iter(|| {
+            for (i, c) in chunks.iter().enumerate() {
+                let mut buf = c.clone();
+                cipher.seal(i as u64, b"aad", &mut buf);
+                black_box(&buf);
+            }
+        })
+    });
+    let pack_with_ids: Vec<_> = chunks.iter().map(|c| (ids.id(c), c)).collect();
+    g.bench_function("pack_write", |b| {
+        b.iter(|| {
+            let mut w = PackWriter::new(&[1; 32], SIZE * 2);
+            for (id, c) in &pack_with_ids {
+                w.add(BlobKind::Data, *id, c, 1);
+            }
+            black_box(w.finish().bytes.len())
+        })
+    });
+    let mut w = PackWriter::new(&[1; 32], SIZE * 2);
+    for (id, c) in &pack_with_ids {
+        w.add(BlobKind::Data, *id, c, 1);
+    }
+    let pack = w.finish();
+    g.bench_function("pack_read", |b| {
+        b.iter(|| {
+            let rec = read_whole(&[1; 32], &pack.record.id, &pack.bytes).unwrap();
+            let cipher = ObjectCipher::new(&[1; 32], &rec.salt_bytes().unwrap());
+            for e in &rec.blobs {
+                let mut buf = pack.bytes
+                    [e.offset as usize..(e.offset + e.stored_len as u64) as usize]
+                    .to_vec();
+                ferry_core::pack::open_blob_with(&cipher, &ids, &rec.id, e, &mut buf).unwrap();
+                black_box(&buf);
+            }
+        })
+    });
+    g.finish();
+}
+
+criterion_group!(benches, stages);
+criterion_main!(benches);

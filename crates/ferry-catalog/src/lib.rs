@@ -1,0 +1,432 @@
+//! The catalog in SQLite: chunk index, packs, snapshots, cached trees.
+//!
+//! One file per vault, in WAL mode so that readers never wait for a writer
+//! and two processes can snapshot into the same vault at once (writes are
+//! short transactions; `busy_timeout` queues them). The catalog is an index
+//! of the vault: delete it and `ferry catalog rebuild` (or the next command)
+//! recreates it from the vault alone.
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use ferry_core::catalog::{BlobLocation, Catalog, CatalogError, CatalogResult};
+use ferry_core::id::{BlobId, BlobKind, PackId};
+use ferry_core::manifest::SnapshotRecord;
+use ferry_core::pack::{PackEntry, PackRecord};
+use rusqlite::{Connection, OptionalExtension, params};
+
+const SCHEMA_VERSION: i64 = 1;
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS packs (
+    id BLOB PRIMARY KEY, size INTEGER NOT NULL, salt BLOB NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS blobs (
+    id BLOB PRIMARY KEY, kind INTEGER NOT NULL, pack BLOB NOT NULL, idx INTEGER NOT NULL,
+    offset INTEGER NOT NULL, stored_len INTEGER NOT NULL, raw_len INTEGER NOT NULL,
+    compressed INTEGER NOT NULL
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS blobs_by_pack ON blobs (pack);
+CREATE TABLE IF NOT EXISTS snapshots (
+    id TEXT PRIMARY KEY, volume TEXT NOT NULL, time_ns INTEGER NOT NULL, record TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS trees (id BLOB PRIMARY KEY, data BLOB NOT NULL) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS seen (name TEXT PRIMARY KEY) WITHOUT ROWID;
+";
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("catalog {path}: {source}")]
+    Sqlite {
+        path: PathBuf,
+        #[source]
+        source: rusqlite::Error,
+    },
+    #[error("catalog {path} belongs to vault {found}, not {expected}")]
+    OtherVault {
+        path: PathBuf,
+        found: String,
+        expected: String,
+    },
+    #[error("catalog {path}: {reason}")]
+    Io { path: PathBuf, reason: String },
+}
+
+pub struct SqliteCatalog {
+    conn: Mutex<Connection>,
+    path: PathBuf,
+}
+
+fn cerr(e: rusqlite::Error) -> CatalogError {
+    CatalogError(Box::new(e))
+}
+
+impl SqliteCatalog {
+    /// Opens (or creates) the catalog of vault `vault_id` at `path`.
+    /// Returns the catalog and whether it was just created (and so must be
+    /// filled from the vault).
+    pub fn open(path: &Path, vault_id: &str) -> Result<(Self, bool), Error> {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(|e| Error::Io {
+                path: path.into(),
+                reason: e.to_string(),
+            })?;
+        }
+        let sql = |source| Error::Sqlite {
+            path: path.into(),
+            source,
+        };
+        let conn = Connection::open(path).map_err(sql)?;
+        conn.busy_timeout(Duration::from_secs(60)).map_err(sql)?;
+        conn.pragma_update(None, "journal_mode", "WAL")
+            .map_err(sql)?;
+        conn.pragma_update(None, "synchronous", "NORMAL")
+            .map_err(sql)?;
+        conn.execute_batch(SCHEMA).map_err(sql)?;
+        let found: Option<String> = conn
+            .query_row("SELECT value FROM meta WHERE key = 'vault_id'", [], |r| {
+                r.get(0)
+            })
+            .optional()
+            .map_err(sql)?;
+        let fresh = match found {
+            Some(f) if f != vault_id => {
+                return Err(Error::OtherVault {
+                    path: path.into(),
+                    found: f,
+                    expected: vault_id.into(),
+                });
+            }
+            Some(_) => false,
+            None => {
+                conn.execute(
+                    "INSERT OR IGNORE INTO meta (key, value) VALUES ('vault_id', ?1), ('schema', ?2)",
+                    params![vault_id, SCHEMA_VERSION.to_string()],
+                )
+                .map_err(sql)?;
+                true
+            }
+        };
+        Ok((
+            Self {
+                conn: Mutex::new(conn),
+                path: path.into(),
+            },
+            fresh,
+        ))
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn conn(&self) -> std::sync::MutexGuard<'_, Connection> {
+        self.conn.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// Where the embedded catalog of a vault lives by default:
+/// `$XDG_STATE_HOME/ferry/catalogs/<vault id>.sqlite`, else
+/// `~/.local/state/ferry/...`.
+pub fn default_path(vault_id: &str) -> PathBuf {
+    let base = std::env::var_os("XDG_STATE_HOME")
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".local/state")))
+        .unwrap_or_else(|| PathBuf::from("."));
+    base.join("ferry")
+        .join("catalogs")
+        .join(format!("{vault_id}.sqlite"))
+}
+
+fn blob_id(v: Vec<u8>) -> rusqlite::Result<BlobId> {
+    BlobId::from_slice(&v).ok_or_else(|| {
+        rusqlite::Error::InvalidColumnType(0, "id".into(), rusqlite::types::Type::Blob)
+    })
+}
+
+fn pack_id(v: Vec<u8>) -> rusqlite::Result<PackId> {
+    PackId::from_slice(&v).ok_or_else(|| {
+        rusqlite::Error::InvalidColumnType(0, "pack".into(), rusqlite::types::Type::Blob)
+    })
+}
+
+impl Catalog for SqliteCatalog {
+    fn contains(&self, ids: &[BlobId]) -> CatalogResult<Vec<bool>> {
+        let conn = self.conn();
+        let mut st = conn
+            .prepare_cached("SELECT 1 FROM blobs WHERE id = ?1")
+            .map_err(cerr)?;
+        ids.iter()
+            .map(|id| st.exists([&id.0[..]]).map_err(cerr))
+            .collect()
+    }
+
+    fn locate(&self, ids: &[BlobId]) -> CatalogResult<Vec<Option<BlobLocation>>> {
+        let conn = self.conn();
+        let mut st = conn
+            .prepare_cached(
+                "SELECT b.kind, b.pack, b.idx, b.offset, b.stored_len, b.raw_len, b.compressed, p.salt
+                 FROM blobs b JOIN packs p ON p.id = b.pack WHERE b.id = ?1",
+            )
+            .map_err(cerr)?;
+        ids.iter()
+            .map(|id| {
+                st.query_row([&id.0[..]], |r| {
+                    let kind: u8 = r.get(0)?;
+                    let salt: Vec<u8> = r.get(7)?;
+                    Ok(BlobLocation {
+                        pack: pack_id(r.get(1)?)?,
+                        salt: salt.try_into().map_err(|_| {
+                            rusqlite::Error::InvalidColumnType(
+                                7,
+                                "salt".into(),
+                                rusqlite::types::Type::Blob,
+                            )
+                        })?,
+                        entry: PackEntry {
+                            kind: BlobKind::from_code(kind).unwrap_or(BlobKind::Data),
+                            id: *id,
+                            index: r.get(2)?,
+                            offset: r.get::<_, i64>(3)? as u64,
+                            stored_len: r.get(4)?,
+                            raw_len: r.get(5)?,
+                            compressed: r.get(6)?,
+                        },
+                    })
+                })
+                .optional()
+                .map_err(cerr)
+            })
+            .collect()
+    }
+
+    fn add_packs(&self, packs: &[PackRecord]) -> CatalogResult<()> {
+        let mut conn = self.conn();
+        let tx = conn
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+            .map_err(cerr)?;
+        {
+            let mut p = tx
+                .prepare_cached("INSERT OR IGNORE INTO packs (id, size, salt) VALUES (?1, ?2, ?3)")
+                .map_err(cerr)?;
+            let mut b = tx
+                .prepare_cached(
+                    "INSERT OR IGNORE INTO blobs (id, kind, pack, idx, offset, stored_len, raw_len, compressed)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+                )
+                .map_err(cerr)?;
+            for pack in packs {
+                let salt = pack
+                    .salt_bytes()
+                    .map_err(|e| CatalogError::msg(e.to_string()))?;
+                p.execute(params![&pack.id.0[..], pack.size as i64, &salt[..]])
+                    .map_err(cerr)?;
+                for e in &pack.blobs {
+                    b.execute(params![
+                        &e.id.0[..],
+                        e.kind.code(),
+                        &pack.id.0[..],
+                        e.index,
+                        e.offset as i64,
+                        e.stored_len,
+                        e.raw_len,
+                        e.compressed
+                    ])
+                    .map_err(cerr)?;
+                }
+            }
+        }
+        tx.commit().map_err(cerr)
+    }
+
+    fn packs(&self) -> CatalogResult<Vec<(PackId, u64)>> {
+        let conn = self.conn();
+        let mut st = conn
+            .prepare_cached("SELECT id, size FROM packs")
+            .map_err(cerr)?;
+        let rows = st
+            .query_map([], |r| {
+                Ok((pack_id(r.get(0)?)?, r.get::<_, i64>(1)? as u64))
+            })
+            .map_err(cerr)?;
+        rows.collect::<rusqlite::Result<_>>().map_err(cerr)
+    }
+
+    fn pack_blobs(&self, pack: &PackId) -> CatalogResult<Vec<BlobId>> {
+        let conn = self.conn();
+        let mut st = conn
+            .prepare_cached("SELECT id FROM blobs WHERE pack = ?1")
+            .map_err(cerr)?;
+        let rows = st
+            .query_map([&pack.0[..]], |r| blob_id(r.get(0)?))
+            .map_err(cerr)?;
+        rows.collect::<rusqlite::Result<_>>().map_err(cerr)
+    }
+
+    fn add_snapshot(&self, snap: &SnapshotRecord) -> CatalogResult<()> {
+        let json = serde_json::to_string(snap).map_err(|e| CatalogError::msg(e.to_string()))?;
+        self.conn()
+            .execute(
+                "INSERT OR IGNORE INTO snapshots (id, volume, time_ns, record) VALUES (?1, ?2, ?3, ?4)",
+                params![snap.id, snap.volume, snap.time_ns, json],
+            )
+            .map_err(cerr)?;
+        Ok(())
+    }
+
+    fn snapshots(&self) -> CatalogResult<Vec<SnapshotRecord>> {
+        let conn = self.conn();
+        let mut st = conn
+            .prepare_cached("SELECT record FROM snapshots ORDER BY time_ns, id")
+            .map_err(cerr)?;
+        let rows = st.query_map([], |r| r.get::<_, String>(0)).map_err(cerr)?;
+        let mut out = Vec::new();
+        for json in rows {
+            let json = json.map_err(cerr)?;
+            out.push(
+                serde_json::from_str(&json)
+                    .map_err(|e| CatalogError::msg(format!("snapshot record: {e}")))?,
+            );
+        }
+        Ok(out)
+    }
+
+    fn tree(&self, id: &BlobId) -> CatalogResult<Option<Vec<u8>>> {
+        let conn = self.conn();
+        let mut st = conn
+            .prepare_cached("SELECT data FROM trees WHERE id = ?1")
+            .map_err(cerr)?;
+        st.query_row([&id.0[..]], |r| r.get(0))
+            .optional()
+            .map_err(cerr)
+    }
+
+    fn put_tree(&self, id: &BlobId, data: &[u8]) -> CatalogResult<()> {
+        let conn = self.conn();
+        let mut st = conn
+            .prepare_cached("INSERT OR IGNORE INTO trees (id, data) VALUES (?1, ?2)")
+            .map_err(cerr)?;
+        st.execute(params![&id.0[..], data]).map_err(cerr)?;
+        Ok(())
+    }
+
+    fn seen_objects(&self) -> CatalogResult<HashSet<String>> {
+        let conn = self.conn();
+        let mut st = conn.prepare_cached("SELECT name FROM seen").map_err(cerr)?;
+        let rows = st.query_map([], |r| r.get(0)).map_err(cerr)?;
+        rows.collect::<rusqlite::Result<_>>().map_err(cerr)
+    }
+
+    fn mark_seen(&self, names: &[String]) -> CatalogResult<()> {
+        let mut conn = self.conn();
+        let tx = conn.transaction().map_err(cerr)?;
+        {
+            let mut st = tx
+                .prepare_cached("INSERT OR IGNORE INTO seen (name) VALUES (?1)")
+                .map_err(cerr)?;
+            for n in names {
+                st.execute([n]).map_err(cerr)?;
+            }
+        }
+        tx.commit().map_err(cerr)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ferry_core::manifest::{Name, Node, NodeKind};
+
+    fn pack(n: u8) -> PackRecord {
+        PackRecord {
+            id: PackId([n; 32]),
+            size: 1000 + n as u64,
+            salt: hex::encode([n; 32]),
+            blobs: vec![PackEntry {
+                kind: BlobKind::Data,
+                id: BlobId([n + 100; 32]),
+                index: 0,
+                offset: 40,
+                stored_len: 30,
+                raw_len: 50,
+                compressed: true,
+            }],
+        }
+    }
+
+    #[test]
+    fn packs_blobs_and_snapshots_persist_across_opens() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sub/c.sqlite");
+        let (c, fresh) = SqliteCatalog::open(&path, "v1").unwrap();
+        assert!(fresh);
+        c.add_packs(&[pack(1), pack(2)]).unwrap();
+        let root = Node {
+            name: Name(b".".to_vec()),
+            kind: NodeKind::Dir {
+                subtree: BlobId([9; 32]),
+            },
+            mode: 0o755,
+            uid: 0,
+            gid: 0,
+            mtime_ns: 0,
+            ctime_ns: 0,
+            inode: 0,
+            xattrs: vec![],
+        };
+        let snap = SnapshotRecord {
+            id: "abc".into(),
+            volume: "vol".into(),
+            time: "t".into(),
+            time_ns: 5,
+            root: BlobId([9; 32]),
+            root_node: root,
+            parent: None,
+            host: "h".into(),
+            source: "/s".into(),
+            files: 1,
+            dirs: 0,
+            bytes: 50,
+            incomplete: false,
+            warnings: 0,
+        };
+        c.add_snapshot(&snap).unwrap();
+        drop(c);
+
+        let (c, fresh) = SqliteCatalog::open(&path, "v1").unwrap();
+        assert!(!fresh);
+        assert_eq!(
+            c.contains(&[BlobId([101; 32]), BlobId([7; 32])]).unwrap(),
+            vec![true, false]
+        );
+        let loc = c
+            .locate(&[BlobId([102; 32])])
+            .unwrap()
+            .pop()
+            .unwrap()
+            .unwrap();
+        assert_eq!(loc.pack, PackId([2; 32]));
+        assert_eq!(loc.salt, [2; 32]);
+        assert_eq!(loc.entry, pack(2).blobs[0]);
+        assert_eq!(c.snapshots().unwrap(), vec![snap]);
+        assert_eq!(
+            c.pack_blobs(&PackId([1; 32])).unwrap(),
+            vec![BlobId([101; 32])]
+        );
+        let mut packs = c.packs().unwrap();
+        packs.sort();
+        assert_eq!(
+            packs,
+            vec![(PackId([1; 32]), 1001), (PackId([2; 32]), 1002)]
+        );
+
+        assert!(matches!(
+            SqliteCatalog::open(&path, "v2"),
+            Err(Error::OtherVault { .. })
+        ));
+    }
+}

@@ -1,0 +1,136 @@
+//! `ferry`: the command line. Parses, opens the vault and catalog, calls
+//! ferry-core, prints. No data-path logic lives here.
+//!
+//! Exit codes: 0 success; 1 operational failure (one `error: ...` line on
+//! stderr); 2 usage error; 3 snapshot saved but incomplete (some entries
+//! could not be read; the snapshot is consistent and says so).
+
+mod commands;
+mod ui;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "ferry",
+    version,
+    about = "Incremental, encrypted, deduplicated data mover for stateful workloads"
+)]
+pub struct Cli {
+    #[command(flatten)]
+    pub global: Global,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Args, Clone)]
+pub struct Global {
+    /// The vault: a path, file:///path or s3://bucket/prefix.
+    #[arg(long, global = true, env = "FERRY_VAULT")]
+    pub vault: Option<String>,
+    /// Read the passphrase from this file (first line) instead of FERRY_PASSPHRASE.
+    #[arg(long, global = true, value_name = "FILE")]
+    pub passphrase_file: Option<PathBuf>,
+    /// The embedded catalog file (default: under $XDG_STATE_HOME/ferry, by vault id).
+    #[arg(long, global = true, env = "FERRY_CATALOG", value_name = "FILE")]
+    pub catalog: Option<PathBuf>,
+    /// Print one JSON object on stdout when the command ends.
+    #[arg(long, global = true)]
+    pub json: bool,
+    /// More log output on stderr (-v info, -vv debug).
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    pub verbose: u8,
+}
+
+#[derive(Subcommand)]
+pub enum Command {
+    /// Create or check a vault.
+    #[command(subcommand)]
+    Vault(VaultCmd),
+    /// Save a directory as a new snapshot of a volume.
+    Snapshot {
+        /// The directory to save (a volume's contents).
+        source: PathBuf,
+        /// The volume's name; snapshots of one volume form its history.
+        #[arg(long)]
+        volume: String,
+    },
+    /// List snapshots, of one volume or all.
+    Snapshots {
+        /// Only this volume.
+        volume: Option<String>,
+    },
+    /// Restore a snapshot into a directory.
+    Restore {
+        /// NAME (latest snapshot of the volume) or NAME@ID (an id prefix).
+        snapshot: String,
+        /// The target directory (created if missing).
+        target: PathBuf,
+    },
+    /// Catalog maintenance.
+    #[command(subcommand)]
+    Catalog(CatalogCmd),
+}
+
+#[derive(Subcommand)]
+pub enum VaultCmd {
+    /// Create a new encrypted vault.
+    Init {
+        /// Where (or use --vault / FERRY_VAULT).
+        location: Option<String>,
+        /// FastCDC minimum chunk size (e.g. 16K).
+        #[arg(long, value_parser = ui::parse_size)]
+        chunk_min: Option<u64>,
+        /// FastCDC average chunk size (e.g. 32K).
+        #[arg(long, value_parser = ui::parse_size)]
+        chunk_avg: Option<u64>,
+        /// FastCDC maximum chunk size (e.g. 128K).
+        #[arg(long, value_parser = ui::parse_size)]
+        chunk_max: Option<u64>,
+        /// Target pack size (e.g. 16M).
+        #[arg(long, value_parser = ui::parse_size)]
+        pack_size: Option<u64>,
+        /// zstd level, 1..=19.
+        #[arg(long)]
+        compression_level: Option<i32>,
+    },
+    /// Verify that every snapshot can be restored.
+    Check {
+        /// Where (or use --vault / FERRY_VAULT).
+        location: Option<String>,
+        /// Also download every pack and verify every blob.
+        #[arg(long)]
+        read_data: bool,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum CatalogCmd {
+    /// Recreate the catalog from the vault alone.
+    Rebuild,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    ui::init_tracing(cli.global.verbose);
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    match rt.block_on(commands::run(cli)) {
+        Ok(code) => ExitCode::from(code),
+        Err(e) => {
+            eprintln!("error: {}", ui::one_line(&e));
+            ExitCode::from(1)
+        }
+    }
+}

@@ -1,0 +1,204 @@
+//! Vault check: is every snapshot restorable?
+//!
+//! Without `read_data`: every pack the catalog knows is in the vault with
+//! the right size, and every blob every snapshot references is recorded in
+//! some pack. With `read_data`: also download every pack, check it hashes
+//! to its name, and decrypt, decompress and hash every blob to its id. The
+//! report names damaged packs and the snapshots and files they affect.
+
+use std::collections::{HashMap, HashSet};
+
+use futures::StreamExt;
+use serde::Serialize;
+
+use crate::catalog::Catalog;
+use crate::codec::ObjectCipher;
+use crate::error::Result;
+use crate::id::{BlobId, PackId};
+use crate::manifest::NodeKind;
+use crate::vault::{Vault, pack_path};
+
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct CheckReport {
+    pub ok: bool,
+    pub snapshots: u64,
+    pub packs: u64,
+    pub packs_read: u64,
+    pub blobs_verified: u64,
+    pub damaged_packs: Vec<DamagedPack>,
+    /// Blobs referenced by a snapshot but recorded in no pack.
+    pub missing_blobs: Vec<String>,
+    /// Files and directories that cannot be fully restored.
+    pub affected: Vec<Affected>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct DamagedPack {
+    pub pack: String,
+    pub reason: String,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Affected {
+    pub snapshot: String,
+    pub volume: String,
+    pub path: String,
+    pub reason: String,
+}
+
+pub async fn check(vault: &Vault, catalog: &dyn Catalog, read_data: bool) -> Result<CheckReport> {
+    let mut report = CheckReport::default();
+    let in_vault: HashMap<PackId, u64> = vault
+        .list("packs/")
+        .await?
+        .into_iter()
+        .filter_map(|o| Some((PackId::from_hex(o.location.filename()?)?, o.size)))
+        .collect();
+    let known = catalog.packs()?;
+    report.packs = known.len() as u64;
+    let mut damaged: HashMap<PackId, String> = HashMap::new();
+    let mut to_read = Vec::new();
+    for (id, size) in &known {
+        match in_vault.get(id) {
+            None => {
+                damaged.insert(*id, "missing from the vault".into());
+            }
+            Some(s) if s != size => {
+                damaged.insert(
+                    *id,
+                    format!("size {s}, expected {size} (truncated or replaced)"),
+                );
+            }
+            Some(_) => to_read.push(*id),
+        }
+    }
+    if read_data {
+        let results: Vec<(PackId, Result<u64>)> = futures::stream::iter(to_read)
+            .map(|id| async move { (id, verify_pack(vault, &id).await) })
+            .buffer_unordered(4)
+            .collect()
+            .await;
+        for (id, r) in results {
+            report.packs_read += 1;
+            match r {
+                Ok(n) => report.blobs_verified += n,
+                Err(e) => {
+                    damaged.insert(id, e.to_string());
+                }
+            }
+        }
+    }
+    let mut bad_blobs: HashMap<BlobId, String> = HashMap::new();
+    for (p, reason) in &damaged {
+        for b in catalog.pack_blobs(p)? {
+            bad_blobs.insert(b, format!("pack {}: {reason}", p.to_hex()));
+        }
+    }
+
+    let snapshots = catalog.snapshots()?;
+    report.snapshots = snapshots.len() as u64;
+    let mut missing: HashSet<BlobId> = HashSet::new();
+    for snap in &snapshots {
+        let mut stack = vec![(snap.root, String::new())];
+        while let Some((tree_id, dir)) = stack.pop() {
+            let mut affect = |path: &str, reason: String| {
+                report.affected.push(Affected {
+                    snapshot: snap.id.clone(),
+                    volume: snap.volume.clone(),
+                    path: if path.is_empty() {
+                        "/".into()
+                    } else {
+                        path.to_string()
+                    },
+                    reason,
+                })
+            };
+            if let Some(r) = bad_blobs.get(&tree_id) {
+                affect(&dir, r.clone());
+            }
+            let tree = match crate::sync::load_tree(vault, catalog, &tree_id).await {
+                Ok(t) => t,
+                Err(e) => {
+                    affect(&dir, e.to_string());
+                    continue;
+                }
+            };
+            let ids: Vec<BlobId> = tree
+                .entries
+                .iter()
+                .flat_map(|n| match &n.kind {
+                    NodeKind::File { chunks, .. } => chunks.iter().map(|c| c.0).collect(),
+                    NodeKind::Dir { subtree } => vec![*subtree],
+                    _ => vec![],
+                })
+                .collect();
+            let mut absent = HashSet::new();
+            for batch in ids.chunks(1000) {
+                for (id, present) in batch.iter().zip(catalog.contains(batch)?) {
+                    if !present {
+                        absent.insert(*id);
+                    }
+                }
+            }
+            for n in &tree.entries {
+                let path = format!("{dir}/{}", n.name.display());
+                match &n.kind {
+                    NodeKind::File { chunks, .. } => {
+                        if let Some(c) = chunks.iter().find(|c| absent.contains(&c.0)) {
+                            missing.insert(c.0);
+                            affect(&path, format!("chunk {} is in no pack", c.0.short()));
+                        } else if let Some(r) = chunks.iter().find_map(|c| bad_blobs.get(&c.0)) {
+                            affect(&path, r.clone());
+                        }
+                    }
+                    NodeKind::Dir { subtree } => {
+                        if absent.contains(subtree) {
+                            missing.insert(*subtree);
+                            affect(&path, "directory listing is in no pack".into());
+                        } else {
+                            stack.push((*subtree, path));
+                        }
+                    }
+                    _ => {}
+                }
+            }
+        }
+    }
+    report.damaged_packs = damaged
+        .into_iter()
+        .map(|(p, reason)| DamagedPack {
+            pack: p.to_hex(),
+            reason,
+        })
+        .collect();
+    report.damaged_packs.sort_by(|a, b| a.pack.cmp(&b.pack));
+    report.missing_blobs = missing.iter().map(|b| b.to_hex()).collect();
+    report.missing_blobs.sort();
+    report
+        .affected
+        .sort_by(|a, b| (&a.snapshot, &a.path).cmp(&(&b.snapshot, &b.path)));
+    report.ok = report.damaged_packs.is_empty()
+        && report.missing_blobs.is_empty()
+        && report.affected.is_empty();
+    Ok(report)
+}
+
+/// Downloads a pack and verifies it end to end; returns the blobs checked.
+async fn verify_pack(vault: &Vault, id: &PackId) -> Result<u64> {
+    let bytes = vault.get(&pack_path(id)).await?;
+    let key = *vault.data_key();
+    let ids = vault.ids().clone();
+    let id = *id;
+    tokio::task::spawn_blocking(move || {
+        let rec = crate::pack::read_whole(&key, &id, &bytes)?;
+        let cipher = ObjectCipher::new(&key, &rec.salt_bytes()?);
+        for e in &rec.blobs {
+            let mut buf =
+                bytes[e.offset as usize..(e.offset + e.stored_len as u64) as usize].to_vec();
+            crate::pack::open_blob_with(&cipher, &ids, &id, e, &mut buf)?;
+        }
+        Ok(rec.blobs.len() as u64)
+    })
+    .await
+    .map_err(|e| crate::Error::Internal(e.to_string()))?
+}

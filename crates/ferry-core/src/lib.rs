@@ -1,0 +1,33 @@
+//! ferry's data path.
+//!
+//! A byte travels through the modules in this order when it is saved:
+//! [`source`] (walk a directory, read metadata) → [`chunker`] (FastCDC) →
+//! [`id`] (keyed BLAKE3 chunk id) → dedup against the [`catalog`] →
+//! [`codec`] (zstd, then AES-256-GCM) → [`pack`] (group blobs into pack
+//! objects) → [`vault`] (object store). [`snapshot`] drives that pipeline and
+//! writes a [`manifest`] tree per directory.
+//!
+//! And back when it is restored: [`vault`] → [`pack`] (unpack) → [`codec`]
+//! (decrypt, decompress) → [`restore`] (scatter into files under the target).
+//!
+//! The crate knows nothing of SQLite, gRPC or the command line: the catalog
+//! is a trait ([`catalog::Catalog`]) the caller hands in.
+
+pub mod catalog;
+pub mod check;
+pub mod chunker;
+pub mod codec;
+pub mod config;
+pub mod error;
+pub mod id;
+pub mod keys;
+pub mod manifest;
+pub mod pack;
+pub mod progress;
+pub mod restore;
+pub mod snapshot;
+pub mod source;
+pub mod sync;
+pub mod vault;
+
+pub use error::{Error, Result};

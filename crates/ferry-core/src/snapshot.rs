@@ -1,0 +1,776 @@
+//! Snapshot: the save pipeline.
+//!
+//! Threads joined by bounded channels, so memory stays bounded whatever the
+//! volume's size and work is spread per chunk, not per file:
+//!
+//! ```text
+//! reader ──jobs (chunk bytes)──▶ workers ×N ──packs──▶ uploader (async, U puts at once)
+//!    │                              │ hash, dedup, compress, encrypt, pack
+//!    └──items (ordered)──▶ collector ◀── one reply per chunk
+//!                          builds tree blobs, bottom up
+//! ```
+//!
+//! The reader walks the source in name order, chunks each file and sends
+//! each chunk to the workers; in order, it tells the collector what it saw,
+//! with a one-shot receiver per chunk for its id. Each worker fills a pack of
+//! its own, so no lock guards the hot path but the dedup claim set. The
+//! uploader records a pack in the catalog only once it is in the vault. The
+//! snapshot record is written last: it is the commit point.
+
+use std::collections::{HashMap, HashSet};
+use std::fs::{File, Metadata};
+use std::io::BufReader;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use serde::Serialize;
+use tokio::sync::mpsc;
+
+use crate::catalog::Catalog;
+use crate::chunker::Chunker;
+use crate::config::ChunkerParams;
+use crate::error::{Error, Result};
+use crate::id::{BlobId, BlobKind, IdHasher, random_hex_id};
+use crate::manifest::{ChunkRef, IndexObject, Name, Node, NodeKind, SnapshotRecord, Tree, Xattr};
+use crate::pack::{FinishedPack, PackRecord, PackWriter};
+use crate::progress::Progress;
+use crate::source::{self, EntryType};
+use crate::vault::Vault;
+
+#[derive(Clone, Debug)]
+pub struct SnapshotOptions {
+    pub volume: String,
+    pub host: String,
+    /// Hash/compress/encrypt threads. Default: the number of cores.
+    pub workers: usize,
+    /// Pack uploads in flight. Default 4.
+    pub uploads: usize,
+}
+
+impl SnapshotOptions {
+    pub fn new(volume: impl Into<String>) -> Self {
+        Self {
+            volume: volume.into(),
+            host: hostname(),
+            workers: std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(2),
+            uploads: 4,
+        }
+    }
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|_| "unknown".into())
+}
+
+/// What a snapshot did; printed as JSON by `ferry snapshot --json`.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct SnapshotSummary {
+    pub snapshot_id: String,
+    pub volume: String,
+    pub parent: Option<String>,
+    pub files: u64,
+    pub dirs: u64,
+    /// Source bytes read.
+    pub bytes_scanned: u64,
+    /// Raw bytes of chunks the vault did not have.
+    pub bytes_new: u64,
+    /// Bytes written to the vault (packs and metadata).
+    pub bytes_uploaded: u64,
+    pub chunks: u64,
+    pub chunks_new: u64,
+    pub packs_uploaded: u64,
+    pub duration_s: f64,
+    /// True when some entries could not be read (see `warnings`).
+    pub incomplete: bool,
+    pub warnings: u64,
+    /// Sockets, FIFOs and device nodes, which are not saved.
+    pub skipped_special: u64,
+}
+
+#[derive(Default)]
+struct Stats {
+    bytes_scanned: AtomicU64,
+    bytes_new: AtomicU64,
+    bytes_uploaded: AtomicU64,
+    chunks: AtomicU64,
+    chunks_new: AtomicU64,
+    packs: AtomicU64,
+    warnings: AtomicU64,
+    special: AtomicU64,
+}
+
+/// Decides which blobs this run stores: those neither in the catalog nor
+/// already claimed by another worker of this run.
+struct Dedup {
+    catalog: Arc<dyn Catalog>,
+    claimed: Mutex<HashSet<BlobId>>,
+}
+
+impl Dedup {
+    fn claim(&self, id: BlobId) -> Result<bool> {
+        if self.claimed.lock().expect("poisoned").contains(&id) {
+            return Ok(false);
+        }
+        if self.catalog.contains(&[id])?[0] {
+            return Ok(false);
+        }
+        Ok(self.claimed.lock().expect("poisoned").insert(id))
+    }
+}
+
+struct Job {
+    data: Vec<u8>,
+    reply: SyncSender<ChunkRef>,
+}
+
+enum Item {
+    EnterDir {
+        name: Name,
+        md: Metadata,
+        xattrs: Vec<Xattr>,
+    },
+    LeaveDir,
+    FileStart {
+        name: Name,
+        md: Metadata,
+        xattrs: Vec<Xattr>,
+    },
+    Chunk(Receiver<ChunkRef>),
+    FileEnd {
+        error: Option<String>,
+    },
+    Leaf(Node),
+}
+
+/// A channel closed under us: another stage failed and holds the cause.
+fn stopped() -> Error {
+    Error::Internal("pipeline stopped".into())
+}
+
+/// Saves `source` into the vault as a new snapshot of `opts.volume`.
+pub async fn snapshot(
+    vault: Arc<Vault>,
+    catalog: Arc<dyn Catalog>,
+    source: &Path,
+    opts: &SnapshotOptions,
+    progress: Arc<dyn Progress>,
+) -> Result<SnapshotSummary> {
+    let started = Instant::now();
+    let root_md = std::fs::metadata(source).map_err(|e| Error::io(source, e))?;
+    if !root_md.is_dir() {
+        return Err(Error::Invalid(format!(
+            "{}: not a directory",
+            source.display()
+        )));
+    }
+    if opts.volume.is_empty() || opts.volume.contains('@') {
+        return Err(Error::Invalid(format!(
+            "bad volume name {:?} (non-empty, no '@')",
+            opts.volume
+        )));
+    }
+    let parent = crate::sync::find_snapshot(catalog.as_ref(), &opts.volume).ok();
+    let stats = Arc::new(Stats::default());
+    let dedup = Arc::new(Dedup {
+        catalog: catalog.clone(),
+        claimed: Mutex::new(HashSet::new()),
+    });
+    let cfg = vault.config().clone();
+    let workers = opts.workers.max(1);
+
+    let scan_stop = Arc::new(AtomicBool::new(false));
+    spawn_scanner(source.to_path_buf(), progress.clone(), scan_stop.clone());
+
+    let (packs_tx, packs_rx) = mpsc::channel::<FinishedPack>(2);
+    let uploader = tokio::spawn(upload(
+        vault.clone(),
+        catalog.clone(),
+        packs_rx,
+        opts.uploads.max(1),
+        stats.clone(),
+    ));
+
+    let (jobs_tx, jobs_rx) = crossbeam_channel::bounded::<Job>(workers * 4);
+    let (items_tx, items_rx) = crossbeam_channel::bounded::<Item>(4096);
+
+    let mut worker_handles = Vec::new();
+    for _ in 0..workers {
+        let (rx, dedup, tx, stats) = (
+            jobs_rx.clone(),
+            dedup.clone(),
+            packs_tx.clone(),
+            stats.clone(),
+        );
+        let (key, ids, level, size) = (
+            *vault.data_key(),
+            vault.ids().clone(),
+            cfg.compression.level,
+            cfg.pack_size as usize,
+        );
+        worker_handles.push(std::thread::spawn(move || {
+            work(rx, &dedup, &key, &ids, level, size, &tx, &stats)
+        }));
+    }
+    drop(jobs_rx);
+
+    let reader = {
+        let (src, stats, progress, chunker) = (
+            source.to_path_buf(),
+            stats.clone(),
+            progress.clone(),
+            cfg.chunker,
+        );
+        std::thread::spawn(move || {
+            read_source(
+                &src,
+                chunker,
+                &items_tx,
+                &jobs_tx,
+                &stats,
+                progress.as_ref(),
+            )
+        })
+    };
+
+    let collector = {
+        let (dedup, tx, catalog) = (dedup.clone(), packs_tx, catalog.clone());
+        let (key, ids, level, size) = (
+            *vault.data_key(),
+            vault.ids().clone(),
+            cfg.compression.level,
+            cfg.pack_size as usize,
+        );
+        std::thread::spawn(move || {
+            collect(
+                items_rx,
+                &dedup,
+                &key,
+                &ids,
+                level,
+                size,
+                &tx,
+                catalog.as_ref(),
+            )
+        })
+    };
+
+    let joined = tokio::task::spawn_blocking(move || {
+        let r = reader
+            .join()
+            .unwrap_or_else(|_| Err(Error::Internal("reader panicked".into())));
+        let w: Vec<Result<()>> = worker_handles
+            .into_iter()
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err(Error::Internal("worker panicked".into())))
+            })
+            .collect();
+        let c = collector
+            .join()
+            .unwrap_or_else(|_| Err(Error::Internal("collector panicked".into())));
+        (r, w, c)
+    })
+    .await
+    .map_err(|e| Error::Internal(e.to_string()))?;
+    scan_stop.store(true, Ordering::Relaxed);
+    let uploaded = uploader.await.map_err(|e| Error::Internal(e.to_string()))?;
+
+    // The first real cause wins over the "stopped" errors it caused.
+    let (reader_r, worker_rs, collect_r) = joined;
+    let mut errors: Vec<Error> = Vec::new();
+    if let Err(e) = &uploaded {
+        errors.push(Error::Internal(e.to_string()));
+    }
+    let records = uploaded.ok();
+    for r in worker_rs.into_iter().chain([reader_r]) {
+        if let Err(e) = r {
+            errors.push(e);
+        }
+    }
+    let out = match collect_r {
+        Ok(o) => Some(o),
+        Err(e) => {
+            errors.push(e);
+            None
+        }
+    };
+    if let Some(e) = errors
+        .into_iter()
+        .find(|e| !matches!(e, Error::Internal(m) if m == "pipeline stopped"))
+    {
+        return Err(e);
+    }
+    let (Some(records), Some(out)) = (records, out) else {
+        return Err(stopped());
+    };
+
+    // Commit: the index object, then the snapshot record.
+    let mut seen = Vec::new();
+    if !records.is_empty() {
+        let name = format!("index/{}", random_hex_id());
+        vault
+            .put_meta(&name, &IndexObject { packs: records })
+            .await?;
+        seen.push(name);
+    }
+    let warnings = stats.warnings.load(Ordering::Relaxed);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    let root_node = source::node_from(
+        Name(b".".to_vec()),
+        &root_md,
+        NodeKind::Dir { subtree: out.root },
+        source::read_xattrs(source).unwrap_or_default(),
+    );
+    let record = SnapshotRecord {
+        id: random_hex_id(),
+        volume: opts.volume.clone(),
+        time: crate::vault::format_rfc3339(now.as_secs() as i64),
+        time_ns: now.as_nanos() as i64,
+        root: out.root,
+        root_node,
+        parent: parent.map(|p| p.id),
+        host: opts.host.clone(),
+        source: std::fs::canonicalize(source)
+            .unwrap_or(source.to_path_buf())
+            .display()
+            .to_string(),
+        files: out.files,
+        dirs: out.dirs,
+        bytes: out.bytes,
+        incomplete: warnings > 0,
+        warnings,
+    };
+    let name = format!("snapshots/{}", record.id);
+    vault.put_meta(&name, &record).await?;
+    seen.push(name);
+    catalog.add_snapshot(&record)?;
+    catalog.mark_seen(&seen)?;
+
+    Ok(SnapshotSummary {
+        snapshot_id: record.id,
+        volume: record.volume,
+        parent: record.parent,
+        files: out.files,
+        dirs: out.dirs,
+        bytes_scanned: stats.bytes_scanned.load(Ordering::Relaxed),
+        bytes_new: stats.bytes_new.load(Ordering::Relaxed),
+        bytes_uploaded: stats.bytes_uploaded.load(Ordering::Relaxed),
+        chunks: stats.chunks.load(Ordering::Relaxed),
+        chunks_new: stats.chunks_new.load(Ordering::Relaxed),
+        packs_uploaded: stats.packs.load(Ordering::Relaxed),
+        duration_s: started.elapsed().as_secs_f64(),
+        incomplete: record.incomplete,
+        warnings,
+        skipped_special: stats.special.load(Ordering::Relaxed),
+    })
+}
+
+/// Walks ahead to size the progress bar; stops early when the snapshot ends.
+fn spawn_scanner(root: PathBuf, progress: Arc<dyn Progress>, stop: Arc<AtomicBool>) {
+    std::thread::spawn(move || {
+        let mut stack = vec![root];
+        while let Some(dir) = stack.pop() {
+            let Ok(rd) = std::fs::read_dir(&dir) else {
+                continue;
+            };
+            for e in rd.flatten() {
+                if stop.load(Ordering::Relaxed) {
+                    return;
+                }
+                let Ok(md) = e.path().symlink_metadata() else {
+                    continue;
+                };
+                if md.is_dir() {
+                    stack.push(e.path());
+                } else if md.is_file() {
+                    progress.add_total(1, md.len());
+                }
+            }
+        }
+    });
+}
+
+/// Reads the source in name order; see the module doc.
+fn read_source(
+    root: &Path,
+    chunker: ChunkerParams,
+    items: &crossbeam_channel::Sender<Item>,
+    jobs: &crossbeam_channel::Sender<Job>,
+    stats: &Stats,
+    progress: &dyn Progress,
+) -> Result<()> {
+    let mut r = Reader {
+        chunker,
+        items,
+        jobs,
+        stats,
+        progress,
+        links: HashMap::new(),
+    };
+    let md = std::fs::symlink_metadata(root).map_err(|e| Error::io(root, e))?;
+    r.send(Item::EnterDir {
+        name: Name(b".".to_vec()),
+        md,
+        xattrs: vec![],
+    })?;
+    r.dir(root, &[])?;
+    r.send(Item::LeaveDir)
+}
+
+struct Reader<'a> {
+    chunker: ChunkerParams,
+    items: &'a crossbeam_channel::Sender<Item>,
+    jobs: &'a crossbeam_channel::Sender<Job>,
+    stats: &'a Stats,
+    progress: &'a dyn Progress,
+    /// (dev, inode) of files with several links → their path in the snapshot.
+    links: HashMap<(u64, u64), Vec<u8>>,
+}
+
+impl Reader<'_> {
+    fn send(&self, item: Item) -> Result<()> {
+        self.items.send(item).map_err(|_| stopped())
+    }
+
+    fn warn(&self, msg: String) {
+        self.stats.warnings.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!("{msg}");
+        self.progress.warn(&msg);
+    }
+
+    fn xattrs(&self, path: &Path) -> Vec<Xattr> {
+        source::read_xattrs(path).unwrap_or_else(|e| {
+            self.warn(format!(
+                "{}: cannot read extended attributes: {e}",
+                path.display()
+            ));
+            vec![]
+        })
+    }
+
+    fn dir(&mut self, dir: &Path, rel: &[u8]) -> Result<()> {
+        let names = match source::sorted_names(dir) {
+            Ok(n) => n,
+            Err(e) => {
+                self.warn(format!("{}: cannot list directory: {e}", dir.display()));
+                return Ok(());
+            }
+        };
+        for os_name in names {
+            let path = dir.join(&os_name);
+            let name = Name::from_os(&os_name);
+            let mut child_rel = rel.to_vec();
+            if !child_rel.is_empty() {
+                child_rel.push(b'/');
+            }
+            child_rel.extend_from_slice(&name.0);
+            let md = match std::fs::symlink_metadata(&path) {
+                Ok(md) => md,
+                Err(e) => {
+                    self.warn(format!("{}: {e}", path.display()));
+                    continue;
+                }
+            };
+            match source::entry_type(&md) {
+                EntryType::Dir => {
+                    let xattrs = self.xattrs(&path);
+                    self.send(Item::EnterDir { name, md, xattrs })?;
+                    self.dir(&path, &child_rel)?;
+                    self.send(Item::LeaveDir)?;
+                }
+                EntryType::File => self.file(&path, name, md, child_rel)?,
+                EntryType::Symlink => match std::fs::read_link(&path) {
+                    Ok(t) => {
+                        let target = Name::from_os(t.as_os_str());
+                        let xattrs = self.xattrs(&path);
+                        self.send(Item::Leaf(source::node_from(
+                            name,
+                            &md,
+                            NodeKind::Symlink { target },
+                            xattrs,
+                        )))?;
+                    }
+                    Err(e) => self.warn(format!("{}: cannot read link: {e}", path.display())),
+                },
+                EntryType::Special(kind) => {
+                    self.stats.special.fetch_add(1, Ordering::Relaxed);
+                    self.warn(format!("{}: skipped {kind}", path.display()));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn file(&mut self, path: &Path, name: Name, md: Metadata, rel: Vec<u8>) -> Result<()> {
+        if md.nlink() > 1 {
+            let key = (md.dev(), md.ino());
+            if let Some(first) = self.links.get(&key) {
+                let node = source::node_from(
+                    name,
+                    &md,
+                    NodeKind::Hardlink {
+                        target: Name(first.clone()),
+                    },
+                    vec![],
+                );
+                return self.send(Item::Leaf(node));
+            }
+        }
+        let file = match File::open(path) {
+            Ok(f) => f,
+            Err(e) => {
+                self.warn(format!("{}: {e}", path.display()));
+                return Ok(());
+            }
+        };
+        if md.nlink() > 1 {
+            self.links.insert((md.dev(), md.ino()), rel);
+        }
+        let xattrs = self.xattrs(path);
+        self.send(Item::FileStart { name, md, xattrs })?;
+        let mut error = None;
+        for chunk in Chunker::new(BufReader::with_capacity(1 << 20, file), &self.chunker) {
+            match chunk {
+                Ok(data) => {
+                    let n = data.len() as u64;
+                    let (tx, rx) = sync_channel(1);
+                    self.jobs
+                        .send(Job { data, reply: tx })
+                        .map_err(|_| stopped())?;
+                    self.send(Item::Chunk(rx))?;
+                    self.stats.bytes_scanned.fetch_add(n, Ordering::Relaxed);
+                    self.progress.advance(n);
+                }
+                Err(e) => {
+                    self.warn(format!("{}: read error: {e}", path.display()));
+                    error = Some(e.to_string());
+                    break;
+                }
+            }
+        }
+        self.progress.file_done();
+        self.send(Item::FileEnd { error })
+    }
+}
+
+/// A worker: hash, dedup, compress, encrypt into its own pack.
+#[allow(clippy::too_many_arguments)]
+fn work(
+    jobs: crossbeam_channel::Receiver<Job>,
+    dedup: &Dedup,
+    key: &[u8; 32],
+    ids: &IdHasher,
+    level: i32,
+    pack_size: usize,
+    packs: &mpsc::Sender<FinishedPack>,
+    stats: &Stats,
+) -> Result<()> {
+    let mut pack = PackWriter::new(key, pack_size);
+    for job in jobs {
+        let id = ids.id(&job.data);
+        let len = job.data.len();
+        stats.chunks.fetch_add(1, Ordering::Relaxed);
+        if dedup.claim(id)? {
+            pack.add(BlobKind::Data, id, &job.data, level);
+            stats.bytes_new.fetch_add(len as u64, Ordering::Relaxed);
+            stats.chunks_new.fetch_add(1, Ordering::Relaxed);
+            if pack.is_full() {
+                let full = std::mem::replace(&mut pack, PackWriter::new(key, pack_size));
+                packs.blocking_send(full.finish()).map_err(|_| stopped())?;
+            }
+        }
+        // The collector may be gone after a failure elsewhere.
+        let _ = job.reply.send(ChunkRef(id, len as u32));
+    }
+    if !pack.is_empty() {
+        packs.blocking_send(pack.finish()).map_err(|_| stopped())?;
+    }
+    Ok(())
+}
+
+struct Collected {
+    root: BlobId,
+    files: u64,
+    dirs: u64,
+    bytes: u64,
+}
+
+struct OpenDir {
+    name: Name,
+    md: Metadata,
+    xattrs: Vec<Xattr>,
+    entries: Vec<Node>,
+}
+
+struct OpenFile {
+    name: Name,
+    md: Metadata,
+    xattrs: Vec<Xattr>,
+    chunks: Vec<ChunkRef>,
+}
+
+/// Builds tree blobs bottom up from the reader's ordered items.
+#[allow(clippy::too_many_arguments)]
+fn collect(
+    items: crossbeam_channel::Receiver<Item>,
+    dedup: &Dedup,
+    key: &[u8; 32],
+    ids: &IdHasher,
+    level: i32,
+    pack_size: usize,
+    packs: &mpsc::Sender<FinishedPack>,
+    catalog: &dyn Catalog,
+) -> Result<Collected> {
+    let mut pack = PackWriter::new(key, pack_size);
+    let mut stack: Vec<OpenDir> = Vec::new();
+    let mut file: Option<OpenFile> = None;
+    let (mut files, mut dirs, mut bytes) = (0u64, 0u64, 0u64);
+    let mut root = None;
+    for item in items {
+        match item {
+            Item::EnterDir { name, md, xattrs } => stack.push(OpenDir {
+                name,
+                md,
+                xattrs,
+                entries: Vec::new(),
+            }),
+            Item::LeaveDir => {
+                let d = stack
+                    .pop()
+                    .ok_or_else(|| Error::Internal("unbalanced directories".into()))?;
+                let tree = Tree { entries: d.entries };
+                let blob = tree.encode();
+                let id = ids.id(&blob);
+                if dedup.claim(id)? {
+                    pack.add(BlobKind::Tree, id, &blob, level);
+                    if pack.is_full() {
+                        let full = std::mem::replace(&mut pack, PackWriter::new(key, pack_size));
+                        packs.blocking_send(full.finish()).map_err(|_| stopped())?;
+                    }
+                }
+                catalog.put_tree(&id, &blob)?;
+                match stack.last_mut() {
+                    Some(parent) => {
+                        dirs += 1;
+                        parent.entries.push(source::node_from(
+                            d.name,
+                            &d.md,
+                            NodeKind::Dir { subtree: id },
+                            d.xattrs,
+                        ));
+                    }
+                    None => root = Some(id),
+                }
+            }
+            Item::FileStart { name, md, xattrs } => {
+                file = Some(OpenFile {
+                    name,
+                    md,
+                    xattrs,
+                    chunks: Vec::new(),
+                })
+            }
+            Item::Chunk(rx) => {
+                let c = rx.recv().map_err(|_| stopped())?;
+                file.as_mut()
+                    .ok_or_else(|| Error::Internal("chunk outside a file".into()))?
+                    .chunks
+                    .push(c);
+            }
+            Item::FileEnd { error } => {
+                let f = file
+                    .take()
+                    .ok_or_else(|| Error::Internal("file end outside a file".into()))?;
+                if error.is_none() {
+                    let size: u64 = f.chunks.iter().map(|c| c.1 as u64).sum();
+                    files += 1;
+                    bytes += size;
+                    let node = source::node_from(
+                        f.name,
+                        &f.md,
+                        NodeKind::File {
+                            size,
+                            chunks: f.chunks,
+                        },
+                        f.xattrs,
+                    );
+                    stack
+                        .last_mut()
+                        .ok_or_else(|| Error::Internal("file outside a directory".into()))?
+                        .entries
+                        .push(node);
+                }
+            }
+            Item::Leaf(node) => {
+                if matches!(node.kind, NodeKind::Hardlink { .. }) {
+                    files += 1;
+                }
+                stack
+                    .last_mut()
+                    .ok_or_else(|| Error::Internal("entry outside a directory".into()))?
+                    .entries
+                    .push(node)
+            }
+        }
+    }
+    if !pack.is_empty() {
+        packs.blocking_send(pack.finish()).map_err(|_| stopped())?;
+    }
+    let root = root.ok_or_else(stopped)?;
+    Ok(Collected {
+        root,
+        files,
+        dirs,
+        bytes,
+    })
+}
+
+/// Puts packs into the vault, `concurrency` at a time, and records each in
+/// the catalog once it is there.
+async fn upload(
+    vault: Arc<Vault>,
+    catalog: Arc<dyn Catalog>,
+    mut packs: mpsc::Receiver<FinishedPack>,
+    concurrency: usize,
+    stats: Arc<Stats>,
+) -> Result<Vec<PackRecord>> {
+    let mut running = tokio::task::JoinSet::new();
+    let mut records = Vec::new();
+    let mut done = |r: Result<Result<PackRecord>, tokio::task::JoinError>| -> Result<()> {
+        let rec = r.map_err(|e| Error::Internal(e.to_string()))??;
+        catalog.add_packs(std::slice::from_ref(&rec))?;
+        stats.bytes_uploaded.fetch_add(rec.size, Ordering::Relaxed);
+        stats.packs.fetch_add(1, Ordering::Relaxed);
+        records.push(rec);
+        Ok(())
+    };
+    loop {
+        while running.len() >= concurrency {
+            done(running.join_next().await.expect("not empty"))?;
+        }
+        tokio::select! {
+            p = packs.recv() => match p {
+                Some(p) => {
+                    let vault = vault.clone();
+                    running.spawn(async move { vault.put_pack(&p).await.map(|_| p.record) });
+                }
+                None => break,
+            },
+            Some(r) = running.join_next(), if !running.is_empty() => done(r)?,
+        }
+    }
+    while let Some(r) = running.join_next().await {
+        done(r)?;
+    }
+    Ok(records)
+}

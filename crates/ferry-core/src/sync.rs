@@ -1,0 +1,126 @@
+//! Keeping a catalog in step with its vault.
+//!
+//! The vault is the truth; the catalog is an index of it. On open, objects
+//! the catalog has not seen (index objects and snapshot records written by
+//! other processes or machines) are imported. A rebuild also reads the
+//! header of every pack no index object covers (packs of an interrupted
+//! snapshot), so nothing stored is ever forgotten.
+
+use std::collections::HashSet;
+
+use crate::catalog::Catalog;
+use crate::error::{Error, Result};
+use crate::id::{BlobId, PackId};
+use crate::manifest::{IndexObject, SnapshotRecord, Tree};
+use crate::vault::Vault;
+
+#[derive(Debug, Default, Clone, serde::Serialize)]
+pub struct SyncSummary {
+    pub index_objects: u64,
+    pub snapshots: u64,
+    pub packs_from_headers: u64,
+}
+
+/// Imports what the catalog has not seen. With `scan_packs`, also reads
+/// the headers of packs the catalog does not know.
+pub async fn sync_catalog(
+    vault: &Vault,
+    catalog: &dyn Catalog,
+    scan_packs: bool,
+) -> Result<SyncSummary> {
+    let mut summary = SyncSummary::default();
+    let seen = catalog.seen_objects()?;
+    let mut new_seen = Vec::new();
+    for obj in vault.list("index/").await? {
+        let name = obj.location.to_string();
+        if seen.contains(&name) {
+            continue;
+        }
+        let idx: IndexObject = vault.get_meta(&name).await?;
+        catalog.add_packs(&idx.packs)?;
+        summary.index_objects += 1;
+        new_seen.push(name);
+    }
+    if scan_packs {
+        let known: HashSet<PackId> = catalog.packs()?.into_iter().map(|(p, _)| p).collect();
+        for obj in vault.list("packs/").await? {
+            let name = obj.location.filename().unwrap_or_default();
+            let Some(id) = PackId::from_hex(name) else {
+                continue;
+            };
+            if known.contains(&id) {
+                continue;
+            }
+            match vault.read_pack_header(&id, obj.size).await {
+                Ok(rec) => {
+                    catalog.add_packs(&[rec])?;
+                    summary.packs_from_headers += 1;
+                }
+                // A damaged pack is reported by `vault check`; a rebuild
+                // records what it can.
+                Err(Error::DamagedPack { pack, reason }) => {
+                    tracing::warn!(%pack, %reason, "skipping damaged pack");
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+    for obj in vault.list("snapshots/").await? {
+        let name = obj.location.to_string();
+        if seen.contains(&name) {
+            continue;
+        }
+        let snap: SnapshotRecord = vault.get_meta(&name).await?;
+        catalog.add_snapshot(&snap)?;
+        summary.snapshots += 1;
+        new_seen.push(name);
+    }
+    catalog.mark_seen(&new_seen)?;
+    Ok(summary)
+}
+
+/// Loads a tree blob: from the catalog's cache, else from the vault (and
+/// caches it).
+pub async fn load_tree(vault: &Vault, catalog: &dyn Catalog, id: &BlobId) -> Result<Tree> {
+    let bytes = match catalog.tree(id)? {
+        Some(b) => b,
+        None => {
+            let loc = catalog
+                .locate(&[*id])?
+                .pop()
+                .flatten()
+                .ok_or_else(|| Error::MissingBlob { id: id.to_hex() })?;
+            let b = vault.read_blob(&loc.pack, &loc.salt, &loc.entry).await?;
+            catalog.put_tree(id, &b)?;
+            b
+        }
+    };
+    Tree::decode(&bytes).map_err(|reason| Error::DamagedObject {
+        object: format!("tree {}", id.to_hex()),
+        reason,
+    })
+}
+
+/// Finds a snapshot by `NAME`, `NAME@ID-PREFIX` or `NAME@latest`: the latest
+/// of the volume when no id is given.
+pub fn find_snapshot(catalog: &dyn Catalog, spec: &str) -> Result<SnapshotRecord> {
+    let (volume, id) = match spec.split_once('@') {
+        Some((v, id)) if id != "latest" => (v, Some(id)),
+        Some((v, _)) => (v, None),
+        None => (spec, None),
+    };
+    let all: Vec<SnapshotRecord> = catalog
+        .snapshots()?
+        .into_iter()
+        .filter(|s| volume.is_empty() || s.volume == volume)
+        .filter(|s| id.is_none_or(|p| s.id.starts_with(p)))
+        .collect();
+    match (id, all.len()) {
+        (_, 0) => Err(Error::NoSnapshot { spec: spec.into() }),
+        (Some(_), n) if n > 1 => Err(Error::AmbiguousSnapshot { spec: spec.into() }),
+        _ => Ok(all
+            .into_iter()
+            .max_by_key(|s| s.time_ns)
+            .expect("not empty")),
+    }
+}

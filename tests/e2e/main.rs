@@ -1,0 +1,7 @@
+//! End-to-end tests: the real `ferry` binary, real files, real SQLite
+//! catalogs, and a real S3-compatible server (s3s-fs) on loopback that the
+//! tests start themselves.
+
+mod common;
+mod local;
+mod s3;
