@@ -87,6 +87,22 @@ fn second_snapshot_of_unchanged_data_stores_nothing_new() {
     ]);
     assert_eq!(s2["bytes_new"], 0, "{s2}");
     assert!(s2["parent"].is_string());
+    // Unchanged files are not even read.
+    assert_eq!(s2["bytes_scanned"], 0, "{s2}");
+    assert_eq!(s2["files_unchanged"], 8, "the ninth is a second hard link: {s2}");
+    // --reread reads them all again, and still stores nothing new.
+    let s2r = env.json(&[
+        "snapshot",
+        src.to_str().unwrap(),
+        "--vault",
+        &vault,
+        "--volume",
+        "v",
+        "--reread",
+    ]);
+    assert_eq!(s2r["files_unchanged"], 0, "{s2r}");
+    assert!(s2r["bytes_scanned"].as_u64().unwrap() > 3_000_000, "{s2r}");
+    assert_eq!(s2r["bytes_new"], 0, "{s2r}");
     // Only the snapshot record (and no pack) was written.
     assert_eq!(s2["packs_uploaded"], 0, "{s2}");
 
@@ -102,9 +118,31 @@ fn second_snapshot_of_unchanged_data_stores_nothing_new() {
     ]);
     let new = s3["bytes_new"].as_u64().unwrap();
     assert!((50_000..60_000).contains(&new), "{s3}");
+    assert_eq!(
+        s3["bytes_scanned"], 50_000,
+        "only the new file is read: {s3}"
+    );
+
+    // A file rewritten with the same size and mtime is still caught (ctime).
+    let log = src.join("a/b/text.log");
+    let md = std::fs::metadata(&log).unwrap();
+    let mut content = std::fs::read(&log).unwrap();
+    content[0] = b'J';
+    std::fs::write(&log, &content).unwrap();
+    filetime::set_file_mtime(&log, filetime::FileTime::from_last_modification_time(&md)).unwrap();
+    let s4 = env.json(&[
+        "snapshot",
+        src.to_str().unwrap(),
+        "--vault",
+        &vault,
+        "--volume",
+        "v",
+    ]);
+    assert_eq!(s4["bytes_scanned"], md.len(), "{s4}");
+    assert!(s4["bytes_new"].as_u64().unwrap() > 0, "{s4}");
 
     let list = env.json(&["snapshots", "v", "--vault", &vault]);
-    assert_eq!(list["snapshots"].as_array().unwrap().len(), 3);
+    assert_eq!(list["snapshots"].as_array().unwrap().len(), 5);
     let dst = env.path("dst");
     env.json(&["restore", "v", dst.to_str().unwrap(), "--vault", &vault]);
     assert_same_tree(&src, &dst);

@@ -117,10 +117,15 @@ pub async fn run(cli: Cli) -> Result<u8> {
                 Ok(1)
             }
         }
-        Command::Snapshot { source, volume } => {
+        Command::Snapshot {
+            source,
+            volume,
+            reread,
+        } => {
             let (vault, catalog) = open(None, g).await?;
             let bar = Arc::new(Bar::new("snapshot"));
-            let opts = SnapshotOptions::new(volume);
+            let mut opts = SnapshotOptions::new(volume);
+            opts.reread = reread;
             let r =
                 ferry_core::snapshot::snapshot(vault, catalog, &source, &opts, bar.clone()).await;
             bar.finish();

@@ -57,6 +57,9 @@ pub enum Command {
         /// The volume's name; snapshots of one volume form its history.
         #[arg(long)]
         volume: String,
+        /// Read every file, even those whose metadata is unchanged since the last snapshot.
+        #[arg(long)]
+        reread: bool,
     },
     /// List snapshots, of one volume or all.
     Snapshots {

@@ -49,6 +49,8 @@ pub struct SnapshotOptions {
     pub workers: usize,
     /// Pack uploads in flight. Default 4.
     pub uploads: usize,
+    /// Read every file, even those unchanged since the parent snapshot.
+    pub reread: bool,
 }
 
 impl SnapshotOptions {
@@ -60,6 +62,7 @@ impl SnapshotOptions {
                 .map(|n| n.get())
                 .unwrap_or(2),
             uploads: 4,
+            reread: false,
         }
     }
 }
@@ -77,6 +80,8 @@ pub struct SnapshotSummary {
     pub volume: String,
     pub parent: Option<String>,
     pub files: u64,
+    /// Files not read: metadata equal to the parent snapshot's.
+    pub files_unchanged: u64,
     pub dirs: u64,
     /// Source bytes read.
     pub bytes_scanned: u64,
@@ -102,6 +107,7 @@ struct Stats {
     bytes_uploaded: AtomicU64,
     chunks: AtomicU64,
     chunks_new: AtomicU64,
+    unchanged: AtomicU64,
     packs: AtomicU64,
     warnings: AtomicU64,
     special: AtomicU64,
@@ -148,6 +154,8 @@ enum Item {
         error: Option<String>,
     },
     Leaf(Node),
+    /// A file unchanged since the parent snapshot, with its old chunks.
+    Reused(Node),
 }
 
 /// A channel closed under us: another stage failed and holds the cause.
@@ -228,10 +236,20 @@ pub async fn snapshot(
             progress.clone(),
             cfg.chunker,
         );
+        let previous = match (&parent, opts.reread) {
+            (Some(p), false) => Some(Previous {
+                root: p.root,
+                vault: vault.clone(),
+                catalog: catalog.clone(),
+                rt: tokio::runtime::Handle::current(),
+            }),
+            _ => None,
+        };
         std::thread::spawn(move || {
             read_source(
                 &src,
                 chunker,
+                previous,
                 &items_tx,
                 &jobs_tx,
                 &stats,
@@ -286,10 +304,13 @@ pub async fn snapshot(
     // The first real cause wins over the "stopped" errors it caused.
     let (reader_r, worker_rs, collect_r) = joined;
     let mut errors: Vec<Error> = Vec::new();
-    if let Err(e) = &uploaded {
-        errors.push(Error::Internal(e.to_string()));
-    }
-    let records = uploaded.ok();
+    let records = match uploaded {
+        Ok(r) => Some(r),
+        Err(e) => {
+            errors.push(e);
+            None
+        }
+    };
     for r in worker_rs.into_iter().chain([reader_r]) {
         if let Err(e) = r {
             errors.push(e);
@@ -316,9 +337,10 @@ pub async fn snapshot(
     let mut seen = Vec::new();
     if !records.is_empty() {
         let name = format!("index/{}", random_hex_id());
-        vault
+        let n = vault
             .put_meta(&name, &IndexObject { packs: records })
             .await?;
+        stats.bytes_uploaded.fetch_add(n, Ordering::Relaxed);
         seen.push(name);
     }
     let warnings = stats.warnings.load(Ordering::Relaxed);
@@ -351,7 +373,8 @@ pub async fn snapshot(
         warnings,
     };
     let name = format!("snapshots/{}", record.id);
-    vault.put_meta(&name, &record).await?;
+    let n = vault.put_meta(&name, &record).await?;
+    stats.bytes_uploaded.fetch_add(n, Ordering::Relaxed);
     seen.push(name);
     catalog.add_snapshot(&record)?;
     catalog.mark_seen(&seen)?;
@@ -361,6 +384,7 @@ pub async fn snapshot(
         volume: record.volume,
         parent: record.parent,
         files: out.files,
+        files_unchanged: stats.unchanged.load(Ordering::Relaxed),
         dirs: out.dirs,
         bytes_scanned: stats.bytes_scanned.load(Ordering::Relaxed),
         bytes_new: stats.bytes_new.load(Ordering::Relaxed),
@@ -401,9 +425,48 @@ fn spawn_scanner(root: PathBuf, progress: Arc<dyn Progress>, stop: Arc<AtomicBoo
 }
 
 /// Reads the source in name order; see the module doc.
+/// The parent snapshot, for change detection: its trees are walked in step
+/// with the source.
+struct Previous {
+    root: BlobId,
+    vault: Arc<Vault>,
+    catalog: Arc<dyn Catalog>,
+    rt: tokio::runtime::Handle,
+}
+
+impl Previous {
+    /// The parent's tree, if it can be read (if not, files are just read).
+    fn tree(&self, id: &BlobId) -> Option<Tree> {
+        self.rt
+            .block_on(crate::sync::load_tree(
+                &self.vault,
+                self.catalog.as_ref(),
+                id,
+            ))
+            .ok()
+    }
+}
+
+/// A file is unchanged when size, mtime, ctime, inode and mode are: then its
+/// chunk list is reused without reading it (ctime catches a file whose
+/// mtime was set back).
+fn unchanged(old: &Node, md: &Metadata) -> Option<Vec<ChunkRef>> {
+    let NodeKind::File { size, chunks } = &old.kind else {
+        return None;
+    };
+    let same = *size == md.len()
+        && old.mtime_ns == md.mtime() * 1_000_000_000 + md.mtime_nsec()
+        && old.ctime_ns == md.ctime() * 1_000_000_000 + md.ctime_nsec()
+        && old.inode == md.ino()
+        && old.mode == md.mode() & 0o7777;
+    same.then(|| chunks.clone())
+}
+
+#[allow(clippy::too_many_arguments)]
 fn read_source(
     root: &Path,
     chunker: ChunkerParams,
+    previous: Option<Previous>,
     items: &crossbeam_channel::Sender<Item>,
     jobs: &crossbeam_channel::Sender<Job>,
     stats: &Stats,
@@ -423,7 +486,8 @@ fn read_source(
         md,
         xattrs: vec![],
     })?;
-    r.dir(root, &[])?;
+    let old = previous.as_ref().and_then(|p| p.tree(&p.root));
+    r.dir(root, &[], previous.as_ref(), old.as_ref())?;
     r.send(Item::LeaveDir)
 }
 
@@ -458,7 +522,20 @@ impl Reader<'_> {
         })
     }
 
-    fn dir(&mut self, dir: &Path, rel: &[u8]) -> Result<()> {
+    fn dir(
+        &mut self,
+        dir: &Path,
+        rel: &[u8],
+        previous: Option<&Previous>,
+        old: Option<&Tree>,
+    ) -> Result<()> {
+        let old_node = |name: &Name| -> Option<&Node> {
+            let t = old?;
+            t.entries
+                .binary_search_by(|n| n.name.cmp(name))
+                .ok()
+                .map(|i| &t.entries[i])
+        };
         let names = match source::sorted_names(dir) {
             Ok(n) => n,
             Err(e) => {
@@ -484,11 +561,18 @@ impl Reader<'_> {
             match source::entry_type(&md) {
                 EntryType::Dir => {
                     let xattrs = self.xattrs(&path);
+                    let sub = match (previous, old_node(&name).map(|n| &n.kind)) {
+                        (Some(p), Some(NodeKind::Dir { subtree })) => p.tree(subtree),
+                        _ => None,
+                    };
                     self.send(Item::EnterDir { name, md, xattrs })?;
-                    self.dir(&path, &child_rel)?;
+                    self.dir(&path, &child_rel, previous, sub.as_ref())?;
                     self.send(Item::LeaveDir)?;
                 }
-                EntryType::File => self.file(&path, name, md, child_rel)?,
+                EntryType::File => {
+                    let reuse = old_node(&name).and_then(|n| unchanged(n, &md));
+                    self.file(&path, name, md, child_rel, reuse)?
+                }
                 EntryType::Symlink => match std::fs::read_link(&path) {
                     Ok(t) => {
                         let target = Name::from_os(t.as_os_str());
@@ -511,7 +595,14 @@ impl Reader<'_> {
         Ok(())
     }
 
-    fn file(&mut self, path: &Path, name: Name, md: Metadata, rel: Vec<u8>) -> Result<()> {
+    fn file(
+        &mut self,
+        path: &Path,
+        name: Name,
+        md: Metadata,
+        rel: Vec<u8>,
+        reuse: Option<Vec<ChunkRef>>,
+    ) -> Result<()> {
         if md.nlink() > 1 {
             let key = (md.dev(), md.ino());
             if let Some(first) = self.links.get(&key) {
@@ -526,6 +617,18 @@ impl Reader<'_> {
                 return self.send(Item::Leaf(node));
             }
         }
+        if let Some(chunks) = reuse {
+            if md.nlink() > 1 {
+                self.links.insert((md.dev(), md.ino()), rel);
+            }
+            let xattrs = self.xattrs(path);
+            let size = md.len();
+            let node = source::node_from(name, &md, NodeKind::File { size, chunks }, xattrs);
+            self.stats.unchanged.fetch_add(1, Ordering::Relaxed);
+            self.progress.advance(size);
+            self.progress.file_done();
+            return self.send(Item::Reused(node));
+        }
         let file = match File::open(path) {
             Ok(f) => f,
             Err(e) => {
@@ -537,6 +640,7 @@ impl Reader<'_> {
             self.links.insert((md.dev(), md.ino()), rel);
         }
         let xattrs = self.xattrs(path);
+        let (size0, mtime0, mtime_ns0) = (md.len(), md.mtime(), md.mtime_nsec());
         self.send(Item::FileStart { name, md, xattrs })?;
         let mut error = None;
         for chunk in Chunker::new(BufReader::with_capacity(1 << 20, file), &self.chunker) {
@@ -556,6 +660,18 @@ impl Reader<'_> {
                     error = Some(e.to_string());
                     break;
                 }
+            }
+        }
+        if error.is_none() {
+            // A file written to while it was read is saved as read, and named.
+            let changed = std::fs::symlink_metadata(path).map_or(true, |now| {
+                now.len() != size0 || now.mtime() != mtime0 || now.mtime_nsec() != mtime_ns0
+            });
+            if changed {
+                self.warn(format!(
+                    "{}: changed while it was read (unstable)",
+                    path.display()
+                ));
             }
         }
         self.progress.file_done();
@@ -710,6 +826,17 @@ fn collect(
                         .entries
                         .push(node);
                 }
+            }
+            Item::Reused(node) => {
+                if let NodeKind::File { size, .. } = node.kind {
+                    files += 1;
+                    bytes += size;
+                }
+                stack
+                    .last_mut()
+                    .ok_or_else(|| Error::Internal("entry outside a directory".into()))?
+                    .entries
+                    .push(node)
             }
             Item::Leaf(node) => {
                 if matches!(node.kind, NodeKind::Hardlink { .. }) {

@@ -338,8 +338,8 @@ impl Vault {
     }
 
     /// Seals and writes a metadata object (index, snapshot record),
-    /// create-only.
-    pub async fn put_meta<T: Serialize>(&self, name: &str, value: &T) -> Result<()> {
+    /// create-only. Returns the bytes written.
+    pub async fn put_meta<T: Serialize>(&self, name: &str, value: &T) -> Result<u64> {
         let json = serde_json::to_vec(value).map_err(|e| Error::Internal(e.to_string()))?;
         let mut body =
             zstd::bulk::compress(&json, 3).map_err(|e| Error::Internal(e.to_string()))?;
@@ -350,6 +350,7 @@ impl Vault {
         out.extend_from_slice(&salt);
         out.extend_from_slice(&body);
         let path = Path::from(name);
+        let len = out.len() as u64;
         self.store
             .put_opts(
                 &path,
@@ -358,7 +359,7 @@ impl Vault {
             )
             .await
             .map_err(|e| self.err("write", &path, e))?;
-        Ok(())
+        Ok(len)
     }
 
     /// Reads and opens a metadata object; its name is authenticated, so an
