@@ -89,7 +89,10 @@ fn second_snapshot_of_unchanged_data_stores_nothing_new() {
     assert!(s2["parent"].is_string());
     // Unchanged files are not even read.
     assert_eq!(s2["bytes_scanned"], 0, "{s2}");
-    assert_eq!(s2["files_unchanged"], 8, "the ninth is a second hard link: {s2}");
+    assert_eq!(
+        s2["files_unchanged"], 8,
+        "the ninth is a second hard link: {s2}"
+    );
     // --reread reads them all again, and still stores nothing new.
     let s2r = env.json(&[
         "snapshot",

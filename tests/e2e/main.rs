@@ -3,5 +3,6 @@
 //! tests start themselves.
 
 mod common;
+mod delta;
 mod local;
 mod s3;

@@ -17,6 +17,8 @@ use ferry_core::manifest::SnapshotRecord;
 use ferry_core::pack::{PackEntry, PackRecord};
 use rusqlite::{Connection, OptionalExtension, params};
 
+pub mod target;
+
 const SCHEMA_VERSION: i64 = 1;
 
 const SCHEMA: &str = "
@@ -132,14 +134,19 @@ impl SqliteCatalog {
 /// `$XDG_STATE_HOME/ferry/catalogs/<vault id>.sqlite`, else
 /// `~/.local/state/ferry/...`.
 pub fn default_path(vault_id: &str) -> PathBuf {
-    let base = std::env::var_os("XDG_STATE_HOME")
+    state_dir()
+        .join("catalogs")
+        .join(format!("{vault_id}.sqlite"))
+}
+
+/// `$XDG_STATE_HOME/ferry`, else `~/.local/state/ferry`.
+pub fn state_dir() -> PathBuf {
+    std::env::var_os("XDG_STATE_HOME")
         .filter(|v| !v.is_empty())
         .map(PathBuf::from)
         .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".local/state")))
-        .unwrap_or_else(|| PathBuf::from("."));
-    base.join("ferry")
-        .join("catalogs")
-        .join(format!("{vault_id}.sqlite"))
+        .unwrap_or_else(|| PathBuf::from("."))
+        .join("ferry")
 }
 
 fn blob_id(v: Vec<u8>) -> rusqlite::Result<BlobId> {

@@ -5,6 +5,7 @@ use std::sync::Arc;
 
 use anyhow::{Context, Result, anyhow, bail};
 use ferry_catalog::SqliteCatalog;
+use ferry_catalog::target::SqliteTargetState;
 use ferry_core::catalog::Catalog;
 use ferry_core::config::VaultOptions;
 use ferry_core::restore::RestoreOptions;
@@ -130,23 +131,7 @@ pub async fn run(cli: Cli) -> Result<u8> {
                 ferry_core::snapshot::snapshot(vault, catalog, &source, &opts, bar.clone()).await;
             bar.finish();
             let s = r?;
-            print(g, &s, || {
-                format!(
-                    "snapshot {} of {} saved: {} files, {} read, {} new, {} uploaded in {:.1}s{}",
-                    &s.snapshot_id[..8],
-                    s.volume,
-                    s.files,
-                    human_bytes(s.bytes_scanned),
-                    human_bytes(s.bytes_new),
-                    human_bytes(s.bytes_uploaded),
-                    s.duration_s,
-                    if s.incomplete {
-                        format!(" (INCOMPLETE: {} warnings)", s.warnings)
-                    } else {
-                        String::new()
-                    }
-                )
-            })?;
+            print(g, &s, || snapshot_text(&s))?;
             if s.incomplete {
                 eprintln!(
                     "warning: snapshot {} is incomplete: {} entries could not be read",
@@ -190,33 +175,71 @@ pub async fn run(cli: Cli) -> Result<u8> {
             })?;
             Ok(0)
         }
-        Command::Restore { snapshot, target } => {
+        Command::Restore {
+            snapshot,
+            target,
+            delta,
+        } => {
             let (vault, catalog) = open(None, g).await?;
             let snap = ferry_core::sync::find_snapshot(catalog.as_ref(), &snapshot)?;
-            let bar = Arc::new(Bar::new("restore"));
-            let r = ferry_core::restore::restore(
-                vault,
-                catalog,
-                &snap,
-                &target,
-                &RestoreOptions::default(),
+            let s = restore_into(vault, catalog, &snap, &target, &delta).await?;
+            print(g, &s, || restore_text(&s, &target))?;
+            Ok(0)
+        }
+        Command::Sync {
+            source,
+            target,
+            volume,
+            reread,
+            delta,
+        } => {
+            let started = std::time::Instant::now();
+            let (vault, catalog) = match g.vault {
+                Some(_) => open(None, g).await?,
+                None => open_default_vault(g).await?,
+            };
+            let volume = volume.unwrap_or_else(|| default_volume(&source));
+            let bar = Arc::new(Bar::new("snapshot"));
+            let mut opts = SnapshotOptions::new(volume);
+            opts.reread = reread;
+            let r = ferry_core::snapshot::snapshot(
+                vault.clone(),
+                catalog.clone(),
+                &source,
+                &opts,
                 bar.clone(),
             )
             .await;
             bar.finish();
-            let s = r?;
-            print(g, &s, || {
+            let snap_summary = r?;
+            let snap = ferry_core::sync::find_snapshot(
+                catalog.as_ref(),
+                &format!("{}@{}", snap_summary.volume, snap_summary.snapshot_id),
+            )?;
+            let rs = restore_into(vault, catalog, &snap, &target, &delta).await?;
+            #[derive(Serialize)]
+            struct Out<'a> {
+                snapshot_id: &'a str,
+                bytes_written: u64,
+                duration_s: f64,
+                snapshot: &'a ferry_core::snapshot::SnapshotSummary,
+                restore: &'a ferry_core::restore::RestoreSummary,
+            }
+            let out = Out {
+                snapshot_id: &snap_summary.snapshot_id,
+                bytes_written: rs.bytes_written,
+                duration_s: started.elapsed().as_secs_f64(),
+                snapshot: &snap_summary,
+                restore: &rs,
+            };
+            print(g, &out, || {
                 format!(
-                    "restored snapshot {} of {} into {}: {} files, {} written in {:.1}s",
-                    &s.snapshot_id[..8],
-                    s.volume,
-                    target.display(),
-                    s.files_written,
-                    human_bytes(s.bytes_written),
-                    s.duration_s
+                    "{}\n{}",
+                    snapshot_text(&snap_summary),
+                    restore_text(&rs, &target)
                 )
             })?;
-            Ok(0)
+            Ok(if snap_summary.incomplete { 3 } else { 0 })
         }
         Command::Catalog(CatalogCmd::Rebuild) => {
             let loc = location_of(None, g)?;
@@ -262,6 +285,134 @@ pub async fn run(cli: Cli) -> Result<u8> {
             Ok(0)
         }
     }
+}
+
+fn snapshot_text(s: &ferry_core::snapshot::SnapshotSummary) -> String {
+    format!(
+        "snapshot {} of {} saved: {} files ({} unchanged), {} read, {} new, {} uploaded in {:.1}s{}",
+        &s.snapshot_id[..8],
+        s.volume,
+        s.files,
+        s.files_unchanged,
+        human_bytes(s.bytes_scanned),
+        human_bytes(s.bytes_new),
+        human_bytes(s.bytes_uploaded),
+        s.duration_s,
+        if s.incomplete {
+            format!(" (INCOMPLETE: {} warnings)", s.warnings)
+        } else {
+            String::new()
+        }
+    )
+}
+
+fn restore_text(s: &ferry_core::restore::RestoreSummary, target: &Path) -> String {
+    let p = &s.phases;
+    format!(
+        "restored snapshot {} of {} into {}: {} files written ({} patched), {} unchanged, {} deleted, {} extra; {} written in {:.1}s \
+         (plan {:.1}s, transfer {:.1}s, finish {:.1}s, verify {:.1}s){}",
+        &s.snapshot_id[..8],
+        s.volume,
+        target.display(),
+        s.files_written,
+        s.files_patched,
+        s.files_unchanged,
+        s.files_deleted,
+        s.extra_entries,
+        human_bytes(s.bytes_written),
+        s.duration_s,
+        p.plan_s,
+        p.transfer_s,
+        p.finish_s,
+        p.verify_s,
+        if s.files_verified > 0 {
+            format!("; verified {} files", s.files_verified)
+        } else {
+            String::new()
+        }
+    )
+}
+
+/// Restores with the target's memory (kept under the state directory, by
+/// the target's canonical path).
+async fn restore_into(
+    vault: Arc<Vault>,
+    catalog: Arc<dyn Catalog>,
+    snap: &ferry_core::manifest::SnapshotRecord,
+    target: &Path,
+    delta: &crate::DeltaArgs,
+) -> Result<ferry_core::restore::RestoreSummary> {
+    std::fs::create_dir_all(target)
+        .with_context(|| format!("creating target {}", target.display()))?;
+    let state = SqliteTargetState::open(&ferry_catalog::target::default_path(target))?;
+    let opts = RestoreOptions {
+        delete: delta.delete,
+        verify: delta.verify,
+        reread_target: delta.reread_target,
+        ..Default::default()
+    };
+    let bar = Arc::new(Bar::new("restore"));
+    let r = ferry_core::restore::restore(
+        vault,
+        catalog,
+        Arc::new(state),
+        snap,
+        target,
+        &opts,
+        bar.clone(),
+    )
+    .await;
+    bar.finish();
+    Ok(r?)
+}
+
+/// The volume name `ferry sync` uses when none is given: stable per source.
+fn default_volume(source: &Path) -> String {
+    let canon = std::fs::canonicalize(source).unwrap_or_else(|_| source.to_path_buf());
+    let base = canon
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "root".into());
+    let h = ferry_core::id::short_hash(canon.as_os_str().as_encoded_bytes());
+    format!("{base}-{h}")
+}
+
+/// The embedded default vault of `ferry sync`: a local vault under the state
+/// directory, with a random key in a 0600 file beside it (no passphrase to
+/// choose for the simplest migration).
+async fn open_default_vault(g: &Global) -> Result<(Arc<Vault>, Arc<dyn Catalog>)> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let dir = ferry_catalog::state_dir();
+    let vault_dir = dir.join("default-vault");
+    let key_file = dir.join("default-vault.key");
+    if !key_file.exists() {
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        let key = hex_key();
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&key_file)
+            .with_context(|| format!("creating {}", key_file.display()))?;
+        std::io::Write::write_all(&mut f, key.as_bytes())?;
+    }
+    let pass =
+        std::fs::read(&key_file).with_context(|| format!("reading {}", key_file.display()))?;
+    let loc = Location::Local(vault_dir.clone());
+    if !vault_dir.join("config").exists() {
+        Vault::init(&loc, &pass, &VaultOptions::default()).await?;
+    }
+    let vault = Vault::open(&loc, &pass).await?;
+    let path = catalog_path(g, &vault);
+    let (catalog, fresh) = SqliteCatalog::open(&path, vault.id())?;
+    ferry_core::sync::sync_catalog(&vault, &catalog, fresh).await?;
+    Ok((Arc::new(vault), Arc::new(catalog)))
+}
+
+fn hex_key() -> String {
+    let mut b = [0u8; 32];
+    ferry_core::keys::fill_random(&mut b);
+    b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
 fn location_of(positional: Option<&str>, g: &Global) -> Result<Location> {

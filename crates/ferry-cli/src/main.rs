@@ -66,16 +66,45 @@ pub enum Command {
         /// Only this volume.
         volume: Option<String>,
     },
-    /// Restore a snapshot into a directory.
+    /// Restore a snapshot into a directory (empty, or holding an earlier restore).
     Restore {
         /// NAME (latest snapshot of the volume) or NAME@ID (an id prefix).
         snapshot: String,
         /// The target directory (created if missing).
         target: PathBuf,
+        #[command(flatten)]
+        delta: DeltaArgs,
+    },
+    /// Snapshot SOURCE, then restore it into TARGET, writing only what changed.
+    Sync {
+        source: PathBuf,
+        target: PathBuf,
+        /// The volume name (default: from the source path).
+        #[arg(long)]
+        volume: Option<String>,
+        /// Read every source file, even those whose metadata is unchanged.
+        #[arg(long)]
+        reread: bool,
+        #[command(flatten)]
+        delta: DeltaArgs,
     },
     /// Catalog maintenance.
     #[command(subcommand)]
     Catalog(CatalogCmd),
+}
+
+/// How a restore treats what is already in the target.
+#[derive(Args, Clone)]
+pub struct DeltaArgs {
+    /// Remove target entries that are not in the snapshot.
+    #[arg(long)]
+    pub delete: bool,
+    /// Read every file back and check it against the snapshot; mismatches exit 1.
+    #[arg(long)]
+    pub verify: bool,
+    /// Compare existing target files by content instead of trusting what ferry remembers.
+    #[arg(long)]
+    pub reread_target: bool,
 }
 
 #[derive(Subcommand)]

@@ -62,6 +62,13 @@ pub enum Error {
     #[error("restore into {target} failed: {summary}")]
     RestoreFailed { target: PathBuf, summary: String },
 
+    #[error("verification of {target} failed: {count} path(s) differ from the snapshot: {paths}")]
+    VerifyFailed {
+        target: PathBuf,
+        count: usize,
+        paths: String,
+    },
+
     #[error("{0}")]
     Invalid(String),
 

@@ -116,6 +116,11 @@ impl IdHasher {
     }
 }
 
+/// 16 hex digits of the plain BLAKE3 of `data`: short, stable names.
+pub fn short_hash(data: &[u8]) -> String {
+    hex::encode(&blake3::hash(data).as_bytes()[..8])
+}
+
 /// A random 128-bit id as 32 hex digits (snapshots, index objects).
 pub fn random_hex_id() -> String {
     let mut b = [0u8; 16];

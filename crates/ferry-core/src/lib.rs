@@ -28,6 +28,7 @@ pub mod restore;
 pub mod snapshot;
 pub mod source;
 pub mod sync;
+pub mod target;
 pub mod vault;
 
 pub use error::{Error, Result};

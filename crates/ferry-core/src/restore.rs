@@ -1,26 +1,39 @@
-//! Restore: from the vault back into files under a target directory.
+//! Restore: from the vault back into files under a target directory, which
+//! may be empty or may hold an earlier restore (the final delta).
 //!
 //! Plan, fetch, scatter, finish:
-//! 1. Walk the snapshot's trees, create directories and symlinks, and open
-//!    each regular file under a temporary name (`.ferry-<random>.tmp`, in
-//!    its own directory) at its final size. Note, per chunk id, every
-//!    (file, offset) that needs it.
-//! 2. Group the chunks by pack. Each pack is fetched once (a few ranged
-//!    reads covering the blobs needed, several packs at a time), and each
-//!    blob is decrypted, verified against its id and written with
-//!    positioned writes to every place that needs it.
-//! 3. Give each file its metadata and rename it to its real name. A file
-//!    whose data could not all be read is removed instead: a crash or an
-//!    error never leaves a half-written file under its real name.
-//! 4. Hard links, then directory metadata, deepest first.
+//! 1. Walk the snapshot's trees beside the target. Per file, decide:
+//!    - **unchanged**: the target's memory ([`crate::target`]) says ferry left
+//!      this very content there and the file's size, mtime, ctime and inode
+//!      still match: nothing is read or written;
+//!    - **patch**: a large file (>= 1 MiB) of which at most half changed:
+//!      only the changed chunks are written, in place (plus a truncate or an
+//!      extension). The changed chunks come from the previous snapshot's
+//!      chunk list when the memory vouches for the file, else from reading
+//!      the target and hashing it at the new chunk boundaries;
+//!    - **fresh**: written under a temporary name (`.ferry-<random>.tmp`, in
+//!      its own directory, created O_EXCL|O_NOFOLLOW) and renamed into place,
+//!      so a crash never leaves a half-written file under its real name.
 //!
-//! Nothing is written outside the target: every name from a tree is checked
-//! to be one plain path component, directories are created, never followed
-//! through symlinks, and temporary files are created with O_EXCL|O_NOFOLLOW.
+//!    Entries of the target the snapshot does not have are deleted with
+//!    `delete`, else counted.
+//! 2. Group the chunks to write by pack. Each pack is fetched once (a few
+//!    ranged reads covering the needed blobs, several packs at a time); each
+//!    blob is decrypted, verified against its id and written with positioned
+//!    writes to every place that needs it. All-zero chunks of fresh files are
+//!    not written: they stay holes (sparse files).
+//! 3. Metadata; renames; hard links; directory metadata, deepest first; the
+//!    target's memory is replaced.
+//! 4. With `verify`: every file is read back and hashed against the
+//!    snapshot.
+//!
+//! Nothing is written outside the target: every name from a tree must be one
+//! plain path component, and directories are created, never followed
+//! through symlinks.
 
-use std::collections::HashMap;
-use std::fs::{File, OpenOptions};
-use std::os::unix::fs::{FileExt, OpenOptionsExt, PermissionsExt};
+use std::collections::{HashMap, HashSet};
+use std::fs::{File, Metadata, OpenOptions};
+use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
@@ -31,22 +44,50 @@ use serde::Serialize;
 use crate::catalog::{BlobLocation, Catalog};
 use crate::codec::ObjectCipher;
 use crate::error::{Error, Result};
-use crate::id::{BlobId, PackId};
-use crate::manifest::{Name, Node, NodeKind, SnapshotRecord};
+use crate::id::{BlobId, IdHasher, PackId};
+use crate::manifest::{ChunkRef, Name, Node, NodeKind, SnapshotRecord, Tree};
 use crate::pack::PackEntry;
 use crate::progress::Progress;
+use crate::target::{TargetFile, TargetState, content_id};
 use crate::vault::{Vault, pack_path};
+
+/// Files smaller than this are rewritten whole (temp + rename) when they
+/// changed; larger ones may be patched in place.
+pub const PATCH_MIN: u64 = 1 << 20;
 
 #[derive(Clone, Debug)]
 pub struct RestoreOptions {
     /// Packs fetched at once.
     pub packs_in_flight: usize,
+    /// Remove target entries the snapshot does not have.
+    pub delete: bool,
+    /// Read every file back and check it against the snapshot.
+    pub verify: bool,
+    /// Do not trust the target's memory: compare existing files by content.
+    pub reread_target: bool,
 }
 
 impl Default for RestoreOptions {
     fn default() -> Self {
-        Self { packs_in_flight: 8 }
+        Self {
+            packs_in_flight: 8,
+            delete: false,
+            verify: false,
+            reread_target: false,
+        }
     }
+}
+
+/// Seconds, bytes and files per phase: the downtime breakdown.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct RestorePhases {
+    /// Walking trees and comparing with the target.
+    pub plan_s: f64,
+    /// Fetching packs and writing chunks.
+    pub transfer_s: f64,
+    /// Metadata, renames, links, deletions.
+    pub finish_s: f64,
+    pub verify_s: f64,
 }
 
 #[derive(Clone, Debug, Default, Serialize)]
@@ -56,37 +97,72 @@ pub struct RestoreSummary {
     /// Regular files (and hard links) in the snapshot.
     pub files: u64,
     pub dirs: u64,
+    /// Files whose content was written (fresh, patched, relinked).
     pub files_written: u64,
+    /// Files already equal to the snapshot: nothing written.
+    pub files_unchanged: u64,
+    /// Files patched in place (only changed chunks written).
+    pub files_patched: u64,
+    /// Target entries removed because the snapshot does not have them.
+    pub files_deleted: u64,
+    /// Target entries the snapshot does not have, left in place (no --delete).
+    pub extra_entries: u64,
     /// Bytes written into the target.
     pub bytes_written: u64,
+    /// Bytes of existing target files read to find what changed.
+    pub bytes_compared: u64,
     pub bytes_fetched: u64,
     pub packs_fetched: u64,
     pub duration_s: f64,
+    pub phases: RestorePhases,
     /// Metadata that could not be applied (xattrs, ownership), counted.
     pub warnings: u64,
+    /// Files read back and found equal (with --verify).
+    pub files_verified: u64,
+}
+
+/// Where scatter writes a file's chunks, and whether it is a new file (all
+/// holes) or an existing one patched in place.
+#[derive(Clone, Debug)]
+pub struct WriteTarget {
+    path: PathBuf,
+    fresh: bool,
 }
 
 struct FilePlan {
-    tmp: PathBuf,
+    write: WriteTarget,
     dest: PathBuf,
+    rel: Vec<u8>,
     node: Node,
 }
 
 #[derive(Default)]
 struct Plan {
     files: Vec<FilePlan>,
+    /// Equal content already in place: (path, rel, node).
+    unchanged: Vec<(PathBuf, Vec<u8>, Node)>,
     dirs: Vec<(PathBuf, Node)>,
     symlinks: Vec<(PathBuf, Node)>,
     hardlinks: Vec<(PathBuf, Name)>,
     /// Chunk id → every (file index, offset) that needs it.
     needs: HashMap<BlobId, Vec<(u32, u64)>>,
     dir_count: u64,
+    deleted: u64,
+    extra: u64,
+    patched: u64,
+    bytes_compared: u64,
+    /// Bytes the transfer will write (for the progress bar).
+    bytes_planned: u64,
 }
 
 fn random_tmp_name() -> String {
     let mut b = [0u8; 8];
     crate::keys::fill_random(&mut b);
     format!(".ferry-{}.tmp", hex::encode(b))
+}
+
+fn is_our_tmp(name: &[u8]) -> bool {
+    name.starts_with(b".ferry-") && name.ends_with(b".tmp") && name.len() == 7 + 16 + 4
 }
 
 fn join_safe(dir: &Path, name: &Name) -> Result<PathBuf> {
@@ -97,6 +173,31 @@ fn join_safe(dir: &Path, name: &Name) -> Result<PathBuf> {
         )));
     }
     Ok(dir.join(name.as_os()))
+}
+
+fn join_rel(rel: &[u8], name: &Name) -> Vec<u8> {
+    let mut r = rel.to_vec();
+    if !r.is_empty() {
+        r.push(b'/');
+    }
+    r.extend_from_slice(&name.0);
+    r
+}
+
+/// Removes whatever is at `path` (a directory with its contents), never
+/// following a symlink.
+fn remove_any(path: &Path) -> Result<()> {
+    let md = match std::fs::symlink_metadata(path) {
+        Ok(md) => md,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(Error::io(path, e)),
+    };
+    let r = if md.is_dir() {
+        std::fs::remove_dir_all(path)
+    } else {
+        std::fs::remove_file(path)
+    };
+    r.map_err(|e| Error::io(path, e))
 }
 
 /// Creates a directory, or accepts an existing real directory (never a
@@ -119,59 +220,269 @@ fn ensure_dir(path: &Path) -> Result<()> {
     }
 }
 
-async fn build_plan(
-    vault: &Vault,
-    catalog: &dyn Catalog,
-    snap: &SnapshotRecord,
-    target: &Path,
-    plan: &mut Plan,
-) -> Result<()> {
-    let mut stack = vec![(snap.root, target.to_path_buf())];
-    while let Some((tree_id, dir)) = stack.pop() {
-        let tree = crate::sync::load_tree(vault, catalog, &tree_id).await?;
-        for node in tree.entries {
-            let path = join_safe(&dir, &node.name)?;
-            match &node.kind {
-                NodeKind::Dir { subtree } => {
-                    ensure_dir(&path)?;
-                    plan.dir_count += 1;
-                    stack.push((*subtree, path.clone()));
-                    plan.dirs.push((path, node));
-                }
-                NodeKind::File { size, chunks } => {
-                    let tmp = dir.join(random_tmp_name());
-                    let f = OpenOptions::new()
-                        .write(true)
-                        .create_new(true)
-                        .mode(0o600)
-                        .custom_flags(libc::O_NOFOLLOW)
-                        .open(&tmp)
-                        .map_err(|e| Error::io(&tmp, e))?;
-                    let idx = plan.files.len() as u32;
-                    plan.files.push(FilePlan {
-                        tmp: tmp.clone(),
-                        dest: path,
-                        node: node.clone(),
-                    });
-                    f.set_len(*size).map_err(|e| Error::io(&tmp, e))?;
-                    let mut off = 0u64;
-                    for c in chunks {
-                        plan.needs.entry(c.0).or_default().push((idx, off));
-                        off += c.1 as u64;
-                    }
-                }
-                NodeKind::Symlink { .. } => plan.symlinks.push((path, node)),
-                NodeKind::Hardlink { target } => plan.hardlinks.push((path, target.clone())),
-            }
-        }
-    }
-    Ok(())
+fn chunk_offsets(chunks: &[ChunkRef]) -> impl Iterator<Item = (u64, &ChunkRef)> {
+    chunks.iter().scan(0u64, |off, c| {
+        let at = *off;
+        *off += c.1 as u64;
+        Some((at, c))
+    })
 }
 
-/// Restores `snap` into `target` (created if missing).
+/// Which chunks of `new` are not already at their offset in the target,
+/// judged from the chunk list of what the target holds (no reading).
+fn changed_by_list(old: &[ChunkRef], new: &[ChunkRef]) -> Vec<bool> {
+    let have: HashSet<(u64, BlobId, u32)> =
+        chunk_offsets(old).map(|(o, c)| (o, c.0, c.1)).collect();
+    chunk_offsets(new)
+        .map(|(o, c)| !have.contains(&(o, c.0, c.1)))
+        .collect()
+}
+
+/// Which chunks of `new` differ from the target file, by reading it and
+/// hashing each range with the vault's id key.
+fn changed_by_reading(
+    path: &Path,
+    size: u64,
+    new: &[ChunkRef],
+    ids: &IdHasher,
+) -> Result<(Vec<bool>, u64)> {
+    let f = File::open(path).map_err(|e| Error::io(path, e))?;
+    let mut buf = Vec::new();
+    let mut read = 0u64;
+    let mut out = Vec::with_capacity(new.len());
+    for (off, c) in chunk_offsets(new) {
+        if off + c.1 as u64 > size {
+            out.push(true);
+            continue;
+        }
+        buf.resize(c.1 as usize, 0);
+        f.read_exact_at(&mut buf, off)
+            .map_err(|e| Error::io(path, e))?;
+        read += c.1 as u64;
+        out.push(ids.id(&buf) != c.0);
+    }
+    Ok((out, read))
+}
+
+struct Walker<'a> {
+    vault: &'a Vault,
+    catalog: &'a dyn Catalog,
+    state: &'a dyn TargetState,
+    opts: &'a RestoreOptions,
+}
+
+impl Walker<'_> {
+    async fn tree(&self, id: &BlobId) -> Result<Tree> {
+        crate::sync::load_tree(self.vault, self.catalog, id).await
+    }
+
+    async fn plan(
+        &self,
+        snap: &SnapshotRecord,
+        target: &Path,
+        old_root: Option<BlobId>,
+        plan: &mut Plan,
+    ) -> Result<()> {
+        let mut stack = vec![(snap.root, target.to_path_buf(), Vec::<u8>::new(), old_root)];
+        while let Some((tree_id, dir, rel, old_id)) = stack.pop() {
+            let tree = self.tree(&tree_id).await?;
+            let old = match old_id {
+                Some(id) => self.tree(&id).await.ok(),
+                None => None,
+            };
+            let old_node = |name: &Name| -> Option<Node> {
+                let t = old.as_ref()?;
+                t.entries
+                    .binary_search_by(|n| n.name.cmp(name))
+                    .ok()
+                    .map(|i| t.entries[i].clone())
+            };
+            let mut existing: HashSet<Vec<u8>> = std::fs::read_dir(&dir)
+                .map_err(|e| Error::io(&dir, e))?
+                .map(|e| e.map(|e| Name::from_os(&e.file_name()).0))
+                .collect::<std::io::Result<_>>()
+                .map_err(|e| Error::io(&dir, e))?;
+            for node in tree.entries {
+                existing.remove(&node.name.0);
+                let path = join_safe(&dir, &node.name)?;
+                let child_rel = join_rel(&rel, &node.name);
+                let md = std::fs::symlink_metadata(&path).ok();
+                match &node.kind {
+                    NodeKind::Dir { subtree } => {
+                        if md.as_ref().is_some_and(|m| !m.is_dir()) {
+                            remove_any(&path)?;
+                        }
+                        ensure_dir(&path)?;
+                        plan.dir_count += 1;
+                        let old_sub = match old_node(&node.name).map(|n| n.kind) {
+                            Some(NodeKind::Dir { subtree }) => Some(subtree),
+                            _ => None,
+                        };
+                        stack.push((*subtree, path.clone(), child_rel, old_sub));
+                        plan.dirs.push((path, node));
+                    }
+                    NodeKind::File { .. } => {
+                        let old = old_node(&node.name);
+                        self.plan_file(path, child_rel, node, md, old, plan)?;
+                    }
+                    NodeKind::Symlink { .. } => plan.symlinks.push((path, node)),
+                    NodeKind::Hardlink { target } => plan.hardlinks.push((path, target.clone())),
+                }
+            }
+            for name in existing {
+                let path = dir.join(Name(name.clone()).as_os());
+                if is_our_tmp(&name) {
+                    // Left by an interrupted restore: ours to remove.
+                    remove_any(&path)?;
+                } else if self.opts.delete {
+                    remove_any(&path)?;
+                    plan.deleted += 1;
+                } else {
+                    plan.extra += 1;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn plan_file(
+        &self,
+        path: PathBuf,
+        rel: Vec<u8>,
+        node: Node,
+        md: Option<Metadata>,
+        old: Option<Node>,
+        plan: &mut Plan,
+    ) -> Result<()> {
+        let NodeKind::File { size, chunks } = &node.kind else {
+            return Ok(());
+        };
+        let content = content_id(chunks);
+        let mut changed: Option<Vec<bool>> = None;
+        match &md {
+            Some(m) if m.is_file() => {
+                let known = if self.opts.reread_target {
+                    None
+                } else {
+                    self.state.get(&rel)?.filter(|s| s.matches(m))
+                };
+                if known.as_ref().is_some_and(|k| k.content == content) {
+                    plan.unchanged.push((path, rel, node));
+                    return Ok(());
+                }
+                let old_chunks = match (&known, old.map(|o| o.kind)) {
+                    (Some(k), Some(NodeKind::File { chunks: oc, .. }))
+                        if content_id(&oc) == k.content =>
+                    {
+                        Some(oc)
+                    }
+                    _ => None,
+                };
+                if *size >= PATCH_MIN && m.len() >= PATCH_MIN {
+                    changed = Some(match old_chunks {
+                        Some(oc) => changed_by_list(&oc, chunks),
+                        None => {
+                            let (c, read) =
+                                changed_by_reading(&path, m.len(), chunks, self.vault.ids())?;
+                            plan.bytes_compared += read;
+                            c
+                        }
+                    });
+                } else if old_chunks.is_none() && m.len() == *size && *size > 0 {
+                    // Small file, unknown to the memory: equal content needs
+                    // no write, only the memory updated.
+                    let (c, read) = changed_by_reading(&path, m.len(), chunks, self.vault.ids())?;
+                    plan.bytes_compared += read;
+                    if !c.contains(&true) {
+                        plan.unchanged.push((path, rel, node));
+                        return Ok(());
+                    }
+                } else if old_chunks.is_none() && m.len() == 0 && *size == 0 {
+                    plan.unchanged.push((path, rel, node));
+                    return Ok(());
+                }
+            }
+            Some(_) => remove_any(&path)?,
+            None => {}
+        }
+        let changed_bytes = |c: &[bool]| -> u64 {
+            chunks
+                .iter()
+                .zip(c)
+                .filter(|(_, ch)| **ch)
+                .map(|(k, _)| k.1 as u64)
+                .sum()
+        };
+        let idx = plan.files.len() as u32;
+        match changed {
+            Some(c) if !c.contains(&true) && md.as_ref().is_some_and(|m| m.len() == *size) => {
+                plan.unchanged.push((path, rel, node));
+            }
+            Some(c) if changed_bytes(&c) * 2 <= *size => {
+                // Patch in place: the memory forgets the file first, so a
+                // crash mid-patch is caught by the next run.
+                self.state.forget(std::slice::from_ref(&rel))?;
+                let f = OpenOptions::new()
+                    .write(true)
+                    .custom_flags(libc::O_NOFOLLOW)
+                    .open(&path)
+                    .map_err(|e| Error::io(&path, e))?;
+                f.set_len(*size).map_err(|e| Error::io(&path, e))?;
+                plan.bytes_planned += changed_bytes(&c);
+                for ((off, ch), need) in chunk_offsets(chunks).zip(&c) {
+                    if *need {
+                        plan.needs.entry(ch.0).or_default().push((idx, off));
+                    }
+                }
+                plan.patched += 1;
+                plan.files.push(FilePlan {
+                    write: WriteTarget {
+                        path: path.clone(),
+                        fresh: false,
+                    },
+                    dest: path,
+                    rel,
+                    node,
+                });
+            }
+            _ => {
+                let tmp = path
+                    .parent()
+                    .unwrap_or(Path::new("."))
+                    .join(random_tmp_name());
+                let f = OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .mode(0o600)
+                    .custom_flags(libc::O_NOFOLLOW)
+                    .open(&tmp)
+                    .map_err(|e| Error::io(&tmp, e))?;
+                plan.files.push(FilePlan {
+                    write: WriteTarget {
+                        path: tmp.clone(),
+                        fresh: true,
+                    },
+                    dest: path,
+                    rel,
+                    node: node.clone(),
+                });
+                f.set_len(*size).map_err(|e| Error::io(&tmp, e))?;
+                plan.bytes_planned += *size;
+                for (off, ch) in chunk_offsets(chunks) {
+                    plan.needs.entry(ch.0).or_default().push((idx, off));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Restores `snap` into `target` (created if missing; may hold an earlier
+/// restore, which is updated in place).
 pub async fn restore(
     vault: Arc<Vault>,
     catalog: Arc<dyn Catalog>,
+    state: Arc<dyn TargetState>,
     snap: &SnapshotRecord,
     target: &Path,
     opts: &RestoreOptions,
@@ -180,27 +491,32 @@ pub async fn restore(
     let started = Instant::now();
     std::fs::create_dir_all(target).map_err(|e| Error::io(target, e))?;
     ensure_dir(target)?;
+    let old_root = match state.last_snapshot()? {
+        Some(id) => catalog
+            .snapshots()?
+            .into_iter()
+            .find(|s| s.id == id)
+            .map(|s| s.root),
+        None => None,
+    };
     let mut plan = Plan::default();
-    if let Err(e) = build_plan(&vault, catalog.as_ref(), snap, target, &mut plan).await {
-        for f in &plan.files {
-            let _ = std::fs::remove_file(&f.tmp);
+    let walker = Walker {
+        vault: &vault,
+        catalog: catalog.as_ref(),
+        state: state.as_ref(),
+        opts,
+    };
+    if let Err(e) = walker.plan(snap, target, old_root, &mut plan).await {
+        for f in plan.files.iter().filter(|f| f.write.fresh) {
+            let _ = std::fs::remove_file(&f.write.path);
         }
         return Err(e);
     }
-    let total: u64 = plan
-        .files
-        .iter()
-        .map(|f| {
-            if let NodeKind::File { size, .. } = f.node.kind {
-                size
-            } else {
-                0
-            }
-        })
-        .sum();
-    progress.add_total(plan.files.len() as u64, total);
+    let plan_s = started.elapsed().as_secs_f64();
+    progress.add_total(plan.files.len() as u64, plan.bytes_planned);
 
     // Where is each chunk? Unknown chunks fail their files.
+    let transfer_start = Instant::now();
     let ids: Vec<BlobId> = plan.needs.keys().copied().collect();
     let mut by_pack: HashMap<PackId, ([u8; 32], Vec<PackEntry>)> = HashMap::new();
     let mut failures: Vec<(u32, String)> = Vec::new();
@@ -221,7 +537,8 @@ pub async fn restore(
         }
     }
 
-    let files: Arc<Vec<PathBuf>> = Arc::new(plan.files.iter().map(|f| f.tmp.clone()).collect());
+    let files: Arc<Vec<WriteTarget>> =
+        Arc::new(plan.files.iter().map(|f| f.write.clone()).collect());
     let needs = Arc::new(std::mem::take(&mut plan.needs));
     let results: Vec<PackOutcome> = futures::stream::iter(by_pack)
         .map(|(pack, (salt, entries))| {
@@ -251,8 +568,13 @@ pub async fn restore(
     let mut summary = RestoreSummary {
         snapshot_id: snap.id.clone(),
         volume: snap.volume.clone(),
-        files: (plan.files.len() + plan.hardlinks.len()) as u64,
+        files: (plan.files.len() + plan.unchanged.len() + plan.hardlinks.len()) as u64,
         dirs: plan.dir_count,
+        files_unchanged: plan.unchanged.len() as u64,
+        files_patched: plan.patched,
+        files_deleted: plan.deleted,
+        extra_entries: plan.extra,
+        bytes_compared: plan.bytes_compared,
         ..Default::default()
     };
     let mut pack_errors = Vec::new();
@@ -267,21 +589,41 @@ pub async fn restore(
             pack_errors.push(msg);
         }
     }
+    let transfer_s = transfer_start.elapsed().as_secs_f64();
 
+    let finish_start = Instant::now();
     let plan = Arc::new(plan);
-    let finish = {
-        let plan = plan.clone();
-        let target = target.to_path_buf();
-        let root_node = snap.root_node.clone();
-        tokio::task::spawn_blocking(move || finish(&plan, &target, &root_node, failures))
+    let done = {
+        let (plan, target, root_node, state, snap_id) = (
+            plan.clone(),
+            target.to_path_buf(),
+            snap.root_node.clone(),
+            state.clone(),
+            snap.id.clone(),
+        );
+        tokio::task::spawn_blocking(move || {
+            finish(
+                &plan,
+                &target,
+                &root_node,
+                failures,
+                state.as_ref(),
+                &snap_id,
+            )
+        })
     };
-    let (written, warnings, failed) =
-        finish.await.map_err(|e| Error::Internal(e.to_string()))??;
-    summary.files_written = written;
-    summary.warnings = warnings;
-    summary.duration_s = started.elapsed().as_secs_f64();
-    if !failed.is_empty() {
-        let mut names: Vec<String> = failed
+    let fin = done.await.map_err(|e| Error::Internal(e.to_string()))??;
+    summary.files_written = fin.written;
+    summary.warnings = fin.warnings;
+    summary.phases = RestorePhases {
+        plan_s,
+        transfer_s,
+        finish_s: finish_start.elapsed().as_secs_f64(),
+        verify_s: 0.0,
+    };
+    if !fin.failed.is_empty() {
+        let mut names: Vec<String> = fin
+            .failed
             .iter()
             .map(|p| p.strip_prefix(target).unwrap_or(p).display().to_string())
             .collect();
@@ -298,7 +640,7 @@ pub async fn restore(
             target: target.to_path_buf(),
             summary: format!(
                 "{cause}; {} file(s) not restored: {}{}",
-                failed.len(),
+                fin.failed.len(),
                 names.join(", "),
                 if more > 0 {
                     format!(" (+{more} more)")
@@ -308,7 +650,89 @@ pub async fn restore(
             ),
         });
     }
+    if opts.verify {
+        let t = Instant::now();
+        let (ok, bad) = verify(&vault, catalog.as_ref(), snap, target).await?;
+        summary.phases.verify_s = t.elapsed().as_secs_f64();
+        summary.files_verified = ok;
+        if !bad.is_empty() {
+            let rels: Vec<Vec<u8>> = bad
+                .iter()
+                .map(|p| p.trim_start_matches('/').as_bytes().to_vec())
+                .collect();
+            state.forget(&rels)?;
+            let more = bad.len().saturating_sub(10);
+            return Err(Error::VerifyFailed {
+                target: target.to_path_buf(),
+                count: bad.len(),
+                paths: format!(
+                    "{}{}",
+                    bad.iter().take(10).cloned().collect::<Vec<_>>().join(", "),
+                    if more > 0 {
+                        format!(" (+{more} more)")
+                    } else {
+                        String::new()
+                    }
+                ),
+            });
+        }
+    }
+    summary.duration_s = started.elapsed().as_secs_f64();
     Ok(summary)
+}
+
+/// Reads every file of the snapshot back from `target` and checks it chunk
+/// by chunk; also sizes, symlink targets and that directories exist.
+/// Returns (files verified, paths that differ).
+pub async fn verify(
+    vault: &Vault,
+    catalog: &dyn Catalog,
+    snap: &SnapshotRecord,
+    target: &Path,
+) -> Result<(u64, Vec<String>)> {
+    let mut bad = Vec::new();
+    let mut ok = 0u64;
+    let mut stack = vec![(snap.root, target.to_path_buf(), String::new())];
+    while let Some((id, dir, rel)) = stack.pop() {
+        let tree = crate::sync::load_tree(vault, catalog, &id).await?;
+        for node in tree.entries {
+            let path = join_safe(&dir, &node.name)?;
+            let r = format!("{rel}/{}", node.name.display());
+            let md = std::fs::symlink_metadata(&path).ok();
+            let good = match (&node.kind, &md) {
+                (NodeKind::Dir { subtree }, Some(m)) if m.is_dir() => {
+                    stack.push((*subtree, path.clone(), r.clone()));
+                    true
+                }
+                (NodeKind::File { size, chunks }, Some(m)) if m.is_file() && m.len() == *size => {
+                    let (p, chunks, ids) = (path.clone(), chunks.clone(), vault.ids().clone());
+                    let size = *size;
+                    let c = tokio::task::spawn_blocking(move || {
+                        changed_by_reading(&p, size, &chunks, &ids)
+                    })
+                    .await
+                    .map_err(|e| Error::Internal(e.to_string()))??;
+                    !c.0.contains(&true)
+                }
+                (NodeKind::Symlink { target: t }, Some(m)) if m.file_type().is_symlink() => {
+                    std::fs::read_link(&path)
+                        .map(|l| Name::from_os(l.as_os_str()) == *t)
+                        .unwrap_or(false)
+                }
+                (NodeKind::Hardlink { .. }, Some(m)) => m.is_file(),
+                _ => false,
+            };
+            if good {
+                if matches!(node.kind, NodeKind::File { .. }) {
+                    ok += 1;
+                }
+            } else {
+                bad.push(r);
+            }
+        }
+    }
+    bad.sort();
+    Ok((ok, bad))
 }
 
 struct PackOutcome {
@@ -327,7 +751,7 @@ async fn restore_pack(
     pack: PackId,
     salt: [u8; 32],
     mut entries: Vec<PackEntry>,
-    files: &[PathBuf],
+    files: &[WriteTarget],
     needs: &HashMap<BlobId, Vec<(u32, u64)>>,
     progress: &dyn Progress,
 ) -> PackOutcome {
@@ -432,6 +856,7 @@ async fn restore_pack(
 }
 
 /// Decrypts the blobs of one span and writes each to every place that
+/// Decrypts the blobs of one span and writes each to every place that
 /// needs it. A blob that fails (damaged) fails only the files that need it:
 /// returns the bytes written and the failed blobs with their reasons.
 #[allow(clippy::too_many_arguments)]
@@ -443,7 +868,7 @@ fn scatter(
     bytes: &[u8],
     list: &[PackEntry],
     needs: &[Vec<(u32, u64)>],
-    files: &[PathBuf],
+    files: &[WriteTarget],
 ) -> Result<(u64, Vec<(usize, String)>)> {
     let mut open: HashMap<u32, File> = HashMap::new();
     let mut written = 0u64;
@@ -455,11 +880,17 @@ fn scatter(
             failed.push((i, err.to_string()));
             continue;
         }
+        let zero = buf.iter().all(|b| *b == 0);
         for (f, off) in places {
+            let t = &files[*f as usize];
+            if zero && t.fresh {
+                // A new file is all holes until written: zero runs stay holes.
+                continue;
+            }
             let file = match open.entry(*f) {
                 std::collections::hash_map::Entry::Occupied(o) => o.into_mut(),
                 std::collections::hash_map::Entry::Vacant(v) => {
-                    let p = &files[*f as usize];
+                    let p = &t.path;
                     v.insert(
                         OpenOptions::new()
                             .write(true)
@@ -470,79 +901,124 @@ fn scatter(
                 }
             };
             file.write_all_at(&buf, *off)
-                .map_err(|err| Error::io(&files[*f as usize], err))?;
+                .map_err(|err| Error::io(&t.path, err))?;
             written += buf.len() as u64;
         }
     }
     Ok((written, failed))
 }
 
-/// Metadata, renames, links. Returns (files written, warnings, failed
-/// destinations).
+struct Finished {
+    written: u64,
+    warnings: u64,
+    failed: Vec<PathBuf>,
+}
+
+/// Metadata, renames, links, and the target's memory.
 fn finish(
     plan: &Plan,
     target: &Path,
     root: &Node,
     failures: Vec<(u32, String)>,
-) -> Result<(u64, u64, Vec<PathBuf>)> {
-    let failed: std::collections::HashSet<u32> = failures.iter().map(|(f, _)| *f).collect();
-    let mut warnings = 0u64;
-    let mut written = 0u64;
-    let mut failed_paths = Vec::new();
+    state: &dyn TargetState,
+    snap_id: &str,
+) -> Result<Finished> {
+    let failed: HashSet<u32> = failures.iter().map(|(f, _)| *f).collect();
+    let mut out = Finished {
+        written: 0,
+        warnings: 0,
+        failed: Vec::new(),
+    };
     let is_root = effective_uid() == 0;
+    let mut memory: Vec<TargetFile> = Vec::new();
+    let remember =
+        |path: &Path, rel: &[u8], node: &Node, memory: &mut Vec<TargetFile>| -> Result<()> {
+            if let NodeKind::File { chunks, .. } = &node.kind {
+                let md = std::fs::symlink_metadata(path).map_err(|e| Error::io(path, e))?;
+                memory.push(TargetFile::from_md(rel.to_vec(), content_id(chunks), &md));
+            }
+            Ok(())
+        };
     for (i, f) in plan.files.iter().enumerate() {
         if failed.contains(&(i as u32)) {
-            let _ = std::fs::remove_file(&f.tmp);
-            failed_paths.push(f.dest.clone());
+            if f.write.fresh {
+                let _ = std::fs::remove_file(&f.write.path);
+            }
+            out.failed.push(f.dest.clone());
             continue;
         }
-        warnings += apply_meta(&f.tmp, &f.node, is_root, false)?;
-        if std::fs::symlink_metadata(&f.dest).is_ok_and(|md| md.is_dir()) {
-            let _ = std::fs::remove_file(&f.tmp);
-            return Err(Error::io(
-                &f.dest,
-                std::io::Error::other("is a directory; not replaced"),
-            ));
+        out.warnings += apply_meta(&f.write.path, &f.node, is_root, false)?;
+        if f.write.fresh {
+            if std::fs::symlink_metadata(&f.dest).is_ok_and(|md| md.is_dir()) {
+                remove_any(&f.dest)?;
+            }
+            std::fs::rename(&f.write.path, &f.dest).map_err(|e| Error::io(&f.dest, e))?;
         }
-        std::fs::rename(&f.tmp, &f.dest).map_err(|e| Error::io(&f.dest, e))?;
-        written += 1;
+        remember(&f.dest, &f.rel, &f.node, &mut memory)?;
+        out.written += 1;
+    }
+    for (path, rel, node) in &plan.unchanged {
+        let md = std::fs::symlink_metadata(path).map_err(|e| Error::io(path, e))?;
+        if meta_differs(&md, node, is_root) {
+            out.warnings += apply_meta(path, node, is_root, false)?;
+        }
+        remember(path, rel, node, &mut memory)?;
     }
     for (path, node) in &plan.symlinks {
         let NodeKind::Symlink { target: t } = &node.kind else {
             continue;
         };
-        if let Ok(md) = std::fs::symlink_metadata(path) {
-            if md.is_dir() {
-                return Err(Error::io(
-                    path,
-                    std::io::Error::other("is a directory; not replaced"),
-                ));
-            }
-            std::fs::remove_file(path).map_err(|e| Error::io(path, e))?;
+        let same = std::fs::read_link(path).is_ok_and(|l| Name::from_os(l.as_os_str()) == *t);
+        if !same {
+            remove_any(path)?;
+            std::os::unix::fs::symlink(t.as_os(), path).map_err(|e| Error::io(path, e))?;
         }
-        std::os::unix::fs::symlink(t.as_os(), path).map_err(|e| Error::io(path, e))?;
-        warnings += apply_meta(path, node, is_root, true)?;
+        let md = std::fs::symlink_metadata(path).map_err(|e| Error::io(path, e))?;
+        if !same || meta_differs(&md, node, is_root) {
+            out.warnings += apply_meta(path, node, is_root, true)?;
+        }
     }
     for (path, rel) in &plan.hardlinks {
         let mut src = target.to_path_buf();
         for comp in rel.0.split(|b| *b == b'/') {
             src = join_safe(&src, &Name(comp.to_vec()))?;
         }
-        if !src.is_file() {
-            failed_paths.push(path.clone());
+        let Ok(src_md) = std::fs::symlink_metadata(&src).map(|m| m.is_file().then_some(m)) else {
+            out.failed.push(path.clone());
             continue;
+        };
+        let Some(src_md) = src_md else {
+            out.failed.push(path.clone());
+            continue;
+        };
+        let same = std::fs::symlink_metadata(path)
+            .is_ok_and(|m| m.ino() == src_md.ino() && m.dev() == src_md.dev());
+        if !same {
+            remove_any(path)?;
+            std::fs::hard_link(&src, path).map_err(|e| Error::io(path, e))?;
+            out.written += 1;
         }
-        if std::fs::symlink_metadata(path).is_ok() {
-            std::fs::remove_file(path).map_err(|e| Error::io(path, e))?;
-        }
-        std::fs::hard_link(&src, path).map_err(|e| Error::io(path, e))?;
-        written += 1;
     }
     for (path, node) in plan.dirs.iter().rev() {
-        warnings += apply_meta(path, node, is_root, false)?;
+        let md = std::fs::symlink_metadata(path).map_err(|e| Error::io(path, e))?;
+        if meta_differs(&md, node, is_root) {
+            out.warnings += apply_meta(path, node, is_root, false)?;
+        }
     }
-    warnings += apply_meta(target, root, is_root, false)?;
-    Ok((written, warnings, failed_paths))
+    let md = std::fs::symlink_metadata(target).map_err(|e| Error::io(target, e))?;
+    if meta_differs(&md, root, is_root) {
+        out.warnings += apply_meta(target, root, is_root, false)?;
+    }
+    state.replace(&memory, out.failed.is_empty().then_some(snap_id))?;
+    Ok(out)
+}
+
+/// Whether mode, mtime or (as root) ownership differ from the snapshot.
+fn meta_differs(md: &Metadata, node: &Node, is_root: bool) -> bool {
+    let mtime = md.mtime() * 1_000_000_000 + md.mtime_nsec();
+    (md.mode() & 0o7777 != node.mode && !md.file_type().is_symlink())
+        || mtime != node.mtime_ns
+        || (is_root && (md.uid() != node.uid || md.gid() != node.gid))
 }
 
 fn effective_uid() -> u32 {
