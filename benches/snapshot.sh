@@ -1,51 +1,74 @@
 #!/usr/bin/env bash
-# Whole-pipeline throughput on the benchmark volume from
-# ../shared/bench/gen_dataset.py: initial snapshot, unchanged snapshot,
-# snapshot after the 1% mutation, full restore into an empty directory.
-# Prints one row per operation: wall seconds, MB/s of the volume, peak RSS,
-# bytes read, new and uploaded.
+# Whole-pipeline figures on the benchmark volume of ../shared/bench/gen_dataset.py:
+# initial snapshot, full restore into an empty directory, unchanged snapshot,
+# snapshot after the 1% mutation, delta restore into the pre-synced target,
+# and the whole final delta (snapshot + delta restore) against `rsync -a`
+# on the same change, in the same run.
 #
 # Usage: benches/snapshot.sh [WORKDIR]
-#   GEN_ARGS="--app-mib 600 --app-files 40000 --db-files 4 --db-mib 200" (the default volume)
+#   GEN_ARGS="--app-mib 600 --app-files 40000 --db-files 4 --db-mib 200"  (the generator's default volume)
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
 gen="$here/../shared/bench/gen_dataset.py"
 work=${1:-/tmp/ferry-bench}
 GEN_ARGS=${GEN_ARGS:-}
+command -v rsync >/dev/null || { apt-get update -qq && apt-get install -y -qq rsync >/dev/null; }
 cargo build -q --release -p ferry-cli --manifest-path "$here/Cargo.toml"
 ferry="$here/target/release/ferry"
 mkdir -p "$work" && cd "$work"
-if [ ! -d data ]; then
+if [ ! -d pristine ]; then
   # shellcheck disable=SC2086
-  python3 "$gen" build data $GEN_ARGS
+  python3 "$gen" build pristine $GEN_ARGS >/dev/null
 fi
-rm -rf vault state restored mutated
+rm -rf data vault state restored rsync-target
+cp -a pristine data
 export FERRY_PASSPHRASE=bench XDG_STATE_HOME="$work/state"
 "$ferry" vault init vault >/dev/null
 size=$(du -sb data | cut -f1)
+files=$(find data -type f | wc -l)
 sync
 
-run() { # name, then the command; prints a row
-  local name=$1; shift
-  /usr/bin/time -f '%e %M' -o time.out "$@" --json > out.json
-  python3 - "$name" "$size" out.json time.out <<'PY'
+row() { # name, json file, time file
+  python3 - "$1" "$size" "$2" "$3" <<'PY'
 import json, sys
 name, size = sys.argv[1], int(sys.argv[2])
-o = json.load(open(sys.argv[3]))
+try:
+    o = json.load(open(sys.argv[3]))
+except Exception:
+    o = {}
 wall, rss_kb = open(sys.argv[4]).read().split()[-2:]
 wall = float(wall)
 M = 1e6
-print("%-22s %8.2f s %9.1f MB/s %8.0f MiB rss   read %9.1f MB  new %9.1f MB  uploaded %9.1f MB  written %9.1f MB"
+print("%-28s %8.2f s %9.1f MB/s %7.0f MiB rss | read %8.1f MB new %8.1f MB uploaded %8.1f MB written %8.1f MB"
       % (name, wall, size / M / max(wall, 1e-9), int(rss_kb) / 1024, o.get("bytes_scanned", 0) / M,
          o.get("bytes_new", 0) / M, o.get("bytes_uploaded", 0) / M, o.get("bytes_written", 0) / M))
 PY
 }
+run() { # name, command...
+  local name=$1; shift
+  /usr/bin/time -f '%e %M' -o time.out "$@" --json > out.json
+  row "$name" out.json time.out
+  cp time.out "time.$name" 2>/dev/null || true
+}
+secs() { awk '{print $1}' "time.$1"; }
 
-echo "volume: $(du -sh data | cut -f1) in $(find data -type f | wc -l) files; $(nproc) cores"
+echo "volume: $(du -sh data | cut -f1) in $files files; $(nproc) cores; MB/s is of the whole volume"
 run "initial snapshot" "$ferry" snapshot data --vault vault --volume bench
+run "full restore (empty target)" "$ferry" restore bench restored --vault vault
 run "unchanged snapshot" "$ferry" snapshot data --vault vault --volume bench
-cp -a data mutated
-python3 "$gen" mutate mutated --seed 1
-run "snapshot after 1%" "$ferry" snapshot mutated --vault vault --volume bench
-run "full restore" "$ferry" restore bench restored --vault vault
+rsync -a --delete pristine/ rsync-target/          # rsync's pre-sync (untimed)
+changed=$(python3 "$gen" mutate data --seed 1 2>&1 >/dev/null | sed -n 's/.*bytes_written.: \([0-9]*\).*/\1/p')
+sync
+run "snapshot after 1%" "$ferry" snapshot data --vault vault --volume bench
+run "delta restore (pre-synced)" "$ferry" restore bench restored --vault vault --delete
+/usr/bin/time -f '%e %M' -o time.rsync rsync -a --delete data/ rsync-target/
+echo '{}' > out.json; row "rsync -a (same change)" out.json time.rsync
+python3 - "$(secs 'snapshot after 1%')" "$(secs 'delta restore (pre-synced)')" "$(awk '{print $1}' time.rsync)" "${changed:-0}" <<'PY'
+import sys
+snap, rest, rs, changed = map(float, sys.argv[1:5])
+ferry = snap + rest
+print("final delta: ferry %.2f s (snapshot %.2f + restore %.2f), rsync -a %.2f s, rsync/ferry = %.2f; mutation wrote %.1f MB"
+      % (ferry, snap, rest, rs, rs / max(ferry, 1e-9), changed / 1e6))
+PY
+diff -r data restored >/dev/null && echo "restored target equals the source" || echo "MISMATCH between data and restored"
 echo "vault: $(du -sh vault | cut -f1)"

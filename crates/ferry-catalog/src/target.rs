@@ -109,10 +109,9 @@ impl TargetState for SqliteTargetState {
         tx.commit().map_err(cerr)
     }
 
-    fn replace(&self, files: &[TargetFile], snapshot: Option<&str>) -> CatalogResult<()> {
+    fn update(&self, files: &[TargetFile], snapshot: Option<&str>) -> CatalogResult<()> {
         let mut conn = self.conn();
         let tx = conn.transaction().map_err(cerr)?;
-        tx.execute("DELETE FROM files", []).map_err(cerr)?;
         tx.execute("DELETE FROM meta WHERE key = 'snapshot'", [])
             .map_err(cerr)?;
         {

@@ -98,6 +98,10 @@ impl Bar {
 }
 
 impl Progress for Bar {
+    fn wants_totals(&self) -> bool {
+        self.bar.is_some()
+    }
+
     fn add_total(&self, _files: u64, bytes: u64) {
         if let Some(b) = &self.bar {
             b.inc_length(bytes);

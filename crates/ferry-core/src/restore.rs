@@ -140,7 +140,7 @@ struct FilePlan {
 struct Plan {
     files: Vec<FilePlan>,
     /// Equal content already in place: (path, rel, node).
-    unchanged: Vec<(PathBuf, Vec<u8>, Node)>,
+    unchanged: Vec<Unchanged>,
     dirs: Vec<(PathBuf, Node)>,
     symlinks: Vec<(PathBuf, Node)>,
     hardlinks: Vec<(PathBuf, Name)>,
@@ -153,6 +153,16 @@ struct Plan {
     bytes_compared: u64,
     /// Bytes the transfer will write (for the progress bar).
     bytes_planned: u64,
+}
+
+/// A file whose content is already right.
+struct Unchanged {
+    path: PathBuf,
+    rel: Vec<u8>,
+    node: Node,
+    md: Metadata,
+    /// The target's memory already vouches for it (no new row needed).
+    known: bool,
 }
 
 fn random_tmp_name() -> String {
@@ -367,7 +377,7 @@ impl Walker<'_> {
                     self.state.get(&rel)?.filter(|s| s.matches(m))
                 };
                 if known.as_ref().is_some_and(|k| k.content == content) {
-                    plan.unchanged.push((path, rel, node));
+                    plan.unchanged.push(Unchanged { path, rel, node, md: m.clone(), known: true });
                     return Ok(());
                 }
                 let old_chunks = match (&known, old.map(|o| o.kind)) {
@@ -394,11 +404,11 @@ impl Walker<'_> {
                     let (c, read) = changed_by_reading(&path, m.len(), chunks, self.vault.ids())?;
                     plan.bytes_compared += read;
                     if !c.contains(&true) {
-                        plan.unchanged.push((path, rel, node));
+                        plan.unchanged.push(Unchanged { path, rel, node, md: m.clone(), known: false });
                         return Ok(());
                     }
                 } else if old_chunks.is_none() && m.len() == 0 && *size == 0 {
-                    plan.unchanged.push((path, rel, node));
+                    plan.unchanged.push(Unchanged { path, rel, node, md: m.clone(), known: false });
                     return Ok(());
                 }
             }
@@ -416,7 +426,7 @@ impl Walker<'_> {
         let idx = plan.files.len() as u32;
         match changed {
             Some(c) if !c.contains(&true) && md.as_ref().is_some_and(|m| m.len() == *size) => {
-                plan.unchanged.push((path, rel, node));
+                plan.unchanged.push(Unchanged { path, rel, node, md: md.clone().expect("compared, so it exists"), known: false });
             }
             Some(c) if changed_bytes(&c) * 2 <= *size => {
                 // Patch in place: the memory forgets the file first, so a
@@ -751,7 +761,7 @@ async fn restore_pack(
     pack: PackId,
     salt: [u8; 32],
     mut entries: Vec<PackEntry>,
-    files: &[WriteTarget],
+    files: &Arc<Vec<WriteTarget>>,
     needs: &HashMap<BlobId, Vec<(u32, u64)>>,
     progress: &dyn Progress,
 ) -> PackOutcome {
@@ -810,7 +820,7 @@ async fn restore_pack(
         let list_for_errors = list.clone();
         let (cipher, ids, list, start) =
             (cipher.clone(), vault.ids().clone(), list.clone(), *start);
-        let files = files.to_vec();
+        let files = files.clone();
         let needs_here: Vec<Vec<(u32, u64)>> = list.iter().map(|e| needs[&e.id].clone()).collect();
         let r = tokio::task::spawn_blocking(move || {
             scatter(
@@ -957,12 +967,14 @@ fn finish(
         remember(&f.dest, &f.rel, &f.node, &mut memory)?;
         out.written += 1;
     }
-    for (path, rel, node) in &plan.unchanged {
-        let md = std::fs::symlink_metadata(path).map_err(|e| Error::io(path, e))?;
-        if meta_differs(&md, node, is_root) {
-            out.warnings += apply_meta(path, node, is_root, false)?;
+    for u in &plan.unchanged {
+        let fix = meta_differs(&u.md, &u.node, is_root);
+        if fix {
+            out.warnings += apply_meta(&u.path, &u.node, is_root, false)?;
         }
-        remember(path, rel, node, &mut memory)?;
+        if fix || !u.known {
+            remember(&u.path, &u.rel, &u.node, &mut memory)?;
+        }
     }
     for (path, node) in &plan.symlinks {
         let NodeKind::Symlink { target: t } = &node.kind else {
@@ -1009,7 +1021,7 @@ fn finish(
     if meta_differs(&md, root, is_root) {
         out.warnings += apply_meta(target, root, is_root, false)?;
     }
-    state.replace(&memory, out.failed.is_empty().then_some(snap_id))?;
+    state.update(&memory, out.failed.is_empty().then_some(snap_id))?;
     Ok(out)
 }
 

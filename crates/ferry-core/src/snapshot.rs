@@ -195,7 +195,9 @@ pub async fn snapshot(
     let workers = opts.workers.max(1);
 
     let scan_stop = Arc::new(AtomicBool::new(false));
-    spawn_scanner(source.to_path_buf(), progress.clone(), scan_stop.clone());
+    if progress.wants_totals() {
+        spawn_scanner(source.to_path_buf(), progress.clone(), scan_stop.clone());
+    }
 
     let (packs_tx, packs_rx) = mpsc::channel::<FinishedPack>(2);
     let uploader = tokio::spawn(upload(

@@ -63,9 +63,10 @@ pub trait TargetState: Send + Sync {
     fn get(&self, path: &[u8]) -> CatalogResult<Option<TargetFile>>;
     /// Drops rows (files about to be patched in place).
     fn forget(&self, paths: &[Vec<u8>]) -> CatalogResult<()>;
-    /// Replaces the whole memory with `files` after a restore; `snapshot`
-    /// is set only when the restore was complete.
-    fn replace(&self, files: &[TargetFile], snapshot: Option<&str>) -> CatalogResult<()>;
+    /// Records the files a restore wrote or checked (rows of other paths
+    /// stay: they are checked against the file's metadata before any use);
+    /// `snapshot` is set only when the restore was complete.
+    fn update(&self, files: &[TargetFile], snapshot: Option<&str>) -> CatalogResult<()>;
 }
 
 /// Remembers nothing: every existing file is compared by content.
@@ -81,7 +82,7 @@ impl TargetState for NoTargetState {
     fn forget(&self, _: &[Vec<u8>]) -> CatalogResult<()> {
         Ok(())
     }
-    fn replace(&self, _: &[TargetFile], _: Option<&str>) -> CatalogResult<()> {
+    fn update(&self, _: &[TargetFile], _: Option<&str>) -> CatalogResult<()> {
         Ok(())
     }
 }
