@@ -1,5 +1,7 @@
 //! The restore target's memory (see `ferry_core::target`) in SQLite: one
-//! small file per target directory under the state directory.
+//! small file per target directory under the state directory, one row per
+//! file keyed by (directory, name) so a restore reads one directory's rows
+//! in one query.
 
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
@@ -8,6 +10,10 @@ use std::time::Duration;
 use ferry_core::catalog::{CatalogError, CatalogResult};
 use ferry_core::target::{TargetFile, TargetState};
 use rusqlite::{Connection, OptionalExtension, params};
+
+/// Bumped when the table changes; an older file is emptied (it is only a
+/// memory: a lost memory means files are compared by content once).
+const LAYOUT: &str = "2";
 
 pub struct SqliteTargetState {
     conn: Mutex<Connection>,
@@ -27,6 +33,23 @@ pub fn default_path(target: &Path) -> PathBuf {
         .join(format!("{}.sqlite", &h.to_hex()[..32]))
 }
 
+/// `a/b/c` → (`a/b`, `c`); `c` → (``, `c`).
+fn split(path: &[u8]) -> (&[u8], &[u8]) {
+    match path.iter().rposition(|b| *b == b'/') {
+        Some(i) => (&path[..i], &path[i + 1..]),
+        None => (&[], path),
+    }
+}
+
+fn join(dir: &[u8], name: &[u8]) -> Vec<u8> {
+    let mut p = dir.to_vec();
+    if !p.is_empty() {
+        p.push(b'/');
+    }
+    p.extend_from_slice(name);
+    p
+}
+
 impl SqliteTargetState {
     pub fn open(path: &Path) -> Result<Self, crate::Error> {
         if let Some(dir) = path.parent() {
@@ -44,10 +67,29 @@ impl SqliteTargetState {
         conn.pragma_update(None, "journal_mode", "WAL")
             .map_err(sql)?;
         conn.execute_batch(
-            "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-             CREATE TABLE IF NOT EXISTS files (
-                 path BLOB PRIMARY KEY, content BLOB NOT NULL, size INTEGER NOT NULL,
-                 mtime_ns INTEGER NOT NULL, ctime_ns INTEGER NOT NULL, inode INTEGER NOT NULL
+            "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);",
+        )
+        .map_err(sql)?;
+        let layout: Option<String> = conn
+            .query_row("SELECT value FROM meta WHERE key = 'layout'", [], |r| {
+                r.get(0)
+            })
+            .optional()
+            .map_err(sql)?;
+        if layout.as_deref() != Some(LAYOUT) {
+            conn.execute_batch("DROP TABLE IF EXISTS files; DELETE FROM meta;")
+                .map_err(sql)?;
+            conn.execute(
+                "INSERT INTO meta (key, value) VALUES ('layout', ?1)",
+                [LAYOUT],
+            )
+            .map_err(sql)?;
+        }
+        conn.execute_batch(
+            "CREATE TABLE IF NOT EXISTS files (
+                 dir BLOB NOT NULL, name BLOB NOT NULL, content BLOB NOT NULL,
+                 size INTEGER NOT NULL, mtime_ns INTEGER NOT NULL, ctime_ns INTEGER NOT NULL,
+                 inode INTEGER NOT NULL, PRIMARY KEY (dir, name)
              ) WITHOUT ROWID;",
         )
         .map_err(sql)?;
@@ -71,26 +113,28 @@ impl TargetState for SqliteTargetState {
             .map_err(cerr)
     }
 
-    fn get(&self, path: &[u8]) -> CatalogResult<Option<TargetFile>> {
+    fn get_dir(&self, dir: &[u8]) -> CatalogResult<Vec<TargetFile>> {
         let conn = self.conn();
         let mut st = conn
             .prepare_cached(
-                "SELECT content, size, mtime_ns, ctime_ns, inode FROM files WHERE path = ?1",
+                "SELECT name, content, size, mtime_ns, ctime_ns, inode FROM files WHERE dir = ?1",
             )
             .map_err(cerr)?;
-        st.query_row([path], |r| {
-            let content: Vec<u8> = r.get(0)?;
-            Ok(TargetFile {
-                path: path.to_vec(),
-                content: content.try_into().unwrap_or([0; 32]),
-                size: r.get::<_, i64>(1)? as u64,
-                mtime_ns: r.get(2)?,
-                ctime_ns: r.get(3)?,
-                inode: r.get::<_, i64>(4)? as u64,
+        let rows = st
+            .query_map([dir], |r| {
+                let name: Vec<u8> = r.get(0)?;
+                let content: Vec<u8> = r.get(1)?;
+                Ok(TargetFile {
+                    path: join(dir, &name),
+                    content: content.try_into().unwrap_or([0; 32]),
+                    size: r.get::<_, i64>(2)? as u64,
+                    mtime_ns: r.get(3)?,
+                    ctime_ns: r.get(4)?,
+                    inode: r.get::<_, i64>(5)? as u64,
+                })
             })
-        })
-        .optional()
-        .map_err(cerr)
+            .map_err(cerr)?;
+        rows.collect::<rusqlite::Result<_>>().map_err(cerr)
     }
 
     fn forget(&self, paths: &[Vec<u8>]) -> CatalogResult<()> {
@@ -100,10 +144,11 @@ impl TargetState for SqliteTargetState {
             .map_err(cerr)?;
         {
             let mut st = tx
-                .prepare_cached("DELETE FROM files WHERE path = ?1")
+                .prepare_cached("DELETE FROM files WHERE dir = ?1 AND name = ?2")
                 .map_err(cerr)?;
             for p in paths {
-                st.execute([p]).map_err(cerr)?;
+                let (d, n) = split(p);
+                st.execute([d, n]).map_err(cerr)?;
             }
         }
         tx.commit().map_err(cerr)
@@ -116,11 +161,16 @@ impl TargetState for SqliteTargetState {
             .map_err(cerr)?;
         {
             let mut st = tx
-                .prepare_cached("INSERT OR REPLACE INTO files (path, content, size, mtime_ns, ctime_ns, inode) VALUES (?1, ?2, ?3, ?4, ?5, ?6)")
+                .prepare_cached(
+                    "INSERT OR REPLACE INTO files (dir, name, content, size, mtime_ns, ctime_ns, inode)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                )
                 .map_err(cerr)?;
             for f in files {
+                let (d, n) = split(&f.path);
                 st.execute(params![
-                    f.path,
+                    d,
+                    n,
                     &f.content[..],
                     f.size as i64,
                     f.mtime_ns,
@@ -135,5 +185,46 @@ impl TargetState for SqliteTargetState {
                 .map_err(cerr)?;
         }
         tx.commit().map_err(cerr)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn file(path: &str, n: u8) -> TargetFile {
+        TargetFile {
+            path: path.as_bytes().to_vec(),
+            content: [n; 32],
+            size: n as u64,
+            mtime_ns: 1,
+            ctime_ns: 2,
+            inode: 3,
+        }
+    }
+
+    #[test]
+    fn rows_by_directory_forget_and_snapshot_mark() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = SqliteTargetState::open(&dir.path().join("t.sqlite")).unwrap();
+        s.update(
+            &[
+                file("a", 1),
+                file("d/b", 2),
+                file("d/c", 3),
+                file("d/e/f", 4),
+            ],
+            Some("snap1"),
+        )
+        .unwrap();
+        assert_eq!(s.last_snapshot().unwrap().as_deref(), Some("snap1"));
+        let mut d = s.get_dir(b"d").unwrap();
+        d.sort_by(|a, b| a.path.cmp(&b.path));
+        assert_eq!(d, vec![file("d/b", 2), file("d/c", 3)]);
+        assert_eq!(s.get_dir(b"").unwrap(), vec![file("a", 1)]);
+        // Forgetting a file also drops the "complete snapshot" mark.
+        s.forget(&[b"d/b".to_vec()]).unwrap();
+        assert_eq!(s.get_dir(b"d").unwrap(), vec![file("d/c", 3)]);
+        assert_eq!(s.last_snapshot().unwrap(), None);
     }
 }

@@ -307,6 +307,15 @@ impl Walker<'_> {
                     .ok()
                     .map(|i| t.entries[i].clone())
             };
+            let memory: HashMap<Vec<u8>, TargetFile> = if self.opts.reread_target {
+                HashMap::new()
+            } else {
+                self.state
+                    .get_dir(&rel)?
+                    .into_iter()
+                    .map(|f| (f.path.clone(), f))
+                    .collect()
+            };
             let mut existing: HashSet<Vec<u8>> = std::fs::read_dir(&dir)
                 .map_err(|e| Error::io(&dir, e))?
                 .map(|e| e.map(|e| Name::from_os(&e.file_name()).0))
@@ -333,7 +342,8 @@ impl Walker<'_> {
                     }
                     NodeKind::File { .. } => {
                         let old = old_node(&node.name);
-                        self.plan_file(path, child_rel, node, md, old, plan)?;
+                        let known = memory.get(&child_rel);
+                        self.plan_file(path, child_rel, node, md, old, known, plan)?;
                     }
                     NodeKind::Symlink { .. } => plan.symlinks.push((path, node)),
                     NodeKind::Hardlink { target } => plan.hardlinks.push((path, target.clone())),
@@ -362,6 +372,7 @@ impl Walker<'_> {
         node: Node,
         md: Option<Metadata>,
         old: Option<Node>,
+        known: Option<&TargetFile>,
         plan: &mut Plan,
     ) -> Result<()> {
         let NodeKind::File { size, chunks } = &node.kind else {
@@ -371,13 +382,15 @@ impl Walker<'_> {
         let mut changed: Option<Vec<bool>> = None;
         match &md {
             Some(m) if m.is_file() => {
-                let known = if self.opts.reread_target {
-                    None
-                } else {
-                    self.state.get(&rel)?.filter(|s| s.matches(m))
-                };
+                let known = known.filter(|s| s.matches(m));
                 if known.as_ref().is_some_and(|k| k.content == content) {
-                    plan.unchanged.push(Unchanged { path, rel, node, md: m.clone(), known: true });
+                    plan.unchanged.push(Unchanged {
+                        path,
+                        rel,
+                        node,
+                        md: m.clone(),
+                        known: true,
+                    });
                     return Ok(());
                 }
                 let old_chunks = match (&known, old.map(|o| o.kind)) {
@@ -404,11 +417,23 @@ impl Walker<'_> {
                     let (c, read) = changed_by_reading(&path, m.len(), chunks, self.vault.ids())?;
                     plan.bytes_compared += read;
                     if !c.contains(&true) {
-                        plan.unchanged.push(Unchanged { path, rel, node, md: m.clone(), known: false });
+                        plan.unchanged.push(Unchanged {
+                            path,
+                            rel,
+                            node,
+                            md: m.clone(),
+                            known: false,
+                        });
                         return Ok(());
                     }
                 } else if old_chunks.is_none() && m.len() == 0 && *size == 0 {
-                    plan.unchanged.push(Unchanged { path, rel, node, md: m.clone(), known: false });
+                    plan.unchanged.push(Unchanged {
+                        path,
+                        rel,
+                        node,
+                        md: m.clone(),
+                        known: false,
+                    });
                     return Ok(());
                 }
             }
@@ -426,7 +451,13 @@ impl Walker<'_> {
         let idx = plan.files.len() as u32;
         match changed {
             Some(c) if !c.contains(&true) && md.as_ref().is_some_and(|m| m.len() == *size) => {
-                plan.unchanged.push(Unchanged { path, rel, node, md: md.clone().expect("compared, so it exists"), known: false });
+                plan.unchanged.push(Unchanged {
+                    path,
+                    rel,
+                    node,
+                    md: md.clone().expect("compared, so it exists"),
+                    known: false,
+                });
             }
             Some(c) if changed_bytes(&c) * 2 <= *size => {
                 // Patch in place: the memory forgets the file first, so a

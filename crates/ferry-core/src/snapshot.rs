@@ -156,6 +156,8 @@ enum Item {
     Leaf(Node),
     /// A file unchanged since the parent snapshot, with its old chunks.
     Reused(Node),
+    /// The chunks of a large file, chunked on the pool, then its end.
+    Stream(crossbeam_channel::Receiver<Piece>),
 }
 
 /// A channel closed under us: another stage failed and holds the cause.
@@ -231,6 +233,23 @@ pub async fn snapshot(
     }
     drop(jobs_rx);
 
+    // Chunkers for large files: FastCDC of several big files at once.
+    let (pool_tx, pool_rx) = crossbeam_channel::bounded::<LargeFile>(1);
+    let mut pool_handles = Vec::new();
+    for _ in 0..workers.min(4) {
+        let (rx, jobs, stats, progress, chunker) = (
+            pool_rx.clone(),
+            jobs_tx.clone(),
+            stats.clone(),
+            progress.clone(),
+            cfg.chunker,
+        );
+        pool_handles.push(std::thread::spawn(move || {
+            chunk_pool(rx, chunker, jobs, stats, progress)
+        }));
+    }
+    drop(pool_rx);
+
     let reader = {
         let (src, stats, progress, chunker) = (
             source.to_path_buf(),
@@ -256,6 +275,7 @@ pub async fn snapshot(
                 &jobs_tx,
                 &stats,
                 progress.as_ref(),
+                Some(pool_tx),
             )
         })
     };
@@ -288,6 +308,7 @@ pub async fn snapshot(
             .unwrap_or_else(|_| Err(Error::Internal("reader panicked".into())));
         let w: Vec<Result<()>> = worker_handles
             .into_iter()
+            .chain(pool_handles)
             .map(|h| {
                 h.join()
                     .unwrap_or_else(|_| Err(Error::Internal("worker panicked".into())))
@@ -473,6 +494,7 @@ fn read_source(
     jobs: &crossbeam_channel::Sender<Job>,
     stats: &Stats,
     progress: &dyn Progress,
+    pool: Option<crossbeam_channel::Sender<LargeFile>>,
 ) -> Result<()> {
     let mut r = Reader {
         chunker,
@@ -481,6 +503,7 @@ fn read_source(
         stats,
         progress,
         links: HashMap::new(),
+        pool,
     };
     let md = std::fs::symlink_metadata(root).map_err(|e| Error::io(root, e))?;
     r.send(Item::EnterDir {
@@ -501,6 +524,8 @@ struct Reader<'a> {
     progress: &'a dyn Progress,
     /// (dev, inode) of files with several links → their path in the snapshot.
     links: HashMap<(u64, u64), Vec<u8>>,
+    /// Where large files go to be chunked in parallel.
+    pool: Option<crossbeam_channel::Sender<LargeFile>>,
 }
 
 impl Reader<'_> {
@@ -509,9 +534,7 @@ impl Reader<'_> {
     }
 
     fn warn(&self, msg: String) {
-        self.stats.warnings.fetch_add(1, Ordering::Relaxed);
-        tracing::warn!("{msg}");
-        self.progress.warn(&msg);
+        warn(self.stats, self.progress, msg);
     }
 
     fn xattrs(&self, path: &Path) -> Vec<Xattr> {
@@ -642,43 +665,135 @@ impl Reader<'_> {
             self.links.insert((md.dev(), md.ino()), rel);
         }
         let xattrs = self.xattrs(path);
-        let (size0, mtime0, mtime_ns0) = (md.len(), md.mtime(), md.mtime_nsec());
+        let sig = (md.len(), md.mtime(), md.mtime_nsec());
         self.send(Item::FileStart { name, md, xattrs })?;
-        let mut error = None;
-        for chunk in Chunker::new(BufReader::with_capacity(1 << 20, file), &self.chunker) {
-            match chunk {
-                Ok(data) => {
-                    let n = data.len() as u64;
-                    let (tx, rx) = sync_channel(1);
-                    self.jobs
-                        .send(Job { data, reply: tx })
-                        .map_err(|_| stopped())?;
-                    self.send(Item::Chunk(rx))?;
-                    self.stats.bytes_scanned.fetch_add(n, Ordering::Relaxed);
-                    self.progress.advance(n);
-                }
-                Err(e) => {
-                    self.warn(format!("{}: read error: {e}", path.display()));
-                    error = Some(e.to_string());
-                    break;
-                }
-            }
+        if let Some(pool) = self.pool.as_ref().filter(|_| sig.0 >= LARGE_FILE) {
+            // Chunked on a pool thread, in parallel with the files after it;
+            // the collector still takes its chunks in order.
+            let (tx, rx) = crossbeam_channel::bounded(256);
+            self.send(Item::Stream(rx))?;
+            return pool
+                .send(LargeFile {
+                    file,
+                    path: path.to_path_buf(),
+                    sig,
+                    pieces: tx,
+                })
+                .map_err(|_| stopped());
         }
-        if error.is_none() {
-            // A file written to while it was read is saved as read, and named.
-            let changed = std::fs::symlink_metadata(path).map_or(true, |now| {
-                now.len() != size0 || now.mtime() != mtime0 || now.mtime_nsec() != mtime_ns0
-            });
-            if changed {
-                self.warn(format!(
-                    "{}: changed while it was read (unstable)",
-                    path.display()
-                ));
-            }
-        }
-        self.progress.file_done();
+        let error = chunk_file(
+            file,
+            path,
+            sig,
+            &self.chunker,
+            self.jobs,
+            self.stats,
+            self.progress,
+            |rx| self.send(Item::Chunk(rx)),
+        )?;
         self.send(Item::FileEnd { error })
     }
+}
+
+/// Files at least this large are chunked on the pool, so that several
+/// large files use several cores for FastCDC.
+const LARGE_FILE: u64 = 8 << 20;
+
+/// A large file for the chunking pool, with the channel its pieces go to.
+struct LargeFile {
+    file: File,
+    path: PathBuf,
+    sig: (u64, i64, i64),
+    pieces: crossbeam_channel::Sender<Piece>,
+}
+
+enum Piece {
+    Chunk(Receiver<ChunkRef>),
+    End(Option<String>),
+}
+
+/// A chunking pool thread: chunks whole files it is handed.
+fn chunk_pool(
+    files: crossbeam_channel::Receiver<LargeFile>,
+    chunker: ChunkerParams,
+    jobs: crossbeam_channel::Sender<Job>,
+    stats: Arc<Stats>,
+    progress: Arc<dyn Progress>,
+) -> Result<()> {
+    for f in files {
+        let pieces = f.pieces;
+        let error = chunk_file(
+            f.file,
+            &f.path,
+            f.sig,
+            &chunker,
+            &jobs,
+            &stats,
+            progress.as_ref(),
+            |rx| pieces.send(Piece::Chunk(rx)).map_err(|_| stopped()),
+        )?;
+        pieces.send(Piece::End(error)).map_err(|_| stopped())?;
+    }
+    Ok(())
+}
+
+fn warn(stats: &Stats, progress: &dyn Progress, msg: String) {
+    stats.warnings.fetch_add(1, Ordering::Relaxed);
+    tracing::warn!("{msg}");
+    progress.warn(&msg);
+}
+
+/// Reads and chunks one file, sending each chunk to the workers and its
+/// reply channel to `emit`, in order. Returns the read error, if any (the
+/// file is then left out of the snapshot, which is marked incomplete).
+#[allow(clippy::too_many_arguments)]
+fn chunk_file(
+    file: File,
+    path: &Path,
+    sig: (u64, i64, i64),
+    chunker: &ChunkerParams,
+    jobs: &crossbeam_channel::Sender<Job>,
+    stats: &Stats,
+    progress: &dyn Progress,
+    mut emit: impl FnMut(Receiver<ChunkRef>) -> Result<()>,
+) -> Result<Option<String>> {
+    let mut error = None;
+    for chunk in Chunker::new(BufReader::with_capacity(1 << 20, file), chunker) {
+        match chunk {
+            Ok(data) => {
+                let n = data.len() as u64;
+                let (tx, rx) = sync_channel(1);
+                jobs.send(Job { data, reply: tx }).map_err(|_| stopped())?;
+                emit(rx)?;
+                stats.bytes_scanned.fetch_add(n, Ordering::Relaxed);
+                progress.advance(n);
+            }
+            Err(e) => {
+                warn(
+                    stats,
+                    progress,
+                    format!("{}: read error: {e}", path.display()),
+                );
+                error = Some(e.to_string());
+                break;
+            }
+        }
+    }
+    if error.is_none() {
+        // A file written to while it was read is saved as read, and named.
+        let changed = std::fs::symlink_metadata(path).map_or(true, |now| {
+            (now.len(), now.mtime(), now.mtime_nsec()) != sig
+        });
+        if changed {
+            warn(
+                stats,
+                progress,
+                format!("{}: changed while it was read (unstable)", path.display()),
+            );
+        }
+    }
+    progress.file_done();
+    Ok(error)
 }
 
 /// A worker: hash, dedup, compress, encrypt into its own pack.
@@ -806,6 +921,49 @@ fn collect(
                     .push(c);
             }
             Item::FileEnd { error } => {
+                let f = file
+                    .take()
+                    .ok_or_else(|| Error::Internal("file end outside a file".into()))?;
+                if error.is_none() {
+                    let size: u64 = f.chunks.iter().map(|c| c.1 as u64).sum();
+                    files += 1;
+                    bytes += size;
+                    let node = source::node_from(
+                        f.name,
+                        &f.md,
+                        NodeKind::File {
+                            size,
+                            chunks: f.chunks,
+                        },
+                        f.xattrs,
+                    );
+                    stack
+                        .last_mut()
+                        .ok_or_else(|| Error::Internal("file outside a directory".into()))?
+                        .entries
+                        .push(node);
+                }
+            }
+            Item::Stream(rx) => {
+                let mut error = Some("chunking stopped".to_string());
+                for piece in rx {
+                    match piece {
+                        Piece::Chunk(r) => {
+                            let c = r.recv().map_err(|_| stopped())?;
+                            file.as_mut()
+                                .ok_or_else(|| Error::Internal("chunk outside a file".into()))?
+                                .chunks
+                                .push(c);
+                        }
+                        Piece::End(e) => {
+                            error = e;
+                            break;
+                        }
+                    }
+                }
+                if error.as_deref() == Some("chunking stopped") {
+                    return Err(stopped());
+                }
                 let f = file
                     .take()
                     .ok_or_else(|| Error::Internal("file end outside a file".into()))?;

@@ -60,7 +60,8 @@ pub fn content_id(chunks: &[ChunkRef]) -> [u8; 32] {
 pub trait TargetState: Send + Sync {
     /// The snapshot last restored completely into this target.
     fn last_snapshot(&self) -> CatalogResult<Option<String>>;
-    fn get(&self, path: &[u8]) -> CatalogResult<Option<TargetFile>>;
+    /// What ferry left in one directory (path from the target root).
+    fn get_dir(&self, dir: &[u8]) -> CatalogResult<Vec<TargetFile>>;
     /// Drops rows (files about to be patched in place).
     fn forget(&self, paths: &[Vec<u8>]) -> CatalogResult<()>;
     /// Records the files a restore wrote or checked (rows of other paths
@@ -76,8 +77,8 @@ impl TargetState for NoTargetState {
     fn last_snapshot(&self) -> CatalogResult<Option<String>> {
         Ok(None)
     }
-    fn get(&self, _: &[u8]) -> CatalogResult<Option<TargetFile>> {
-        Ok(None)
+    fn get_dir(&self, _: &[u8]) -> CatalogResult<Vec<TargetFile>> {
+        Ok(vec![])
     }
     fn forget(&self, _: &[Vec<u8>]) -> CatalogResult<()> {
         Ok(())
