@@ -36,6 +36,7 @@ try:
     o = json.load(open(sys.argv[3]))
 except Exception:
     o = {}
+o = {**o.get("snapshot", {}), **o}  # ferry sync nests the snapshot's figures
 wall, rss_kb = open(sys.argv[4]).read().split()[-2:]
 wall = float(wall)
 M = 1e6
@@ -59,16 +60,22 @@ run "unchanged snapshot" "$ferry" snapshot data --vault vault --volume bench
 rsync -a --delete pristine/ rsync-target/          # rsync's pre-sync (untimed)
 changed=$(python3 "$gen" mutate data --seed 1 2>&1 >/dev/null | sed -n 's/.*bytes_written.: \([0-9]*\).*/\1/p')
 sync
-run "snapshot after 1%" "$ferry" snapshot data --vault vault --volume bench
-run "delta restore (pre-synced)" "$ferry" restore bench restored --vault vault --delete
+# The final delta: snapshot of the change + restore into the pre-synced
+# target, in one command (one key derivation), against rsync -a.
+run "final delta (ferry sync)" "$ferry" sync data restored --vault vault --volume bench --delete
+cp out.json final.json
 /usr/bin/time -f '%e %M' -o time.rsync rsync -a --delete data/ rsync-target/
-echo '{}' > out.json; row "rsync -a (same change)" out.json time.rsync
-python3 - "$(secs 'snapshot after 1%')" "$(secs 'delta restore (pre-synced)')" "$(awk '{print $1}' time.rsync)" "${changed:-0}" <<'PY'
-import sys
-snap, rest, rs, changed = map(float, sys.argv[1:5])
-ferry = snap + rest
-print("final delta: ferry %.2f s (snapshot %.2f + restore %.2f), rsync -a %.2f s, rsync/ferry = %.2f; mutation wrote %.1f MB"
-      % (ferry, snap, rest, rs, rs / max(ferry, 1e-9), changed / 1e6))
+echo '{}' > out.json; row "rsync -a --delete (same)" out.json time.rsync
+python3 - "$(secs 'final delta (ferry sync)')" "$(awk '{print $1}' time.rsync)" "${changed:-0}" final.json <<'PY'
+import json, sys
+ferry, rs, changed = map(float, sys.argv[1:4])
+o = json.load(open(sys.argv[4]))
+s, r = o["snapshot"], o["restore"]
+print("final delta: ferry %.2f s (snapshot %.2f s: read %.1f MB, new %.1f MB; restore %.2f s: wrote %.1f MB, phases %s), "
+      "rsync -a %.2f s; rsync/ferry = %.2f; the mutation wrote %.1f MB (ferry new/changed = %.2f, written/changed = %.2f)"
+      % (ferry, s["duration_s"], s["bytes_scanned"] / 1e6, s["bytes_new"] / 1e6, r["duration_s"], r["bytes_written"] / 1e6,
+         {k: round(v, 2) for k, v in r["phases"].items()}, rs, rs / max(ferry, 1e-9), changed / 1e6,
+         s["bytes_new"] / max(changed, 1), r["bytes_written"] / max(changed, 1)))
 PY
 diff -r data restored >/dev/null && echo "restored target equals the source" || echo "MISMATCH between data and restored"
 echo "vault: $(du -sh vault | cut -f1)"

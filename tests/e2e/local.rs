@@ -649,17 +649,39 @@ fn several_large_files_chunked_in_parallel_keep_their_order() {
     let src = env.path("src");
     std::fs::create_dir_all(src.join("d")).unwrap();
     for (i, mib) in [9usize, 12, 10].iter().enumerate() {
-        std::fs::write(src.join(format!("d/large{i}")), noise(mib * 1024 * 1024 + i, 40 + i as u64)).unwrap();
-        std::fs::write(src.join(format!("d/small{i}")), noise(1000 + i, 50 + i as u64)).unwrap();
+        std::fs::write(
+            src.join(format!("d/large{i}")),
+            noise(mib * 1024 * 1024 + i, 40 + i as u64),
+        )
+        .unwrap();
+        std::fs::write(
+            src.join(format!("d/small{i}")),
+            noise(1000 + i, 50 + i as u64),
+        )
+        .unwrap();
     }
     // The same large content twice: deduplicated across pool threads.
     std::fs::write(src.join("d/large-copy"), noise(9 * 1024 * 1024, 40)).unwrap();
     let vault = init(&env);
-    let s = env.json(&["snapshot", src.to_str().unwrap(), "--vault", &vault, "--volume", "big"]);
+    let s = env.json(&[
+        "snapshot",
+        src.to_str().unwrap(),
+        "--vault",
+        &vault,
+        "--volume",
+        "big",
+    ]);
     assert_eq!(s["files"], 7);
     let new = s["bytes_new"].as_u64().unwrap();
     assert!(new < 32 * 1024 * 1024, "the copy is not stored twice: {s}");
     let dst = env.path("dst");
-    env.json(&["restore", "big", dst.to_str().unwrap(), "--vault", &vault, "--verify"]);
+    env.json(&[
+        "restore",
+        "big",
+        dst.to_str().unwrap(),
+        "--vault",
+        &vault,
+        "--verify",
+    ]);
     assert_same_tree(&src, &dst);
 }

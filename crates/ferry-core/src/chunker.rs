@@ -4,9 +4,10 @@
 //! boundaries around it and leaves the rest of the file's chunks, and their
 //! ids, as they were. That is what makes a delta small.
 
+use std::collections::VecDeque;
 use std::io::Read;
 
-use fastcdc::v2020::{Normalization, StreamCDC};
+use fastcdc::v2020::{FastCDC, Normalization};
 
 use crate::config::ChunkerParams;
 
@@ -19,22 +20,81 @@ fn level(n: u8) -> Normalization {
     }
 }
 
-/// Streams chunks out of `reader`; memory is bounded by the max chunk size.
+/// Bytes read per refill. Large, so the unfinished tail (less than one max
+/// chunk) is moved once per refill, not once per chunk.
+const READ_SIZE: usize = 4 << 20;
+
+/// Streams chunks out of `reader`; memory is bounded by the buffer (4 MiB
+/// plus one max chunk).
 pub struct Chunker<R: Read> {
-    inner: StreamCDC<R>,
+    reader: R,
+    p: ChunkerParams,
+    buf: Vec<u8>,
+    start: usize,
+    end: usize,
+    eof: bool,
+    read_size: usize,
+    ready: VecDeque<Vec<u8>>,
 }
 
 impl<R: Read> Chunker<R> {
     pub fn new(reader: R, p: &ChunkerParams) -> Self {
         Self {
-            inner: StreamCDC::with_level(
-                reader,
-                p.min as usize,
-                p.avg as usize,
-                p.max as usize,
-                level(p.normalization),
-            ),
+            reader,
+            p: *p,
+            buf: Vec::new(),
+            start: 0,
+            end: 0,
+            eof: false,
+            read_size: 256 << 10,
+            ready: VecDeque::new(),
         }
+    }
+
+    /// Cuts every chunk the buffer holds for sure: a cut before the end of
+    /// the data is content-defined; the end itself is a cut only at EOF.
+    fn cut_buffered(&mut self) {
+        let (min, avg, max) = (
+            self.p.min as usize,
+            self.p.avg as usize,
+            self.p.max as usize,
+        );
+        let cdc = FastCDC::with_level(
+            &self.buf[..self.end],
+            min,
+            avg,
+            max,
+            level(self.p.normalization),
+        );
+        while self.start < self.end {
+            let remaining = self.end - self.start;
+            let (_, cut) = cdc.cut(self.start, remaining);
+            if cut >= self.end && !self.eof && remaining < max {
+                break;
+            }
+            self.ready.push_back(self.buf[self.start..cut].to_vec());
+            self.start = cut;
+        }
+    }
+
+    /// Reads more: 256 KiB first (small files stay cheap), doubling up to
+    /// 4 MiB. The unfinished tail is moved to the front first.
+    fn refill(&mut self) -> std::io::Result<()> {
+        if self.start > 0 {
+            self.buf.drain(..self.start);
+            self.start = 0;
+        }
+        self.buf.truncate(self.end);
+        let want = self.read_size;
+        self.read_size = (self.read_size * 2).min(READ_SIZE);
+        let n = (&mut self.reader)
+            .take(want as u64)
+            .read_to_end(&mut self.buf)?;
+        self.end = self.buf.len();
+        if n < want {
+            self.eof = true;
+        }
+        Ok(())
     }
 }
 
@@ -42,11 +102,20 @@ impl<R: Read> Iterator for Chunker<R> {
     type Item = std::io::Result<Vec<u8>>;
 
     fn next(&mut self) -> Option<Self::Item> {
-        Some(match self.inner.next()? {
-            Ok(c) => Ok(c.data),
-            Err(fastcdc::v2020::Error::IoError(e)) => Err(e),
-            Err(e) => Err(std::io::Error::other(e.to_string())),
-        })
+        loop {
+            if let Some(c) = self.ready.pop_front() {
+                return Some(Ok(c));
+            }
+            if self.eof && self.start >= self.end {
+                return None;
+            }
+            if let Err(e) = self.refill() {
+                self.eof = true;
+                self.start = self.end;
+                return Some(Err(e));
+            }
+            self.cut_buffered();
+        }
     }
 }
 
@@ -78,6 +147,38 @@ mod tests {
 
     fn chunks(data: &[u8]) -> Vec<Vec<u8>> {
         Chunker::new(data, &params()).map(|c| c.unwrap()).collect()
+    }
+
+    /// Same boundaries as the fastcdc crate's one-shot chunker, whatever
+    /// the read sizes (a reader that returns a few bytes at a time).
+    #[test]
+    fn same_cuts_as_fastcdc_over_the_whole_input() {
+        struct Trickle<'a>(&'a [u8], usize);
+        impl Read for Trickle<'_> {
+            fn read(&mut self, out: &mut [u8]) -> std::io::Result<usize> {
+                let n = self.1.min(out.len()).min(self.0.len());
+                out[..n].copy_from_slice(&self.0[..n]);
+                self.0 = &self.0[n..];
+                Ok(n)
+            }
+        }
+        let data = pseudo_random(9 * 1024 * 1024 + 7, 5);
+        let p = ChunkerParams::default();
+        let expect: Vec<usize> = FastCDC::with_level(
+            &data,
+            p.min as usize,
+            p.avg as usize,
+            p.max as usize,
+            level(p.normalization),
+        )
+        .map(|c| c.length)
+        .collect();
+        for step in [usize::MAX, 1000, 4096 * 3 + 1] {
+            let got: Vec<usize> = Chunker::new(Trickle(&data, step), &p)
+                .map(|c| c.unwrap().len())
+                .collect();
+            assert_eq!(got, expect, "read size {step}");
+        }
     }
 
     #[test]

@@ -54,6 +54,10 @@ impl ChunkerParams {
         if !(1024..=16 * 1024 * 1024).contains(&self.max) {
             return Err(format!("chunk max {} not in 1KiB..=16MiB", self.max));
         }
+        if !(self.min.is_multiple_of(2) && self.avg.is_multiple_of(2) && self.max.is_multiple_of(2))
+        {
+            return Err("chunk sizes must be even".into());
+        }
         if !(self.min <= self.avg && self.avg <= self.max) {
             return Err("chunk sizes must satisfy min <= avg <= max".into());
         }

@@ -365,6 +365,7 @@ impl Walker<'_> {
         Ok(())
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn plan_file(
         &self,
         path: PathBuf,

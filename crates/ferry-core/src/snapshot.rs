@@ -670,7 +670,10 @@ impl Reader<'_> {
         if let Some(pool) = self.pool.as_ref().filter(|_| sig.0 >= LARGE_FILE) {
             // Chunked on a pool thread, in parallel with the files after it;
             // the collector still takes its chunks in order.
-            let (tx, rx) = crossbeam_channel::bounded(256);
+            // Room for 64Ki chunk replies (a few MB): the pool runs ahead of
+            // the collector by up to ~2 GiB of a file; the data itself is
+            // bounded by the jobs channel.
+            let (tx, rx) = crossbeam_channel::bounded(65536);
             self.send(Item::Stream(rx))?;
             return pool
                 .send(LargeFile {
