@@ -57,9 +57,17 @@ macro_rules! hash_id {
 
         impl<'de> Deserialize<'de> for $name {
             fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-                let s = String::deserialize(d)?;
-                Self::from_hex(&s)
-                    .ok_or_else(|| serde::de::Error::custom(concat!("bad ", $what, " id")))
+                struct V;
+                impl serde::de::Visitor<'_> for V {
+                    type Value = $name;
+                    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                        f.write_str(concat!("a ", $what, " id (64 hex digits)"))
+                    }
+                    fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<$name, E> {
+                        $name::from_hex(v).ok_or_else(|| E::custom(concat!("bad ", $what, " id")))
+                    }
+                }
+                d.deserialize_str(V)
             }
         }
     };

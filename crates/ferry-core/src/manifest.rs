@@ -14,19 +14,18 @@ use crate::id::BlobId;
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Name(pub Vec<u8>);
 
-#[derive(Serialize, Deserialize)]
-#[serde(untagged)]
-enum NameRepr {
-    Utf8(String),
-    Raw { hex: String },
+/// UTF-8 names are JSON strings; others are `{"hex": "..."}`.
+#[derive(Serialize)]
+struct RawName<'a> {
+    hex: &'a str,
 }
 
 impl Serialize for Name {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         match std::str::from_utf8(&self.0) {
-            Ok(t) => NameRepr::Utf8(t.to_string()).serialize(s),
-            Err(_) => NameRepr::Raw {
-                hex: hex::encode(&self.0),
+            Ok(t) => s.serialize_str(t),
+            Err(_) => RawName {
+                hex: &hex::encode(&self.0),
             }
             .serialize(s),
         }
@@ -35,10 +34,31 @@ impl Serialize for Name {
 
 impl<'de> Deserialize<'de> for Name {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        Ok(Name(match NameRepr::deserialize(d)? {
-            NameRepr::Utf8(s) => s.into_bytes(),
-            NameRepr::Raw { hex } => hex::decode(hex).map_err(serde::de::Error::custom)?,
-        }))
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = Name;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a name: a string or {\"hex\": ...}")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Name, E> {
+                Ok(Name(v.as_bytes().to_vec()))
+            }
+            fn visit_string<E: serde::de::Error>(self, v: String) -> Result<Name, E> {
+                Ok(Name(v.into_bytes()))
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<Name, A::Error> {
+                let mut out = None;
+                while let Some(k) = m.next_key::<String>()? {
+                    let v: String = m.next_value()?;
+                    if k == "hex" {
+                        out = Some(hex::decode(v).map_err(serde::de::Error::custom)?);
+                    }
+                }
+                out.map(Name)
+                    .ok_or_else(|| serde::de::Error::missing_field("hex"))
+            }
+        }
+        d.deserialize_any(V)
     }
 }
 
@@ -71,8 +91,7 @@ impl Name {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ChunkRef(pub BlobId, pub u32);
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "type", rename_all = "lowercase")]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum NodeKind {
     File {
         size: u64,
@@ -91,10 +110,12 @@ pub enum NodeKind {
     },
 }
 
+/// A directory entry. Serialized flat (see [`NodeRepr`]): `type` and the
+/// fields of that type beside the common ones.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "NodeRepr", into = "NodeRepr")]
 pub struct Node {
     pub name: Name,
-    #[serde(flatten)]
     pub kind: NodeKind,
     /// Permission bits and the set-id/sticky bits (no file type).
     pub mode: u32,
@@ -108,6 +129,104 @@ pub struct Node {
     pub inode: u64,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub xattrs: Vec<Xattr>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+enum NodeType {
+    File,
+    Dir,
+    Symlink,
+    Hardlink,
+}
+
+/// The JSON form of a [`Node`]: plain fields, so decoding needs no
+/// buffering (serde's `flatten` and tagged enums buffer every field).
+#[derive(Serialize, Deserialize)]
+struct NodeRepr {
+    name: Name,
+    #[serde(rename = "type")]
+    ty: NodeType,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    size: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    chunks: Option<Vec<ChunkRef>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    subtree: Option<BlobId>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    target: Option<Name>,
+    mode: u32,
+    uid: u32,
+    gid: u32,
+    mtime_ns: i64,
+    #[serde(default)]
+    ctime_ns: i64,
+    #[serde(default)]
+    inode: u64,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    xattrs: Vec<Xattr>,
+}
+
+impl TryFrom<NodeRepr> for Node {
+    type Error = String;
+
+    fn try_from(r: NodeRepr) -> Result<Self, String> {
+        let missing = |f: &str| format!("{:?}: missing {f}", r.name.display());
+        let kind = match r.ty {
+            NodeType::File => NodeKind::File {
+                size: r.size.ok_or_else(|| missing("size"))?,
+                chunks: r.chunks.ok_or_else(|| missing("chunks"))?,
+            },
+            NodeType::Dir => NodeKind::Dir {
+                subtree: r.subtree.ok_or_else(|| missing("subtree"))?,
+            },
+            NodeType::Symlink => NodeKind::Symlink {
+                target: r.target.ok_or_else(|| missing("target"))?,
+            },
+            NodeType::Hardlink => NodeKind::Hardlink {
+                target: r.target.ok_or_else(|| missing("target"))?,
+            },
+        };
+        Ok(Node {
+            name: r.name,
+            kind,
+            mode: r.mode,
+            uid: r.uid,
+            gid: r.gid,
+            mtime_ns: r.mtime_ns,
+            ctime_ns: r.ctime_ns,
+            inode: r.inode,
+            xattrs: r.xattrs,
+        })
+    }
+}
+
+impl From<Node> for NodeRepr {
+    fn from(n: Node) -> Self {
+        let (ty, size, chunks, subtree, target) = match n.kind {
+            NodeKind::File { size, chunks } => {
+                (NodeType::File, Some(size), Some(chunks), None, None)
+            }
+            NodeKind::Dir { subtree } => (NodeType::Dir, None, None, Some(subtree), None),
+            NodeKind::Symlink { target } => (NodeType::Symlink, None, None, None, Some(target)),
+            NodeKind::Hardlink { target } => (NodeType::Hardlink, None, None, None, Some(target)),
+        };
+        NodeRepr {
+            name: n.name,
+            ty,
+            size,
+            chunks,
+            subtree,
+            target,
+            mode: n.mode,
+            uid: n.uid,
+            gid: n.gid,
+            mtime_ns: n.mtime_ns,
+            ctime_ns: n.ctime_ns,
+            inode: n.inode,
+            xattrs: n.xattrs,
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -220,6 +339,25 @@ mod tests {
         assert_eq!(Tree::decode(&bytes).unwrap(), t);
         // Deterministic: the same tree gives the same bytes, hence the same id.
         assert_eq!(t.encode(), bytes);
+    }
+
+    #[test]
+    fn json_form_is_flat_and_complete() {
+        let n = node(
+            b"f",
+            NodeKind::File {
+                size: 3,
+                chunks: vec![ChunkRef(BlobId([1; 32]), 3)],
+            },
+        );
+        let v: serde_json::Value = serde_json::to_value(&n).unwrap();
+        assert_eq!(v["type"], "file");
+        assert_eq!(v["size"], 3);
+        assert!(v.get("subtree").is_none());
+        let mut bad = v.clone();
+        bad.as_object_mut().unwrap().remove("chunks");
+        let e = serde_json::from_value::<Node>(bad).unwrap_err().to_string();
+        assert!(e.contains("missing chunks"), "{e}");
     }
 
     #[test]

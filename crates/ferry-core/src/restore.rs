@@ -297,6 +297,8 @@ impl Walker<'_> {
         while let Some((tree_id, dir, rel, old_id)) = stack.pop() {
             let tree = self.tree(&tree_id).await?;
             let old = match old_id {
+                // Unchanged directory: the same listing, parsed once.
+                Some(id) if id == tree_id => Some(tree.clone()),
                 Some(id) => self.tree(&id).await.ok(),
                 None => None,
             };
