@@ -2,6 +2,7 @@
 //! catalogs, and a real S3-compatible server (s3s-fs) on loopback that the
 //! tests start themselves.
 
+mod block;
 mod common;
 mod delta;
 mod local;

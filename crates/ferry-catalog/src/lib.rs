@@ -400,6 +400,7 @@ mod tests {
             bytes: 50,
             incomplete: false,
             warnings: 0,
+            block: false,
         };
         c.add_snapshot(&snap).unwrap();
         drop(c);

@@ -26,7 +26,17 @@ fn cerr(e: rusqlite::Error) -> CatalogError {
 /// `$XDG_STATE_HOME/ferry/targets/<hash of the canonical target path>.sqlite`.
 pub fn default_path(target: &Path) -> PathBuf {
     use std::os::unix::ffi::OsStrExt;
-    let canon = std::fs::canonicalize(target).unwrap_or_else(|_| target.to_path_buf());
+    // The same key before and after the target exists (an image file is
+    // created by its first restore).
+    let canon = std::fs::canonicalize(target).unwrap_or_else(|_| {
+        match (
+            target.parent().map(std::fs::canonicalize),
+            target.file_name(),
+        ) {
+            (Some(Ok(dir)), Some(name)) => dir.join(name),
+            _ => target.to_path_buf(),
+        }
+    });
     let h = blake3::hash(canon.as_os_str().as_bytes());
     crate::state_dir()
         .join("targets")

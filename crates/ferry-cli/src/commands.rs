@@ -122,11 +122,13 @@ pub async fn run(cli: Cli) -> Result<u8> {
             source,
             volume,
             reread,
+            block,
         } => {
             let (vault, catalog) = open(None, g).await?;
             let bar = Arc::new(Bar::new("snapshot"));
             let mut opts = SnapshotOptions::new(volume);
             opts.reread = reread;
+            opts.block = block;
             let r =
                 ferry_core::snapshot::snapshot(vault, catalog, &source, &opts, bar.clone()).await;
             bar.finish();
@@ -191,6 +193,7 @@ pub async fn run(cli: Cli) -> Result<u8> {
             target,
             volume,
             reread,
+            block,
             delta,
         } => {
             let started = std::time::Instant::now();
@@ -202,6 +205,7 @@ pub async fn run(cli: Cli) -> Result<u8> {
             let bar = Arc::new(Bar::new("snapshot"));
             let mut opts = SnapshotOptions::new(volume);
             opts.reread = reread;
+            opts.block = block;
             let r = ferry_core::snapshot::snapshot(
                 vault.clone(),
                 catalog.clone(),
@@ -342,8 +346,10 @@ async fn restore_into(
     target: &Path,
     delta: &crate::DeltaArgs,
 ) -> Result<ferry_core::restore::RestoreSummary> {
-    std::fs::create_dir_all(target)
-        .with_context(|| format!("creating target {}", target.display()))?;
+    if !snap.block {
+        std::fs::create_dir_all(target)
+            .with_context(|| format!("creating target {}", target.display()))?;
+    }
     let state = SqliteTargetState::open(&ferry_catalog::target::default_path(target))?;
     let opts = RestoreOptions {
         delete: delta.delete,

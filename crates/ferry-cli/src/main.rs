@@ -60,6 +60,9 @@ pub enum Command {
         /// Read every file, even those whose metadata is unchanged since the last snapshot.
         #[arg(long)]
         reread: bool,
+        /// SOURCE is a disk image file to save as a raw block volume (block devices are detected).
+        #[arg(long)]
+        block: bool,
     },
     /// List snapshots, of one volume or all.
     Snapshots {
@@ -85,6 +88,9 @@ pub enum Command {
         /// Read every source file, even those whose metadata is unchanged.
         #[arg(long)]
         reread: bool,
+        /// SOURCE is a disk image file to move as a raw block volume (block devices are detected).
+        #[arg(long)]
+        block: bool,
         #[command(flatten)]
         delta: DeltaArgs,
     },

@@ -13,6 +13,7 @@
 //! The crate knows nothing of SQLite, gRPC or the command line: the catalog
 //! is a trait ([`catalog::Catalog`]) the caller hands in.
 
+pub mod block;
 pub mod catalog;
 pub mod check;
 pub mod chunker;

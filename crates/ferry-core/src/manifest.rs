@@ -283,6 +283,9 @@ pub struct SnapshotRecord {
     /// Some entries could not be read; `warnings` counts them.
     pub incomplete: bool,
     pub warnings: u64,
+    /// A raw block volume: the root tree holds one file, `block`.
+    #[serde(default)]
+    pub block: bool,
 }
 
 /// The packs one snapshot run wrote, so that another catalog can learn them

@@ -125,8 +125,8 @@ pub struct RestoreSummary {
 /// holes) or an existing one patched in place.
 #[derive(Clone, Debug)]
 pub struct WriteTarget {
-    path: PathBuf,
-    fresh: bool,
+    pub(crate) path: PathBuf,
+    pub(crate) fresh: bool,
 }
 
 struct FilePlan {
@@ -230,7 +230,7 @@ fn ensure_dir(path: &Path) -> Result<()> {
     }
 }
 
-fn chunk_offsets(chunks: &[ChunkRef]) -> impl Iterator<Item = (u64, &ChunkRef)> {
+pub(crate) fn chunk_offsets(chunks: &[ChunkRef]) -> impl Iterator<Item = (u64, &ChunkRef)> {
     chunks.iter().scan(0u64, |off, c| {
         let at = *off;
         *off += c.1 as u64;
@@ -240,7 +240,7 @@ fn chunk_offsets(chunks: &[ChunkRef]) -> impl Iterator<Item = (u64, &ChunkRef)> 
 
 /// Which chunks of `new` are not already at their offset in the target,
 /// judged from the chunk list of what the target holds (no reading).
-fn changed_by_list(old: &[ChunkRef], new: &[ChunkRef]) -> Vec<bool> {
+pub(crate) fn changed_by_list(old: &[ChunkRef], new: &[ChunkRef]) -> Vec<bool> {
     let have: HashSet<(u64, BlobId, u32)> =
         chunk_offsets(old).map(|(o, c)| (o, c.0, c.1)).collect();
     chunk_offsets(new)
@@ -250,7 +250,7 @@ fn changed_by_list(old: &[ChunkRef], new: &[ChunkRef]) -> Vec<bool> {
 
 /// Which chunks of `new` differ from the target file, by reading it and
 /// hashing each range with the vault's id key.
-fn changed_by_reading(
+pub(crate) fn changed_by_reading(
     path: &Path,
     size: u64,
     new: &[ChunkRef],
@@ -532,6 +532,10 @@ pub async fn restore(
     opts: &RestoreOptions,
     progress: Arc<dyn Progress>,
 ) -> Result<RestoreSummary> {
+    if snap.block {
+        return crate::block::restore_block(vault, catalog, state, snap, target, opts, progress)
+            .await;
+    }
     let started = Instant::now();
     std::fs::create_dir_all(target).map_err(|e| Error::io(target, e))?;
     ensure_dir(target)?;
@@ -559,56 +563,20 @@ pub async fn restore(
     let plan_s = started.elapsed().as_secs_f64();
     progress.add_total(plan.files.len() as u64, plan.bytes_planned);
 
-    // Where is each chunk? Unknown chunks fail their files.
     let transfer_start = Instant::now();
-    let ids: Vec<BlobId> = plan.needs.keys().copied().collect();
-    let mut by_pack: HashMap<PackId, ([u8; 32], Vec<PackEntry>)> = HashMap::new();
-    let mut failures: Vec<(u32, String)> = Vec::new();
-    for batch in ids.chunks(1000) {
-        for (id, loc) in batch.iter().zip(catalog.locate(batch)?) {
-            match loc {
-                Some(BlobLocation { pack, salt, entry }) => by_pack
-                    .entry(pack)
-                    .or_insert_with(|| (salt, Vec::new()))
-                    .1
-                    .push(entry),
-                None => {
-                    for (f, _) in &plan.needs[id] {
-                        failures.push((*f, format!("chunk {} is not in the catalog", id.short())));
-                    }
-                }
-            }
-        }
-    }
-
-    let files: Arc<Vec<WriteTarget>> =
-        Arc::new(plan.files.iter().map(|f| f.write.clone()).collect());
-    let needs = Arc::new(std::mem::take(&mut plan.needs));
-    let results: Vec<PackOutcome> = futures::stream::iter(by_pack)
-        .map(|(pack, (salt, entries))| {
-            let (vault, files, needs, progress) = (
-                vault.clone(),
-                files.clone(),
-                needs.clone(),
-                progress.clone(),
-            );
-            async move {
-                restore_pack(
-                    &vault,
-                    pack,
-                    salt,
-                    entries,
-                    &files,
-                    &needs,
-                    progress.as_ref(),
-                )
-                .await
-            }
-        })
-        .buffer_unordered(opts.packs_in_flight.max(1))
-        .collect()
-        .await;
-
+    let files: Vec<WriteTarget> = plan.files.iter().map(|f| f.write.clone()).collect();
+    let needs = std::mem::take(&mut plan.needs);
+    let t = transfer(
+        &vault,
+        catalog.as_ref(),
+        files,
+        needs,
+        opts.packs_in_flight,
+        &progress,
+    )
+    .await?;
+    let failures = t.failures;
+    let mut pack_errors = t.pack_errors;
     let mut summary = RestoreSummary {
         snapshot_id: snap.id.clone(),
         volume: snap.volume.clone(),
@@ -619,20 +587,11 @@ pub async fn restore(
         files_deleted: plan.deleted,
         extra_entries: plan.extra,
         bytes_compared: plan.bytes_compared,
+        bytes_written: t.bytes_written,
+        bytes_fetched: t.bytes_fetched,
+        packs_fetched: t.packs_fetched,
         ..Default::default()
     };
-    let mut pack_errors = Vec::new();
-    for r in results {
-        summary.bytes_written += r.bytes_written;
-        summary.bytes_fetched += r.bytes_fetched;
-        summary.packs_fetched += 1;
-        if let Some((msg, affected)) = r.error {
-            for f in affected {
-                failures.push((f, msg.clone()));
-            }
-            pack_errors.push(msg);
-        }
-    }
     let transfer_s = transfer_start.elapsed().as_secs_f64();
 
     let finish_start = Instant::now();
@@ -777,6 +736,93 @@ pub async fn verify(
     }
     bad.sort();
     Ok((ok, bad))
+}
+
+/// What fetching and scattering did.
+pub(crate) struct Transfer {
+    pub bytes_written: u64,
+    pub bytes_fetched: u64,
+    pub packs_fetched: u64,
+    /// (file index, reason) for files that did not get all their data.
+    pub failures: Vec<(u32, String)>,
+    pub pack_errors: Vec<String>,
+}
+
+/// Fetches every pack that holds a needed chunk, once, `in_flight` at a
+/// time, and writes each chunk wherever `needs` says.
+pub(crate) async fn transfer(
+    vault: &Arc<Vault>,
+    catalog: &dyn Catalog,
+    files: Vec<WriteTarget>,
+    needs: HashMap<BlobId, Vec<(u32, u64)>>,
+    in_flight: usize,
+    progress: &Arc<dyn Progress>,
+) -> Result<Transfer> {
+    // Where is each chunk? Unknown chunks fail their files.
+    let ids: Vec<BlobId> = needs.keys().copied().collect();
+    let mut by_pack: HashMap<PackId, ([u8; 32], Vec<PackEntry>)> = HashMap::new();
+    let mut t = Transfer {
+        bytes_written: 0,
+        bytes_fetched: 0,
+        packs_fetched: 0,
+        failures: Vec::new(),
+        pack_errors: Vec::new(),
+    };
+    for batch in ids.chunks(1000) {
+        for (id, loc) in batch.iter().zip(catalog.locate(batch)?) {
+            match loc {
+                Some(BlobLocation { pack, salt, entry }) => by_pack
+                    .entry(pack)
+                    .or_insert_with(|| (salt, Vec::new()))
+                    .1
+                    .push(entry),
+                None => {
+                    for (f, _) in &needs[id] {
+                        t.failures
+                            .push((*f, format!("chunk {} is not in the catalog", id.short())));
+                    }
+                }
+            }
+        }
+    }
+    let files = Arc::new(files);
+    let needs = Arc::new(needs);
+    let results: Vec<PackOutcome> = futures::stream::iter(by_pack)
+        .map(|(pack, (salt, entries))| {
+            let (vault, files, needs, progress) = (
+                vault.clone(),
+                files.clone(),
+                needs.clone(),
+                progress.clone(),
+            );
+            async move {
+                restore_pack(
+                    &vault,
+                    pack,
+                    salt,
+                    entries,
+                    &files,
+                    &needs,
+                    progress.as_ref(),
+                )
+                .await
+            }
+        })
+        .buffer_unordered(in_flight.max(1))
+        .collect()
+        .await;
+    for r in results {
+        t.bytes_written += r.bytes_written;
+        t.bytes_fetched += r.bytes_fetched;
+        t.packs_fetched += 1;
+        if let Some((msg, affected)) = r.error {
+            for f in affected {
+                t.failures.push((f, msg.clone()));
+            }
+            t.pack_errors.push(msg);
+        }
+    }
+    Ok(t)
 }
 
 struct PackOutcome {

@@ -51,6 +51,9 @@ pub struct SnapshotOptions {
     pub uploads: usize,
     /// Read every file, even those unchanged since the parent snapshot.
     pub reread: bool,
+    /// Snapshot a regular file as a raw block volume (a disk image).
+    /// Block devices are always taken as block volumes.
+    pub block: bool,
 }
 
 impl SnapshotOptions {
@@ -63,6 +66,7 @@ impl SnapshotOptions {
                 .unwrap_or(2),
             uploads: 4,
             reread: false,
+            block: false,
         }
     }
 }
@@ -175,9 +179,13 @@ pub async fn snapshot(
 ) -> Result<SnapshotSummary> {
     let started = Instant::now();
     let root_md = std::fs::metadata(source).map_err(|e| Error::io(source, e))?;
-    if !root_md.is_dir() {
+    let block = {
+        use std::os::unix::fs::FileTypeExt;
+        root_md.file_type().is_block_device() || (opts.block && root_md.is_file())
+    };
+    if !root_md.is_dir() && !block {
         return Err(Error::Invalid(format!(
-            "{}: not a directory",
+            "{}: not a directory (a disk image file needs --block)",
             source.display()
         )));
     }
@@ -198,7 +206,14 @@ pub async fn snapshot(
 
     let scan_stop = Arc::new(AtomicBool::new(false));
     if progress.wants_totals() {
-        spawn_scanner(source.to_path_buf(), progress.clone(), scan_stop.clone());
+        if block {
+            use std::io::{Seek, SeekFrom};
+            if let Ok(n) = File::open(source).and_then(|mut f| f.seek(SeekFrom::End(0))) {
+                progress.add_total(1, n);
+            }
+        } else {
+            spawn_scanner(source.to_path_buf(), progress.clone(), scan_stop.clone());
+        }
     }
 
     let (packs_tx, packs_rx) = mpsc::channel::<FinishedPack>(2);
@@ -257,7 +272,7 @@ pub async fn snapshot(
             progress.clone(),
             cfg.chunker,
         );
-        let previous = match (&parent, opts.reread) {
+        let previous = match (&parent, opts.reread || block) {
             (Some(p), false) => Some(Previous {
                 root: p.root,
                 vault: vault.clone(),
@@ -276,6 +291,7 @@ pub async fn snapshot(
                 &stats,
                 progress.as_ref(),
                 Some(pool_tx),
+                block,
             )
         })
     };
@@ -394,6 +410,7 @@ pub async fn snapshot(
         bytes: out.bytes,
         incomplete: warnings > 0,
         warnings,
+        block,
     };
     let name = format!("snapshots/{}", record.id);
     let n = vault.put_meta(&name, &record).await?;
@@ -495,6 +512,7 @@ fn read_source(
     stats: &Stats,
     progress: &dyn Progress,
     pool: Option<crossbeam_channel::Sender<LargeFile>>,
+    block: bool,
 ) -> Result<()> {
     let mut r = Reader {
         chunker,
@@ -511,6 +529,32 @@ fn read_source(
         md,
         xattrs: vec![],
     })?;
+    if block {
+        // A raw volume: one stream, the single entry `block` of the root.
+        let file = File::open(root).map_err(|e| Error::io(root, e))?;
+        let md = std::fs::metadata(root).map_err(|e| Error::io(root, e))?;
+        let sig = (md.len(), md.mtime(), md.mtime_nsec());
+        r.send(Item::FileStart {
+            name: Name(BLOCK_ENTRY.to_vec()),
+            md,
+            xattrs: vec![],
+        })?;
+        let error = chunk_file(
+            file,
+            root,
+            sig,
+            &r.chunker,
+            r.jobs,
+            r.stats,
+            r.progress,
+            |rx| r.send(Item::Chunk(rx)),
+        )?;
+        if let Some(e) = error {
+            return Err(Error::io(root, std::io::Error::other(e)));
+        }
+        r.send(Item::FileEnd { error: None })?;
+        return r.send(Item::LeaveDir);
+    }
     let old = previous.as_ref().and_then(|p| p.tree(&p.root));
     r.dir(root, &[], previous.as_ref(), old.as_ref())?;
     r.send(Item::LeaveDir)
@@ -697,6 +741,9 @@ impl Reader<'_> {
         self.send(Item::FileEnd { error })
     }
 }
+
+/// The name of the one entry of a block volume's root tree.
+pub const BLOCK_ENTRY: &[u8] = b"block";
 
 /// Files at least this large are chunked on the pool, so that several
 /// large files use several cores for FastCDC.
