@@ -87,6 +87,18 @@ fn final_delta_writes_only_what_changed() {
         s["bytes_new"].as_u64().unwrap() <= 3 * changed + 4 * 131072,
         "{s}"
     );
+    // The changed db file was chunked from its old chunk list; a full
+    // re-read makes exactly the same chunks (nothing new to store).
+    let full = env.json(&[
+        "snapshot",
+        src.to_str().unwrap(),
+        "--vault",
+        &vault,
+        "--volume",
+        "pg",
+        "--reread",
+    ]);
+    assert_eq!(full["bytes_new"], 0, "{full}");
 
     let r = env.json(&["restore", "pg", d, "--vault", &vault]);
     assert_eq!(r["files_patched"], 1, "{r}");
@@ -240,6 +252,14 @@ fn sync_without_a_vault_repeats_cheaply() {
     let w = third["bytes_written"].as_u64().unwrap();
     assert!(w > 0 && w <= 3 * changed + 4 * 131072, "{third}");
     assert_eq!(third["restore"]["files_verified"], 52, "{third}");
+    // The downtime breakdown: phases of both halves.
+    let sp = &third["snapshot"]["phases"];
+    assert!(
+        sp["upload_s"].as_f64().unwrap() >= sp["scan_s"].as_f64().unwrap(),
+        "{sp}"
+    );
+    let rp = &third["restore"]["phases"];
+    assert!(rp["verify_s"].as_f64().unwrap() > 0.0, "{rp}");
     assert_same_tree(&src, &dst);
     drop(env);
 }

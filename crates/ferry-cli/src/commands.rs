@@ -293,7 +293,8 @@ pub async fn run(cli: Cli) -> Result<u8> {
 
 fn snapshot_text(s: &ferry_core::snapshot::SnapshotSummary) -> String {
     format!(
-        "snapshot {} of {} saved: {} files ({} unchanged), {} read, {} new, {} uploaded in {:.1}s{}",
+        "snapshot {} of {} saved: {} files ({} unchanged), {} read, {} new, {} uploaded in {:.1}s \
+         (scan {:.1}s, upload done {:.1}s, commit {:.1}s){}",
         &s.snapshot_id[..8],
         s.volume,
         s.files,
@@ -302,6 +303,9 @@ fn snapshot_text(s: &ferry_core::snapshot::SnapshotSummary) -> String {
         human_bytes(s.bytes_new),
         human_bytes(s.bytes_uploaded),
         s.duration_s,
+        s.phases.scan_s,
+        s.phases.upload_s,
+        s.phases.commit_s,
         if s.incomplete {
             format!(" (INCOMPLETE: {} warnings)", s.warnings)
         } else {

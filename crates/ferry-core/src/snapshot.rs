@@ -97,11 +97,24 @@ pub struct SnapshotSummary {
     pub chunks_new: u64,
     pub packs_uploaded: u64,
     pub duration_s: f64,
+    pub phases: SnapshotPhases,
     /// True when some entries could not be read (see `warnings`).
     pub incomplete: bool,
     pub warnings: u64,
     /// Sockets, FIFOs and device nodes, which are not saved.
     pub skipped_special: u64,
+}
+
+/// When each part of a snapshot ended, in seconds from its start (they
+/// overlap: uploads run while files are read).
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct SnapshotPhases {
+    /// Walking the source, reading and chunking: until the last file was read.
+    pub scan_s: f64,
+    /// Until the last pack was in the vault.
+    pub upload_s: f64,
+    /// Writing the index object and the snapshot record (the commit).
+    pub commit_s: f64,
 }
 
 #[derive(Default)]
@@ -138,6 +151,8 @@ impl Dedup {
 
 struct Job {
     data: Vec<u8>,
+    /// Already computed (a chunk verified against the parent's chunk list).
+    id: Option<BlobId>,
     reply: SyncSender<ChunkRef>,
 }
 
@@ -259,8 +274,9 @@ pub async fn snapshot(
             progress.clone(),
             cfg.chunker,
         );
+        let ids = vault.ids().clone();
         pool_handles.push(std::thread::spawn(move || {
-            chunk_pool(rx, chunker, jobs, stats, progress)
+            chunk_pool(rx, chunker, ids, jobs, stats, progress)
         }));
     }
     drop(pool_rx);
@@ -322,6 +338,7 @@ pub async fn snapshot(
         let r = reader
             .join()
             .unwrap_or_else(|_| Err(Error::Internal("reader panicked".into())));
+        let scan_s = started.elapsed().as_secs_f64();
         let w: Vec<Result<()>> = worker_handles
             .into_iter()
             .chain(pool_handles)
@@ -333,15 +350,16 @@ pub async fn snapshot(
         let c = collector
             .join()
             .unwrap_or_else(|_| Err(Error::Internal("collector panicked".into())));
-        (r, w, c)
+        (r, w, c, scan_s)
     })
     .await
     .map_err(|e| Error::Internal(e.to_string()))?;
     scan_stop.store(true, Ordering::Relaxed);
     let uploaded = uploader.await.map_err(|e| Error::Internal(e.to_string()))?;
+    let upload_s = started.elapsed().as_secs_f64();
 
     // The first real cause wins over the "stopped" errors it caused.
-    let (reader_r, worker_rs, collect_r) = joined;
+    let (reader_r, worker_rs, collect_r, scan_s) = joined;
     let mut errors: Vec<Error> = Vec::new();
     let records = match uploaded {
         Ok(r) => Some(r),
@@ -433,6 +451,11 @@ pub async fn snapshot(
         chunks_new: stats.chunks_new.load(Ordering::Relaxed),
         packs_uploaded: stats.packs.load(Ordering::Relaxed),
         duration_s: started.elapsed().as_secs_f64(),
+        phases: SnapshotPhases {
+            scan_s,
+            upload_s,
+            commit_s: started.elapsed().as_secs_f64() - upload_s,
+        },
         incomplete: record.incomplete,
         warnings,
         skipped_special: stats.special.load(Ordering::Relaxed),
@@ -639,8 +662,15 @@ impl Reader<'_> {
                     self.send(Item::LeaveDir)?;
                 }
                 EntryType::File => {
-                    let reuse = old_node(&name).and_then(|n| unchanged(n, &md));
-                    self.file(&path, name, md, child_rel, reuse)?
+                    let old = old_node(&name);
+                    let reuse = old.and_then(|n| unchanged(n, &md));
+                    let hint = match old.map(|n| &n.kind) {
+                        Some(NodeKind::File { chunks, .. }) if reuse.is_none() => {
+                            Some(chunks.clone())
+                        }
+                        _ => None,
+                    };
+                    self.file(&path, name, md, child_rel, reuse, hint)?
                 }
                 EntryType::Symlink => match std::fs::read_link(&path) {
                     Ok(t) => {
@@ -671,6 +701,7 @@ impl Reader<'_> {
         md: Metadata,
         rel: Vec<u8>,
         reuse: Option<Vec<ChunkRef>>,
+        hint: Option<Vec<ChunkRef>>,
     ) -> Result<()> {
         if md.nlink() > 1 {
             let key = (md.dev(), md.ino());
@@ -724,6 +755,7 @@ impl Reader<'_> {
                     file,
                     path: path.to_path_buf(),
                     sig,
+                    hint,
                     pieces: tx,
                 })
                 .map_err(|_| stopped());
@@ -754,6 +786,8 @@ struct LargeFile {
     file: File,
     path: PathBuf,
     sig: (u64, i64, i64),
+    /// The file's chunk list in the parent snapshot, if it had one.
+    hint: Option<Vec<ChunkRef>>,
     pieces: crossbeam_channel::Sender<Piece>,
 }
 
@@ -766,12 +800,29 @@ enum Piece {
 fn chunk_pool(
     files: crossbeam_channel::Receiver<LargeFile>,
     chunker: ChunkerParams,
+    ids: IdHasher,
     jobs: crossbeam_channel::Sender<Job>,
     stats: Arc<Stats>,
     progress: Arc<dyn Progress>,
 ) -> Result<()> {
     for f in files {
         let pieces = f.pieces;
+        if let Some(hint) = f.hint {
+            let error = chunk_file_hinted(
+                f.file,
+                &f.path,
+                f.sig,
+                &chunker,
+                &hint,
+                &ids,
+                &jobs,
+                &stats,
+                progress.as_ref(),
+                |rx| pieces.send(Piece::Chunk(rx)).map_err(|_| stopped()),
+            )?;
+            pieces.send(Piece::End(error)).map_err(|_| stopped())?;
+            continue;
+        }
         let error = chunk_file(
             f.file,
             &f.path,
@@ -785,6 +836,140 @@ fn chunk_pool(
         pieces.send(Piece::End(error)).map_err(|_| stopped())?;
     }
     Ok(())
+}
+
+/// Chunks a changed large file using its chunk list in the parent snapshot:
+/// each old chunk still at its offset is verified by hashing it (no
+/// content-defined chunking needed: its boundaries are known); from the
+/// first chunk that differs, FastCDC runs until one of its cuts falls on an
+/// old boundary, where verification resumes. A database file with scattered
+/// rewritten pages costs a read and a hash, not a read, FastCDC and a hash.
+/// The cuts are the ones FastCDC makes over the whole file (it restarts at
+/// boundaries FastCDC made before), so dedup is unaffected.
+#[allow(clippy::too_many_arguments)]
+fn chunk_file_hinted(
+    file: File,
+    path: &Path,
+    sig: (u64, i64, i64),
+    chunker: &ChunkerParams,
+    old: &[ChunkRef],
+    ids: &IdHasher,
+    jobs: &crossbeam_channel::Sender<Job>,
+    stats: &Stats,
+    progress: &dyn Progress,
+    mut emit: impl FnMut(Receiver<ChunkRef>) -> Result<()>,
+) -> Result<Option<String>> {
+    use std::os::unix::fs::FileExt;
+    let size = sig.0;
+    let old_at: Vec<(u64, ChunkRef)> = old
+        .iter()
+        .scan(0u64, |off, c| {
+            let at = *off;
+            *off += c.1 as u64;
+            Some((at, *c))
+        })
+        .collect();
+    let boundaries: HashSet<u64> = old_at.iter().map(|(o, _)| *o).collect();
+    let (min, avg, max) = (
+        chunker.min as usize,
+        chunker.avg as usize,
+        chunker.max as usize,
+    );
+    let window = (4 * max).max(1 << 20);
+    let level = match chunker.normalization {
+        0 => fastcdc::v2020::Normalization::Level0,
+        1 => fastcdc::v2020::Normalization::Level1,
+        2 => fastcdc::v2020::Normalization::Level2,
+        _ => fastcdc::v2020::Normalization::Level3,
+    };
+    let mut send = |data: Vec<u8>, id: Option<BlobId>| -> Result<()> {
+        let n = data.len() as u64;
+        let (tx, rx) = sync_channel(1);
+        jobs.send(Job {
+            data,
+            id,
+            reply: tx,
+        })
+        .map_err(|_| stopped())?;
+        emit(rx)?;
+        stats.bytes_scanned.fetch_add(n, Ordering::Relaxed);
+        progress.advance(n);
+        Ok(())
+    };
+    let fail = |e: std::io::Error| {
+        warn(
+            stats,
+            progress,
+            format!("{}: read error: {e}", path.display()),
+        );
+        Ok(Some(e.to_string()))
+    };
+    let (mut pos, mut i) = (0u64, 0usize);
+    while pos < size {
+        while i < old_at.len() && old_at[i].0 < pos {
+            i += 1;
+        }
+        // The old last chunk was cut by the old end of file: if the file
+        // grew, FastCDC may cut elsewhere now, so it is not trusted.
+        let cut_by_eof = |at: u64, c: &ChunkRef| i + 1 == old_at.len() && at + c.1 as u64 != size;
+        if let Some((at, c)) = old_at
+            .get(i)
+            .copied()
+            .filter(|(at, c)| *at == pos && at + c.1 as u64 <= size && !cut_by_eof(*at, c))
+        {
+            let mut buf = vec![0u8; c.1 as usize];
+            if let Err(e) = file.read_exact_at(&mut buf, at) {
+                return fail(e);
+            }
+            let id = ids.id(&buf);
+            if id == c.0 {
+                send(buf, Some(id))?;
+                pos += c.1 as u64;
+                i += 1;
+                continue;
+            }
+        }
+        // FastCDC from `pos` (a cut of the full-file chunking) until a cut
+        // lands on an old boundary.
+        'cdc: loop {
+            let len = window.min((size - pos) as usize);
+            let mut buf = vec![0u8; len];
+            if let Err(e) = file.read_exact_at(&mut buf, pos) {
+                return fail(e);
+            }
+            let at_eof = pos + len as u64 >= size;
+            let cdc = fastcdc::v2020::FastCDC::with_level(&buf, min, avg, max, level);
+            let mut start = 0usize;
+            while start < len {
+                let (_, cut) = cdc.cut(start, len - start);
+                if cut >= len && !at_eof && len - start < max {
+                    pos += start as u64;
+                    continue 'cdc;
+                }
+                send(buf[start..cut].to_vec(), None)?;
+                start = cut;
+                if boundaries.contains(&(pos + start as u64)) {
+                    pos += start as u64;
+                    break 'cdc;
+                }
+            }
+            pos += len as u64;
+            break;
+        }
+    }
+    // A file written to while it was read is saved as read, and named.
+    let changed = std::fs::symlink_metadata(path).map_or(true, |now| {
+        (now.len(), now.mtime(), now.mtime_nsec()) != sig
+    });
+    if changed {
+        warn(
+            stats,
+            progress,
+            format!("{}: changed while it was read (unstable)", path.display()),
+        );
+    }
+    progress.file_done();
+    Ok(None)
 }
 
 fn warn(stats: &Stats, progress: &dyn Progress, msg: String) {
@@ -813,7 +998,12 @@ fn chunk_file(
             Ok(data) => {
                 let n = data.len() as u64;
                 let (tx, rx) = sync_channel(1);
-                jobs.send(Job { data, reply: tx }).map_err(|_| stopped())?;
+                jobs.send(Job {
+                    data,
+                    id: None,
+                    reply: tx,
+                })
+                .map_err(|_| stopped())?;
                 emit(rx)?;
                 stats.bytes_scanned.fetch_add(n, Ordering::Relaxed);
                 progress.advance(n);
@@ -860,7 +1050,7 @@ fn work(
 ) -> Result<()> {
     let mut pack = PackWriter::new(key, pack_size);
     for job in jobs {
-        let id = ids.id(&job.data);
+        let id = job.id.unwrap_or_else(|| ids.id(&job.data));
         let len = job.data.len();
         stats.chunks.fetch_add(1, Ordering::Relaxed);
         if dedup.claim(id)? {
