@@ -904,6 +904,11 @@ fn chunk_file_hinted(
         );
         Ok(Some(e.to_string()))
     };
+    // FastCDC decides a cut with the byte after it, so a verified chunk is
+    // a sure cut only once the next one verifies too (its first byte is
+    // then unchanged): until then it is held back, and if the next one
+    // fails, chunking restarts from the held chunk's start.
+    let mut held: Option<(u64, Vec<u8>, BlobId)> = None;
     let (mut pos, mut i) = (0u64, 0usize);
     while pos < size {
         while i < old_at.len() && old_at[i].0 < pos {
@@ -923,11 +928,19 @@ fn chunk_file_hinted(
             }
             let id = ids.id(&buf);
             if id == c.0 {
-                send(buf, Some(id))?;
+                if let Some((_, b, hid)) = held.take() {
+                    send(b, Some(hid))?;
+                }
+                held = Some((at, buf, id));
                 pos += c.1 as u64;
                 i += 1;
                 continue;
             }
+        }
+        if let Some((at, _, _)) = held.take() {
+            // Back up: the held chunk's end may no longer be a cut.
+            pos = at;
+            i = i.saturating_sub(1);
         }
         // FastCDC from `pos` (a cut of the full-file chunking) until a cut
         // lands on an old boundary.
@@ -956,6 +969,9 @@ fn chunk_file_hinted(
             pos += len as u64;
             break;
         }
+    }
+    if let Some((_, b, hid)) = held.take() {
+        send(b, Some(hid))?;
     }
     // A file written to while it was read is saved as read, and named.
     let changed = std::fs::symlink_metadata(path).map_or(true, |now| {
@@ -1300,4 +1316,103 @@ async fn upload(
         done(r)?;
     }
     Ok(records)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn noise(n: usize, seed: u64) -> Vec<u8> {
+        let mut x = seed.wrapping_mul(0x9E3779B97F4A7C15) | 1;
+        (0..n)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect()
+    }
+
+    /// Chunks `data` as a file, with `hint` as the parent's chunk list;
+    /// returns the chunk list the collector would see.
+    fn hinted(data: &[u8], hint: &[ChunkRef], p: &ChunkerParams, ids: &IdHasher) -> Vec<ChunkRef> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        std::fs::write(&path, data).unwrap();
+        let md = std::fs::metadata(&path).unwrap();
+        let sig = (md.len(), md.mtime(), md.mtime_nsec());
+        let (jobs_tx, jobs_rx) = crossbeam_channel::bounded::<Job>(1024);
+        let h = ids.clone();
+        let worker = std::thread::spawn(move || {
+            for j in jobs_rx {
+                let id = j.id.unwrap_or_else(|| h.id(&j.data));
+                j.reply.send(ChunkRef(id, j.data.len() as u32)).unwrap();
+            }
+        });
+        let stats = Stats::default();
+        let mut replies = Vec::new();
+        let err = chunk_file_hinted(
+            File::open(&path).unwrap(),
+            &path,
+            sig,
+            p,
+            hint,
+            ids,
+            &jobs_tx,
+            &stats,
+            &crate::progress::NoProgress,
+            |rx| {
+                replies.push(rx);
+                Ok(())
+            },
+        )
+        .unwrap();
+        assert!(err.is_none());
+        drop(jobs_tx);
+        let out = replies.into_iter().map(|r| r.recv().unwrap()).collect();
+        worker.join().unwrap();
+        out
+    }
+
+    fn plain(data: &[u8], p: &ChunkerParams, ids: &IdHasher) -> Vec<ChunkRef> {
+        Chunker::new(data, p)
+            .map(|c| c.unwrap())
+            .map(|c| ChunkRef(ids.id(&c), c.len() as u32))
+            .collect()
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(48))]
+        /// Chunking a changed file from its old chunk list gives exactly the
+        /// chunks a full FastCDC pass gives: overwrites anywhere (chunk
+        /// edges included), growth and shrinking.
+        #[test]
+        fn hinted_chunking_equals_full_chunking(
+            seed in any::<u64>(),
+            edits in proptest::collection::vec((0usize..300_000, 1usize..64), 0..4),
+            edge_edit in any::<bool>(),
+            resize in -20_000i64..20_000,
+        ) {
+            let p = ChunkerParams { min: 1024, avg: 4096, max: 16384, ..ChunkerParams::default() };
+            let ids = IdHasher::new([9; 32]);
+            let old = noise(300_000, seed);
+            let old_chunks = plain(&old, &p, &ids);
+            let mut new = old.clone();
+            for (at, n) in &edits {
+                for b in new.iter_mut().skip(*at).take(*n) {
+                    *b ^= 0x5a;
+                }
+            }
+            if edge_edit {
+                // The first byte after a chunk: decides that chunk's cut.
+                let at = old_chunks[..old_chunks.len() / 2].iter().map(|c| c.1 as usize).sum::<usize>();
+                new[at] ^= 0xff;
+            }
+            let len = (new.len() as i64 + resize) as usize;
+            new.resize(len, 7);
+            prop_assert_eq!(hinted(&new, &old_chunks, &p, &ids), plain(&new, &p, &ids));
+        }
+    }
 }
