@@ -11,7 +11,7 @@ use fastcdc::v2020::{FastCDC, Normalization};
 
 use crate::config::ChunkerParams;
 
-fn level(n: u8) -> Normalization {
+pub(crate) fn level(n: u8) -> Normalization {
     match n {
         0 => Normalization::Level0,
         1 => Normalization::Level1,

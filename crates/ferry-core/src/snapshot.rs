@@ -876,12 +876,7 @@ fn chunk_file_hinted(
         chunker.max as usize,
     );
     let window = (4 * max).max(1 << 20);
-    let level = match chunker.normalization {
-        0 => fastcdc::v2020::Normalization::Level0,
-        1 => fastcdc::v2020::Normalization::Level1,
-        2 => fastcdc::v2020::Normalization::Level2,
-        _ => fastcdc::v2020::Normalization::Level3,
-    };
+    let level = crate::chunker::level(chunker.normalization);
     let mut send = |data: Vec<u8>, id: Option<BlobId>| -> Result<()> {
         let n = data.len() as u64;
         let (tx, rx) = sync_channel(1);
@@ -1108,6 +1103,50 @@ struct OpenFile {
     chunks: Vec<ChunkRef>,
 }
 
+fn push_chunk(file: &mut Option<OpenFile>, rx: Receiver<ChunkRef>) -> Result<()> {
+    let c = rx.recv().map_err(|_| stopped())?;
+    file.as_mut()
+        .ok_or_else(|| Error::Internal("chunk outside a file".into()))?
+        .chunks
+        .push(c);
+    Ok(())
+}
+
+/// Closes the open file: its node joins its directory, unless reading it
+/// failed (then it is left out and the snapshot is marked incomplete).
+fn end_file(
+    file: &mut Option<OpenFile>,
+    error: Option<String>,
+    stack: &mut [OpenDir],
+    files: &mut u64,
+    bytes: &mut u64,
+) -> Result<()> {
+    let f = file
+        .take()
+        .ok_or_else(|| Error::Internal("file end outside a file".into()))?;
+    if error.is_some() {
+        return Ok(());
+    }
+    let size: u64 = f.chunks.iter().map(|c| c.1 as u64).sum();
+    *files += 1;
+    *bytes += size;
+    let node = source::node_from(
+        f.name,
+        &f.md,
+        NodeKind::File {
+            size,
+            chunks: f.chunks,
+        },
+        f.xattrs,
+    );
+    stack
+        .last_mut()
+        .ok_or_else(|| Error::Internal("file outside a directory".into()))?
+        .entries
+        .push(node);
+    Ok(())
+}
+
 /// Builds tree blobs bottom up from the reader's ordered items.
 #[allow(clippy::too_many_arguments)]
 fn collect(
@@ -1169,79 +1208,24 @@ fn collect(
                     chunks: Vec::new(),
                 })
             }
-            Item::Chunk(rx) => {
-                let c = rx.recv().map_err(|_| stopped())?;
-                file.as_mut()
-                    .ok_or_else(|| Error::Internal("chunk outside a file".into()))?
-                    .chunks
-                    .push(c);
-            }
+            Item::Chunk(rx) => push_chunk(&mut file, rx)?,
             Item::FileEnd { error } => {
-                let f = file
-                    .take()
-                    .ok_or_else(|| Error::Internal("file end outside a file".into()))?;
-                if error.is_none() {
-                    let size: u64 = f.chunks.iter().map(|c| c.1 as u64).sum();
-                    files += 1;
-                    bytes += size;
-                    let node = source::node_from(
-                        f.name,
-                        &f.md,
-                        NodeKind::File {
-                            size,
-                            chunks: f.chunks,
-                        },
-                        f.xattrs,
-                    );
-                    stack
-                        .last_mut()
-                        .ok_or_else(|| Error::Internal("file outside a directory".into()))?
-                        .entries
-                        .push(node);
-                }
+                end_file(&mut file, error, &mut stack, &mut files, &mut bytes)?
             }
             Item::Stream(rx) => {
-                let mut error = Some("chunking stopped".to_string());
+                let mut end = None;
                 for piece in rx {
                     match piece {
-                        Piece::Chunk(r) => {
-                            let c = r.recv().map_err(|_| stopped())?;
-                            file.as_mut()
-                                .ok_or_else(|| Error::Internal("chunk outside a file".into()))?
-                                .chunks
-                                .push(c);
-                        }
+                        Piece::Chunk(r) => push_chunk(&mut file, r)?,
                         Piece::End(e) => {
-                            error = e;
+                            end = Some(e);
                             break;
                         }
                     }
                 }
-                if error.as_deref() == Some("chunking stopped") {
-                    return Err(stopped());
-                }
-                let f = file
-                    .take()
-                    .ok_or_else(|| Error::Internal("file end outside a file".into()))?;
-                if error.is_none() {
-                    let size: u64 = f.chunks.iter().map(|c| c.1 as u64).sum();
-                    files += 1;
-                    bytes += size;
-                    let node = source::node_from(
-                        f.name,
-                        &f.md,
-                        NodeKind::File {
-                            size,
-                            chunks: f.chunks,
-                        },
-                        f.xattrs,
-                    );
-                    stack
-                        .last_mut()
-                        .ok_or_else(|| Error::Internal("file outside a directory".into()))?
-                        .entries
-                        .push(node);
-                }
+                // No end: the pool thread stopped (its error is reported).
+                let error = end.ok_or_else(stopped)?;
+                end_file(&mut file, error, &mut stack, &mut files, &mut bytes)?;
             }
             Item::Reused(node) => {
                 if let NodeKind::File { size, .. } = node.kind {
