@@ -263,3 +263,38 @@ fn sync_without_a_vault_repeats_cheaply() {
     assert_same_tree(&src, &dst);
     drop(env);
 }
+
+#[test]
+fn symlinks_in_the_target_are_never_followed() {
+    let env = Env::new();
+    let (src, dst) = (env.path("src"), env.path("dst"));
+    make_volume(&src);
+    let outside = env.path("outside");
+    std::fs::create_dir_all(outside.join("conf")).unwrap();
+    std::fs::write(outside.join("table.dat"), b"precious").unwrap();
+    let vault = init(&env);
+    env.json(&[
+        "snapshot",
+        src.to_str().unwrap(),
+        "--vault",
+        &vault,
+        "--volume",
+        "v",
+    ]);
+    // The target holds symlinks where the snapshot has a directory and a file.
+    std::fs::create_dir_all(&dst).unwrap();
+    std::os::unix::fs::symlink(&outside, dst.join("db")).unwrap();
+    std::fs::create_dir_all(dst.join("app")).unwrap();
+    std::os::unix::fs::symlink(outside.join("table.dat"), dst.join("app/f00.txt")).unwrap();
+    env.json(&["restore", "v", dst.to_str().unwrap(), "--vault", &vault]);
+    assert_same_tree(&src, &dst);
+    assert_eq!(
+        std::fs::read(outside.join("table.dat")).unwrap(),
+        b"precious"
+    );
+    assert_eq!(
+        std::fs::read_dir(&outside).unwrap().count(),
+        2,
+        "nothing written outside the target"
+    );
+}
