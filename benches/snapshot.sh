@@ -1,18 +1,29 @@
 #!/usr/bin/env bash
-# Whole-pipeline figures on the benchmark volume of ../shared/bench/gen_dataset.py:
-# initial snapshot, full restore into an empty directory, unchanged snapshot,
-# snapshot after the 1% mutation, delta restore into the pre-synced target,
-# and the whole final delta (snapshot + delta restore) against `rsync -a`
-# on the same change, in the same run.
+# ferry against restic, borg, rsync and rclone on the same data, in one run.
+# Data: the benchmark volume of ../shared/bench/gen_dataset.py and its 1%
+# mutation. Operations: initial snapshot; snapshot with nothing changed;
+# full restore into an empty directory; snapshot after the 1% mutation;
+# the final delta (snapshot + restore into the pre-synced target) against
+# `rsync -a --delete` and `rclone sync` on the same change.
+# Prints one table: operation, tool, wall s, MB/s (of the whole volume),
+# peak RSS, bytes stored/written, and peer/ferry time ratio.
 #
 # Usage: benches/snapshot.sh [WORKDIR]
-#   GEN_ARGS="--app-mib 600 --app-files 40000 --db-files 4 --db-mib 200"  (the generator's default volume)
+#   GEN_ARGS="--app-mib 600 --app-files 40000 --db-files 4 --db-mib 200"  (the generator's default)
+#   PEERS="restic borg rsync rclone" (installed with apt-get when missing)
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
 gen="$here/../shared/bench/gen_dataset.py"
 work=${1:-/tmp/ferry-bench}
+mkdir -p "$work" && work=$(cd "$work" && pwd)
 GEN_ARGS=${GEN_ARGS:-}
-command -v rsync >/dev/null || { apt-get update -qq && apt-get install -y -qq rsync >/dev/null; }
+PEERS=${PEERS:-restic borg rsync rclone}
+need=()
+for p in $PEERS; do
+  case $p in borg) command -v borg >/dev/null || need+=(borgbackup) ;; *) command -v "$p" >/dev/null || need+=("$p") ;; esac
+done
+if [ ${#need[@]} -gt 0 ]; then apt-get update -qq && apt-get install -y -qq "${need[@]}" >/dev/null; fi
+has() { [[ " $PEERS " == *" $1 "* ]]; }
 cargo build -q --release -p ferry-cli --manifest-path "$here/Cargo.toml"
 ferry="$here/target/release/ferry"
 mkdir -p "$work" && cd "$work"
@@ -20,63 +31,73 @@ if [ ! -d pristine ]; then
   # shellcheck disable=SC2086
   python3 "$gen" build pristine $GEN_ARGS >/dev/null
 fi
-rm -rf data vault state restored rsync-target
+rm -rf data vault state restored restic-repo restic-out borg-repo borg-out rsync-target rclone-target results.tsv
 cp -a pristine data
-export FERRY_PASSPHRASE=bench XDG_STATE_HOME="$work/state"
+export FERRY_PASSPHRASE=bench XDG_STATE_HOME="$work/state" RESTIC_PASSWORD=bench BORG_PASSPHRASE=bench
+export BORG_BASE_DIR="$work/borg-base" RESTIC_CACHE_DIR="$work/restic-cache"
+rm -rf "$BORG_BASE_DIR" "$RESTIC_CACHE_DIR"
 "$ferry" vault init vault >/dev/null
+has restic && restic init --repo restic-repo -q
+has borg && borg init -e repokey borg-repo
 size=$(du -sb data | cut -f1)
-files=$(find data -type f | wc -l)
+echo "volume: $(du -sh data | cut -f1) in $(find data -type f | wc -l) files; $(nproc) cores"
 sync
 
-row() { # name, json file, time file
-  python3 - "$1" "$size" "$2" "$3" <<'PY'
-import json, sys
-name, size = sys.argv[1], int(sys.argv[2])
-try:
-    o = json.load(open(sys.argv[3]))
-except Exception:
-    o = {}
-o = {**o.get("snapshot", {}), **o}  # ferry sync nests the snapshot's figures
-wall, rss_kb = open(sys.argv[4]).read().split()[-2:]
-wall = float(wall)
-M = 1e6
-print("%-28s %8.2f s %9.1f MB/s %7.0f MiB rss | read %8.1f MB new %8.1f MB uploaded %8.1f MB written %8.1f MB"
-      % (name, wall, size / M / max(wall, 1e-9), int(rss_kb) / 1024, o.get("bytes_scanned", 0) / M,
-         o.get("bytes_new", 0) / M, o.get("bytes_uploaded", 0) / M, o.get("bytes_written", 0) / M))
-PY
+# t OP TOOL STORED_CMD -- COMMAND...: times COMMAND, appends a result row.
+t() {
+  local op=$1 tool=$2 stored=$3; shift 4
+  /usr/bin/time -f '%e %M' -o "$work/time.out" "$@" > "$work/out.txt" 2> "$work/err.txt" || { echo "$tool failed on $op:"; tail -3 "$work/err.txt"; exit 1; }
+  read -r wall rss < <(tail -1 "$work/time.out")
+  printf '%s\t%s\t%s\t%s\t%s\n' "$op" "$tool" "$wall" "$rss" "$(eval "$stored")" >> "$work/results.tsv"
 }
-run() { # name, command...
-  local name=$1; shift
-  /usr/bin/time -f '%e %M' -o time.out "$@" --json > out.json
-  row "$name" out.json time.out
-  cp time.out "time.$name" 2>/dev/null || true
-}
-secs() { awk '{print $1}' "time.$1"; }
+dub() { du -sb "$1" | cut -f1; }
+jq_() { python3 -c "import json,sys; o=json.load(open('$work/out.txt')); o={**o.get('snapshot',{}),**o}; print(o.get('$1',0))"; }
 
-echo "volume: $(du -sh data | cut -f1) in $files files; $(nproc) cores; MB/s is of the whole volume"
-run "initial snapshot" "$ferry" snapshot data --vault vault --volume bench
-run "full restore (empty target)" "$ferry" restore bench restored --vault vault
-run "unchanged snapshot" "$ferry" snapshot data --vault vault --volume bench
-python3 -c "import json; o = json.load(open('out.json')); print('  unchanged snapshot: %d files in %.3f s = %.0f files/s (key derivation and catalog open excluded), %d bytes read' % (o['files'], o['duration_s'], o['files'] / o['duration_s'], o['bytes_scanned']))"
-rsync -a --delete pristine/ rsync-target/          # rsync's pre-sync (untimed)
+t "initial snapshot" ferry "dub vault" -- "$ferry" snapshot data --vault vault --volume bench --json
+has restic && t "initial snapshot" restic "dub restic-repo" -- restic backup --repo restic-repo -q data
+has borg && t "initial snapshot" borg "dub borg-repo" -- borg create --compression zstd,1 borg-repo::a1 data
+t "unchanged snapshot" ferry "jq_ bytes_uploaded" -- "$ferry" snapshot data --vault vault --volume bench --json
+python3 -c "import json; o=json.load(open('out.txt')); print('  ferry unchanged snapshot: %d files in %.3f s = %.0f files/s (key derivation and catalog open excluded), %d bytes read' % (o['files'], o['duration_s'], o['files']/o['duration_s'], o['bytes_scanned']))"
+has restic && t "unchanged snapshot" restic "echo 0" -- restic backup --repo restic-repo -q data
+has borg && t "unchanged snapshot" borg "echo 0" -- borg create --compression zstd,1 borg-repo::a2 data
+t "full restore" ferry "jq_ bytes_written" -- "$ferry" restore bench restored --vault vault --json
+has restic && t "full restore" restic "dub restic-out" -- restic restore latest --repo restic-repo -q --target restic-out
+has borg && { mkdir -p borg-out; (cd borg-out && t "full restore" borg "dub ." -- borg extract "$work/borg-repo::a1"); }
+
+# Pre-sync the peers' targets (untimed), then the 1% mutation.
+has rsync && rsync -a --delete pristine/ rsync-target/
+has rclone && cp -a pristine rclone-target
 changed=$(python3 "$gen" mutate data --seed 1 2>&1 >/dev/null | sed -n 's/.*bytes_written.: \([0-9]*\).*/\1/p')
 sync
-# The final delta: snapshot of the change + restore into the pre-synced
-# target, in one command (one key derivation), against rsync -a.
-run "final delta (ferry sync)" "$ferry" sync data restored --vault vault --volume bench --delete
-cp out.json final.json
-/usr/bin/time -f '%e %M' -o time.rsync rsync -a --delete data/ rsync-target/
-echo '{}' > out.json; row "rsync -a --delete (same)" out.json time.rsync
-python3 - "$(secs 'final delta (ferry sync)')" "$(awk '{print $1}' time.rsync)" "${changed:-0}" final.json <<'PY'
+t "snapshot after 1%" ferry "jq_ bytes_uploaded" -- "$ferry" snapshot data --vault vault --volume bench --json
+cp out.txt snap1.json
+has restic && t "snapshot after 1%" restic "echo 0" -- restic backup --repo restic-repo -q data
+has borg && t "snapshot after 1%" borg "echo 0" -- borg create --compression zstd,1 borg-repo::a3 data
+t "delta restore" ferry "jq_ bytes_written" -- "$ferry" restore bench restored --vault vault --delete --json
+cp out.txt rest1.json
+has rsync && t "final delta" rsync "echo $changed" -- rsync -a --delete data/ rsync-target/
+has rclone && t "final delta" rclone "echo 0" -- rclone sync --links data rclone-target
+
+python3 - "$size" "${changed:-0}" <<'PY'
 import json, sys
-ferry, rs, changed = map(float, sys.argv[1:4])
-o = json.load(open(sys.argv[4]))
-s, r = o["snapshot"], o["restore"]
-print("final delta: ferry %.2f s (snapshot %.2f s: read %.1f MB, new %.1f MB; restore %.2f s: wrote %.1f MB, phases %s), "
-      "rsync -a %.2f s; rsync/ferry = %.2f; the mutation wrote %.1f MB (ferry new/changed = %.2f, written/changed = %.2f)"
-      % (ferry, s["duration_s"], s["bytes_scanned"] / 1e6, s["bytes_new"] / 1e6, r["duration_s"], r["bytes_written"] / 1e6,
-         {k: round(v, 2) for k, v in r["phases"].items()}, rs, rs / max(ferry, 1e-9), changed / 1e6,
-         s["bytes_new"] / max(changed, 1), r["bytes_written"] / max(changed, 1)))
+size, changed = int(sys.argv[1]), int(sys.argv[2])
+rows = [l.rstrip("\n").split("\t") for l in open("results.tsv")]
+rows = [(op, tool, float(w), int(r), int(float(s or 0))) for op, tool, w, r, s in rows]
+ferry = {op: w for op, tool, w, r, s in rows if tool == "ferry"}
+ferry["final delta"] = ferry["snapshot after 1%"] + ferry["delta restore"]
+print("%-20s %-7s %8s %9s %9s %12s %12s" % ("operation", "tool", "wall s", "MB/s", "RSS MiB", "stored/wr MB", "peer/ferry"))
+rows.append(("final delta", "ferry", ferry["final delta"], 0, 0))
+order = ["initial snapshot", "unchanged snapshot", "full restore", "snapshot after 1%", "delta restore", "final delta"]
+for op in order:
+    for o, tool, w, r, s in rows:
+        if o != op:
+            continue
+        ratio = "" if tool == "ferry" else "%.2f" % (w / ferry[op])
+        print("%-20s %-7s %8.2f %9.1f %9.0f %12.1f %12s" % (op, tool, w, size / 1e6 / max(w, 1e-9), r / 1024, s / 1e6, ratio))
+s, r = json.load(open("snap1.json")), json.load(open("rest1.json"))
+print("ferry final delta = snapshot after 1%% + delta restore (two processes, two key derivations); the mutation wrote %.1f MB: "
+      "ferry stored %.1f MB new (%.2fx), wrote %.1f MB into the target (%.2fx); restore phases %s"
+      % (changed / 1e6, s["bytes_new"] / 1e6, s["bytes_new"] / max(changed, 1), r["bytes_written"] / 1e6,
+         r["bytes_written"] / max(changed, 1), {k: round(v, 2) for k, v in r["phases"].items()}))
 PY
-diff -r data restored >/dev/null && echo "restored target equals the source" || echo "MISMATCH between data and restored"
-echo "vault: $(du -sh vault | cut -f1)"
+diff -r --no-dereference data restored >/dev/null && echo "ferry's restored target equals the source" || echo "MISMATCH between data and restored"
