@@ -298,3 +298,62 @@ fn symlinks_in_the_target_are_never_followed() {
         "nothing written outside the target"
     );
 }
+
+/// A full disk: a 3 MiB tmpfs in a private mount namespace (`unshare -rm`,
+/// so no privileges and nothing left mounted).
+#[test]
+fn full_target_disk_is_one_clear_error_and_restored_files_stay_whole() {
+    let env = Env::new();
+    let src = env.path("src");
+    std::fs::create_dir_all(&src).unwrap();
+    for i in 0..5 {
+        std::fs::write(src.join(format!("small{i}")), noise(20_000, i)).unwrap();
+    }
+    std::fs::write(src.join("zbig"), noise(6 << 20, 99)).unwrap();
+    let vault = init(&env);
+    env.json(&[
+        "snapshot",
+        src.to_str().unwrap(),
+        "--vault",
+        &vault,
+        "--volume",
+        "v",
+    ]);
+    let (mnt, out) = (env.path("mnt"), env.path("out"));
+    std::fs::create_dir_all(&mnt).unwrap();
+    let script = format!(
+        "mount -t tmpfs -o size=3m tmpfs {mnt} && {{ \"$0\" restore v {mnt}/t --vault {vault}; echo \"exit=$?\" >&2; cp -a {mnt}/t {out}; }}",
+        mnt = mnt.display(),
+        vault = vault,
+        out = out.display()
+    );
+    let mut c = std::process::Command::new("unshare");
+    c.args(["-rm", "sh", "-c", &script, env!("CARGO_BIN_EXE_ferry")]);
+    for (k, v) in &env.vars {
+        c.env(k, v);
+    }
+    let o = c.output().unwrap();
+    let err = stderr(&o);
+    assert!(err.contains("exit=1"), "{err}");
+    let first = err.lines().next().unwrap();
+    assert!(
+        first.starts_with("error: ") && first.contains("No space left") && first.contains("zbig"),
+        "{err}"
+    );
+    assert!(
+        !out.join("zbig").exists(),
+        "the file that did not fit is not there under its name"
+    );
+    let mut whole = 0;
+    for f in files_under(&out) {
+        let name = f.file_name().unwrap().to_string_lossy().to_string();
+        assert!(!name.contains(".ferry-"), "temporary file left: {name}");
+        assert_eq!(
+            std::fs::read(&f).unwrap(),
+            std::fs::read(src.join(&name)).unwrap(),
+            "{name}"
+        );
+        whole += 1;
+    }
+    assert!(whole >= 1, "files that fit were restored");
+}

@@ -160,6 +160,7 @@ pub async fn restore_block(
         catalog.as_ref(),
         vec![WriteTarget {
             path: target.to_path_buf(),
+            dest: target.to_path_buf(),
             fresh,
         }],
         needs,

@@ -126,6 +126,8 @@ pub struct RestoreSummary {
 #[derive(Clone, Debug)]
 pub struct WriteTarget {
     pub(crate) path: PathBuf,
+    /// The real name, for messages (`path` may be a temporary name).
+    pub(crate) dest: PathBuf,
     pub(crate) fresh: bool,
 }
 
@@ -482,6 +484,7 @@ impl Walker<'_> {
                 plan.files.push(FilePlan {
                     write: WriteTarget {
                         path: path.clone(),
+                        dest: path.clone(),
                         fresh: false,
                     },
                     dest: path,
@@ -504,6 +507,7 @@ impl Walker<'_> {
                 plan.files.push(FilePlan {
                     write: WriteTarget {
                         path: tmp.clone(),
+                        dest: path.clone(),
                         fresh: true,
                     },
                     dest: path,
@@ -916,24 +920,26 @@ async fn restore_pack(
         })
         .await;
         match r {
-            Ok(Ok((n, failed))) => {
-                out.bytes_written += n;
-                progress.advance(n);
-                if let Some((_, msg)) = failed.first() {
-                    let bad: Vec<PackEntry> = failed
-                        .iter()
-                        .map(|(i, _)| list_for_errors[*i].clone())
-                        .collect();
-                    let mut files = affected(&bad);
+            Ok(sc) => {
+                out.bytes_written += sc.written;
+                progress.advance(sc.written);
+                let mut files: Vec<u32> = sc.failed_files.iter().map(|(f, _)| *f).collect();
+                let bad: Vec<PackEntry> = sc
+                    .failed_blobs
+                    .iter()
+                    .map(|(i, _)| list_for_errors[*i].clone())
+                    .collect();
+                files.extend(affected(&bad));
+                let msg = sc
+                    .failed_blobs
+                    .first()
+                    .map(|(_, m)| m)
+                    .or(sc.failed_files.first().map(|(_, m)| m));
+                if let Some(msg) = msg {
                     let prev = out.error.take().map(|(_, f)| f).unwrap_or_default();
                     files.extend(prev);
                     out.error = Some((msg.clone(), files));
                 }
-            }
-            Ok(Err(e)) => {
-                let rest: Vec<PackEntry> = spans[i..].iter().flat_map(|s| s.2.clone()).collect();
-                out.error = Some((e.to_string(), affected(&rest)));
-                return out;
             }
             Err(e) => {
                 let rest: Vec<PackEntry> = spans[i..].iter().flat_map(|s| s.2.clone()).collect();
@@ -959,43 +965,59 @@ fn scatter(
     list: &[PackEntry],
     needs: &[Vec<(u32, u64)>],
     files: &[WriteTarget],
-) -> Result<(u64, Vec<(usize, String)>)> {
+) -> Scattered {
     let mut open: HashMap<u32, File> = HashMap::new();
-    let mut written = 0u64;
-    let mut failed = Vec::new();
+    let mut out = Scattered {
+        written: 0,
+        failed_blobs: Vec::new(),
+        failed_files: Vec::new(),
+    };
+    let mut dead: HashSet<u32> = HashSet::new();
     for (i, (e, places)) in list.iter().zip(needs).enumerate() {
         let from = (e.offset - start) as usize;
         let mut buf = bytes[from..from + e.stored_len as usize].to_vec();
         if let Err(err) = crate::pack::open_blob_with(cipher, ids, pack, e, &mut buf) {
-            failed.push((i, err.to_string()));
+            out.failed_blobs.push((i, err.to_string()));
             continue;
         }
         let zero = buf.iter().all(|b| *b == 0);
         for (f, off) in places {
             let t = &files[*f as usize];
-            if zero && t.fresh {
+            if (zero && t.fresh) || dead.contains(f) {
                 // A new file is all holes until written: zero runs stay holes.
                 continue;
             }
             let file = match open.entry(*f) {
-                std::collections::hash_map::Entry::Occupied(o) => o.into_mut(),
-                std::collections::hash_map::Entry::Vacant(v) => {
-                    let p = &t.path;
-                    v.insert(
-                        OpenOptions::new()
-                            .write(true)
-                            .custom_flags(libc::O_NOFOLLOW)
-                            .open(p)
-                            .map_err(|e| Error::io(p, e))?,
-                    )
-                }
+                std::collections::hash_map::Entry::Occupied(o) => Ok(o.into_mut()),
+                std::collections::hash_map::Entry::Vacant(v) => OpenOptions::new()
+                    .write(true)
+                    .custom_flags(libc::O_NOFOLLOW)
+                    .open(&t.path)
+                    .map(|h| v.insert(h)),
             };
-            file.write_all_at(&buf, *off)
-                .map_err(|err| Error::io(&t.path, err))?;
-            written += buf.len() as u64;
+            // A write that fails (a full disk) fails that file only; the
+            // message names the file by its real name.
+            match file.and_then(|h| h.write_all_at(&buf, *off)) {
+                Ok(()) => out.written += buf.len() as u64,
+                Err(err) => {
+                    dead.insert(*f);
+                    open.remove(f);
+                    out.failed_files
+                        .push((*f, Error::io(&t.dest, err).to_string()));
+                }
+            }
         }
     }
-    Ok((written, failed))
+    out
+}
+
+/// What one span's scatter did.
+struct Scattered {
+    written: u64,
+    /// Blobs (index in the span) that did not open, with the reason.
+    failed_blobs: Vec<(usize, String)>,
+    /// Files that could not be written, with the reason.
+    failed_files: Vec<(u32, String)>,
 }
 
 struct Finished {
