@@ -416,10 +416,14 @@ impl Walker<'_> {
                             c
                         }
                     });
-                } else if old_chunks.is_none() && m.len() == *size && *size > 0 {
+                } else if old_chunks.is_none() && m.len() == *size {
                     // Small file, unknown to the memory: equal content needs
                     // no write, only the memory updated.
-                    let (c, read) = changed_by_reading(&path, m.len(), chunks, self.vault.ids())?;
+                    let (c, read) = if *size == 0 {
+                        (Vec::new(), 0)
+                    } else {
+                        changed_by_reading(&path, m.len(), chunks, self.vault.ids())?
+                    };
                     plan.bytes_compared += read;
                     if !c.contains(&true) {
                         plan.unchanged.push(Unchanged {
@@ -431,15 +435,6 @@ impl Walker<'_> {
                         });
                         return Ok(());
                     }
-                } else if old_chunks.is_none() && m.len() == 0 && *size == 0 {
-                    plan.unchanged.push(Unchanged {
-                        path,
-                        rel,
-                        node,
-                        md: m.clone(),
-                        known: false,
-                    });
-                    return Ok(());
                 }
             }
             Some(_) => remove_any(&path)?,

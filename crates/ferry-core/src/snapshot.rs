@@ -968,7 +968,13 @@ fn chunk_file_hinted(
     if let Some((_, b, hid)) = held.take() {
         send(b, Some(hid))?;
     }
-    // A file written to while it was read is saved as read, and named.
+    end_of_read(path, sig, stats, progress);
+    Ok(None)
+}
+
+/// After a file was read whole: a file written to while it was read is
+/// saved as read, and named in a warning.
+fn end_of_read(path: &Path, sig: (u64, i64, i64), stats: &Stats, progress: &dyn Progress) {
     let changed = std::fs::symlink_metadata(path).map_or(true, |now| {
         (now.len(), now.mtime(), now.mtime_nsec()) != sig
     });
@@ -980,7 +986,6 @@ fn chunk_file_hinted(
         );
     }
     progress.file_done();
-    Ok(None)
 }
 
 fn warn(stats: &Stats, progress: &dyn Progress, msg: String) {
@@ -1031,19 +1036,10 @@ fn chunk_file(
         }
     }
     if error.is_none() {
-        // A file written to while it was read is saved as read, and named.
-        let changed = std::fs::symlink_metadata(path).map_or(true, |now| {
-            (now.len(), now.mtime(), now.mtime_nsec()) != sig
-        });
-        if changed {
-            warn(
-                stats,
-                progress,
-                format!("{}: changed while it was read (unstable)", path.display()),
-            );
-        }
+        end_of_read(path, sig, stats, progress);
+    } else {
+        progress.file_done();
     }
-    progress.file_done();
     Ok(error)
 }
 
