@@ -5,7 +5,6 @@ use std::sync::Arc;
 
 use anyhow::{Context, Result, anyhow, bail};
 use ferry_catalog::SqliteCatalog;
-use ferry_catalog::target::SqliteTargetState;
 use ferry_core::catalog::Catalog;
 use ferry_core::config::VaultOptions;
 use ferry_core::restore::RestoreOptions;
@@ -123,14 +122,23 @@ pub async fn run(cli: Cli) -> Result<u8> {
             volume,
             reread,
             block,
+            remote,
         } => {
+            if let Some(client) = crate::fleet::client(g, &remote)? {
+                let spec = ferry_fleet::spec::JobSpec::Snapshot {
+                    source: crate::fleet::absolute(&source)?,
+                    volume,
+                    reread,
+                    block,
+                };
+                return crate::fleet::run_job(g, &client, &remote, spec).await;
+            }
             let (vault, catalog) = open(None, g).await?;
             let bar = Arc::new(Bar::new("snapshot"));
             let mut opts = SnapshotOptions::new(volume);
             opts.reread = reread;
             opts.block = block;
-            let r =
-                ferry_core::snapshot::snapshot(vault, catalog, &source, &opts, bar.clone()).await;
+            let r = ferry_fleet::work::snapshot(vault, catalog, &source, &opts, bar.clone()).await;
             bar.finish();
             let s = r?;
             print(g, &s, || snapshot_text(&s))?;
@@ -181,7 +189,18 @@ pub async fn run(cli: Cli) -> Result<u8> {
             snapshot,
             target,
             delta,
+            remote,
         } => {
+            if let Some(client) = crate::fleet::client(g, &remote)? {
+                let spec = ferry_fleet::spec::JobSpec::Restore {
+                    snapshot,
+                    target: crate::fleet::absolute(&target)?,
+                    delete: delta.delete,
+                    verify: delta.verify,
+                    reread_target: delta.reread_target,
+                };
+                return crate::fleet::run_job(g, &client, &remote, spec).await;
+            }
             let (vault, catalog) = open(None, g).await?;
             let snap = ferry_core::sync::find_snapshot(catalog.as_ref(), &snapshot)?;
             let s = restore_into(vault, catalog, &snap, &target, &delta).await?;
@@ -195,7 +214,25 @@ pub async fn run(cli: Cli) -> Result<u8> {
             reread,
             block,
             delta,
+            from_agent,
+            to_agent,
         } => {
+            if g.coordinator.is_some() || from_agent.is_some() || to_agent.is_some() {
+                return crate::fleet::sync(
+                    g,
+                    crate::fleet::SyncJob {
+                        source,
+                        target,
+                        volume,
+                        reread,
+                        block,
+                        delta,
+                        from_agent,
+                        to_agent,
+                    },
+                )
+                .await;
+            }
             let started = std::time::Instant::now();
             let (vault, catalog) = match g.vault {
                 Some(_) => open(None, g).await?,
@@ -206,7 +243,7 @@ pub async fn run(cli: Cli) -> Result<u8> {
             let mut opts = SnapshotOptions::new(volume);
             opts.reread = reread;
             opts.block = block;
-            let r = ferry_core::snapshot::snapshot(
+            let r = ferry_fleet::work::snapshot(
                 vault.clone(),
                 catalog.clone(),
                 &source,
@@ -245,6 +282,15 @@ pub async fn run(cli: Cli) -> Result<u8> {
             })?;
             Ok(if snap_summary.incomplete { 3 } else { 0 })
         }
+        Command::Coordinator {
+            listen,
+            tls_cert,
+            tls_key,
+            lease_seconds,
+        } => crate::fleet::coordinator(g, listen, tls_cert, tls_key, lease_seconds).await,
+        Command::Agent { name, roots } => crate::fleet::agent(g, name, roots).await,
+        Command::Agents => crate::fleet::agents(g).await,
+        Command::Jobs { id } => crate::fleet::jobs(g, id).await,
         Command::Catalog(CatalogCmd::Rebuild) => {
             let loc = location_of(None, g)?;
             let vault = Vault::open(&loc, &passphrase(g)?).await?;
@@ -291,7 +337,7 @@ pub async fn run(cli: Cli) -> Result<u8> {
     }
 }
 
-fn snapshot_text(s: &ferry_core::snapshot::SnapshotSummary) -> String {
+pub(crate) fn snapshot_text(s: &ferry_core::snapshot::SnapshotSummary) -> String {
     format!(
         "snapshot {} of {} saved: {} files ({} unchanged), {} read, {} new, {} uploaded in {:.1}s \
          (scan {:.1}s, upload done {:.1}s, commit {:.1}s){}",
@@ -314,7 +360,7 @@ fn snapshot_text(s: &ferry_core::snapshot::SnapshotSummary) -> String {
     )
 }
 
-fn restore_text(s: &ferry_core::restore::RestoreSummary, target: &Path) -> String {
+pub(crate) fn restore_text(s: &ferry_core::restore::RestoreSummary, target: &Path) -> String {
     let p = &s.phases;
     format!(
         "restored snapshot {} of {} into {}: {} files written ({} patched), {} unchanged, {} deleted, {} extra; {} written in {:.1}s \
@@ -341,8 +387,6 @@ fn restore_text(s: &ferry_core::restore::RestoreSummary, target: &Path) -> Strin
     )
 }
 
-/// Restores with the target's memory (kept under the state directory, by
-/// the target's canonical path).
 async fn restore_into(
     vault: Arc<Vault>,
     catalog: Arc<dyn Catalog>,
@@ -350,11 +394,6 @@ async fn restore_into(
     target: &Path,
     delta: &crate::DeltaArgs,
 ) -> Result<ferry_core::restore::RestoreSummary> {
-    if !snap.block {
-        std::fs::create_dir_all(target)
-            .with_context(|| format!("creating target {}", target.display()))?;
-    }
-    let state = SqliteTargetState::open(&ferry_catalog::target::default_path(target))?;
     let opts = RestoreOptions {
         delete: delta.delete,
         verify: delta.verify,
@@ -362,22 +401,13 @@ async fn restore_into(
         ..Default::default()
     };
     let bar = Arc::new(Bar::new("restore"));
-    let r = ferry_core::restore::restore(
-        vault,
-        catalog,
-        Arc::new(state),
-        snap,
-        target,
-        &opts,
-        bar.clone(),
-    )
-    .await;
+    let r = ferry_fleet::work::restore(vault, catalog, snap, target, &opts, bar.clone()).await;
     bar.finish();
     Ok(r?)
 }
 
 /// The volume name `ferry sync` uses when none is given: stable per source.
-fn default_volume(source: &Path) -> String {
+pub(crate) fn default_volume(source: &Path) -> String {
     let canon = std::fs::canonicalize(source).unwrap_or_else(|_| source.to_path_buf());
     let base = canon
         .file_name()
@@ -425,14 +455,14 @@ fn hex_key() -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
-fn location_of(positional: Option<&str>, g: &Global) -> Result<Location> {
+pub(crate) fn location_of(positional: Option<&str>, g: &Global) -> Result<Location> {
     let s = positional
         .or(g.vault.as_deref())
         .ok_or_else(|| anyhow!("no vault given: pass --vault VAULT or set FERRY_VAULT"))?;
     Ok(Location::parse(s)?)
 }
 
-fn passphrase(g: &Global) -> Result<Vec<u8>> {
+pub(crate) fn passphrase(g: &Global) -> Result<Vec<u8>> {
     if let Some(f) = &g.passphrase_file {
         let s =
             std::fs::read(f).with_context(|| format!("reading passphrase file {}", f.display()))?;
@@ -452,7 +482,7 @@ fn passphrase(g: &Global) -> Result<Vec<u8>> {
     }
 }
 
-fn catalog_path(g: &Global, vault: &Vault) -> std::path::PathBuf {
+pub(crate) fn catalog_path(g: &Global, vault: &Vault) -> std::path::PathBuf {
     g.catalog
         .clone()
         .unwrap_or_else(|| ferry_catalog::default_path(vault.id()))
@@ -460,7 +490,7 @@ fn catalog_path(g: &Global, vault: &Vault) -> std::path::PathBuf {
 
 /// Opens the vault and its embedded catalog, bringing the catalog up to
 /// date with the vault (a new catalog is filled from the vault).
-async fn open(positional: Option<&str>, g: &Global) -> Result<(Arc<Vault>, Arc<dyn Catalog>)> {
+pub(crate) async fn open(positional: Option<&str>, g: &Global) -> Result<(Arc<Vault>, Arc<dyn Catalog>)> {
     let loc = location_of(positional, g)?;
     let vault = Vault::open(&loc, &passphrase(g)?).await?;
     let path = catalog_path(g, &vault);
@@ -470,7 +500,7 @@ async fn open(positional: Option<&str>, g: &Global) -> Result<(Arc<Vault>, Arc<d
 }
 
 /// JSON on stdout with --json, else the human text.
-fn print<T: Serialize>(g: &Global, value: &T, human: impl FnOnce() -> String) -> Result<()> {
+pub(crate) fn print<T: Serialize>(g: &Global, value: &T, human: impl FnOnce() -> String) -> Result<()> {
     if g.json {
         println!("{}", serde_json::to_string(value)?);
     } else {

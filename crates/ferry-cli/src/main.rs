@@ -6,6 +6,7 @@
 //! could not be read; the snapshot is consistent and says so).
 
 mod commands;
+mod fleet;
 mod ui;
 
 use std::path::PathBuf;
@@ -37,6 +38,15 @@ pub struct Global {
     /// The embedded catalog file (default: under $XDG_STATE_HOME/ferry, by vault id).
     #[arg(long, global = true, env = "FERRY_CATALOG", value_name = "FILE")]
     pub catalog: Option<PathBuf>,
+    /// Run the work on agents of this coordinator (http://HOST:PORT or https://...).
+    #[arg(long, global = true, env = "FERRY_COORDINATOR", value_name = "URL")]
+    pub coordinator: Option<String>,
+    /// The coordinator's token, first line of this file (or FERRY_TOKEN).
+    #[arg(long, global = true, env = "FERRY_TOKEN_FILE", value_name = "FILE")]
+    pub token_file: Option<PathBuf>,
+    /// A CA certificate (PEM) to trust for an https coordinator.
+    #[arg(long, global = true, value_name = "FILE")]
+    pub tls_ca: Option<PathBuf>,
     /// Print one JSON object on stdout when the command ends.
     #[arg(long, global = true)]
     pub json: bool,
@@ -63,6 +73,8 @@ pub enum Command {
         /// SOURCE is a disk image file to save as a raw block volume (block devices are detected).
         #[arg(long)]
         block: bool,
+        #[command(flatten)]
+        remote: RemoteArgs,
     },
     /// List snapshots, of one volume or all.
     Snapshots {
@@ -77,6 +89,8 @@ pub enum Command {
         target: PathBuf,
         #[command(flatten)]
         delta: DeltaArgs,
+        #[command(flatten)]
+        remote: RemoteArgs,
     },
     /// Snapshot SOURCE, then restore it into TARGET, writing only what changed.
     Sync {
@@ -93,10 +107,47 @@ pub enum Command {
         block: bool,
         #[command(flatten)]
         delta: DeltaArgs,
+        /// With --coordinator: the agent that snapshots SOURCE.
+        #[arg(long, value_name = "NAME")]
+        from_agent: Option<String>,
+        /// With --coordinator: the agent that restores into TARGET.
+        #[arg(long, value_name = "NAME")]
+        to_agent: Option<String>,
     },
     /// Catalog maintenance.
     #[command(subcommand)]
     Catalog(CatalogCmd),
+    /// Serve the catalog and the job queue to agents (fleet mode).
+    Coordinator {
+        /// Address to listen on; anything but loopback needs --token-file.
+        #[arg(long, default_value = "127.0.0.1:7300")]
+        listen: std::net::SocketAddr,
+        /// Serve TLS with this certificate chain (PEM).
+        #[arg(long, value_name = "FILE", requires = "tls_key")]
+        tls_cert: Option<PathBuf>,
+        /// The TLS private key (PEM).
+        #[arg(long, value_name = "FILE", requires = "tls_cert")]
+        tls_key: Option<PathBuf>,
+        /// Seconds a job stays an agent's without a heartbeat.
+        #[arg(long, default_value_t = 30)]
+        lease_seconds: u64,
+    },
+    /// Run jobs from a coordinator next to the data (fleet mode).
+    Agent {
+        /// This agent's name, as jobs address it.
+        #[arg(long)]
+        name: String,
+        /// A directory the agent may read or write; repeat for several.
+        #[arg(long = "root", value_name = "PATH", required = true)]
+        roots: Vec<PathBuf>,
+    },
+    /// List the coordinator's agents.
+    Agents,
+    /// List the coordinator's jobs, or show one.
+    Jobs {
+        /// Only this job.
+        id: Option<u64>,
+    },
 }
 
 /// How a restore treats what is already in the target.
@@ -111,6 +162,17 @@ pub struct DeltaArgs {
     /// Compare existing target files by content instead of trusting what ferry remembers.
     #[arg(long)]
     pub reread_target: bool,
+}
+
+/// Where a job runs in fleet mode.
+#[derive(Args, Clone)]
+pub struct RemoteArgs {
+    /// With --coordinator: the agent that runs the job.
+    #[arg(long, value_name = "NAME")]
+    pub agent: Option<String>,
+    /// With --coordinator: follow the job until it ends; exit with its status.
+    #[arg(long)]
+    pub wait: bool,
 }
 
 #[derive(Subcommand)]

@@ -90,6 +90,14 @@ impl Bar {
         Self { bar: Some(bar) }
     }
 
+    /// Sets the bar from a remote job's counters.
+    pub fn set(&self, done: u64, total: u64) {
+        if let Some(b) = &self.bar {
+            b.set_length(total.max(done));
+            b.set_position(done);
+        }
+    }
+
     pub fn finish(&self) {
         if let Some(b) = &self.bar {
             b.finish_and_clear();

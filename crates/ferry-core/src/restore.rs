@@ -79,7 +79,7 @@ impl Default for RestoreOptions {
 }
 
 /// Seconds, bytes and files per phase: the downtime breakdown.
-#[derive(Clone, Debug, Default, Serialize)]
+#[derive(Clone, Debug, Default, Serialize, serde::Deserialize)]
 pub struct RestorePhases {
     /// Walking trees and comparing with the target.
     pub plan_s: f64,
@@ -90,7 +90,7 @@ pub struct RestorePhases {
     pub verify_s: f64,
 }
 
-#[derive(Clone, Debug, Default, Serialize)]
+#[derive(Clone, Debug, Default, Serialize, serde::Deserialize)]
 pub struct RestoreSummary {
     pub snapshot_id: String,
     pub volume: String,

@@ -78,7 +78,7 @@ fn hostname() -> String {
 }
 
 /// What a snapshot did; printed as JSON by `ferry snapshot --json`.
-#[derive(Clone, Debug, Default, Serialize)]
+#[derive(Clone, Debug, Default, Serialize, serde::Deserialize)]
 pub struct SnapshotSummary {
     pub snapshot_id: String,
     pub volume: String,
@@ -107,7 +107,7 @@ pub struct SnapshotSummary {
 
 /// When each part of a snapshot ended, in seconds from its start (they
 /// overlap: uploads run while files are read).
-#[derive(Clone, Debug, Default, Serialize)]
+#[derive(Clone, Debug, Default, Serialize, serde::Deserialize)]
 pub struct SnapshotPhases {
     /// Walking the source, reading and chunking: until the last file was read.
     pub scan_s: f64,
@@ -130,6 +130,9 @@ struct Stats {
     special: AtomicU64,
 }
 
+/// Chunks a worker looks up in the catalog at once.
+const DEDUP_BATCH: usize = 128;
+
 /// Decides which blobs this run stores: those neither in the catalog nor
 /// already claimed by another worker of this run.
 struct Dedup {
@@ -139,13 +142,35 @@ struct Dedup {
 
 impl Dedup {
     fn claim(&self, id: BlobId) -> Result<bool> {
-        if self.claimed.lock().expect("poisoned").contains(&id) {
-            return Ok(false);
-        }
-        if self.catalog.contains(&[id])?[0] {
-            return Ok(false);
-        }
-        Ok(self.claimed.lock().expect("poisoned").insert(id))
+        Ok(self.claim_batch(&[id])?[0])
+    }
+
+    /// For each id, whether this worker stores it. One catalog call for the
+    /// whole batch: with a remote catalog, one round trip per batch.
+    fn claim_batch(&self, ids: &[BlobId]) -> Result<Vec<bool>> {
+        let ask: Vec<BlobId> = {
+            let claimed = self.claimed.lock().expect("poisoned");
+            let mut seen = HashSet::new();
+            ids.iter()
+                .filter(|id| !claimed.contains(*id) && seen.insert(**id))
+                .copied()
+                .collect()
+        };
+        let known: HashSet<BlobId> = if ask.is_empty() {
+            HashSet::new()
+        } else {
+            let present = self.catalog.contains(&ask)?;
+            ask.iter()
+                .zip(present)
+                .filter(|(_, p)| *p)
+                .map(|(id, _)| *id)
+                .collect()
+        };
+        let mut claimed = self.claimed.lock().expect("poisoned");
+        Ok(ids
+            .iter()
+            .map(|id| !known.contains(id) && claimed.insert(*id))
+            .collect())
     }
 }
 
@@ -240,7 +265,7 @@ pub async fn snapshot(
         stats.clone(),
     ));
 
-    let (jobs_tx, jobs_rx) = crossbeam_channel::bounded::<Job>(workers * 4);
+    let (jobs_tx, jobs_rx) = crossbeam_channel::bounded::<Job>(workers * DEDUP_BATCH / 2);
     let (items_tx, items_rx) = crossbeam_channel::bounded::<Item>(4096);
 
     let mut worker_handles = Vec::new();
@@ -1056,21 +1081,36 @@ fn work(
     stats: &Stats,
 ) -> Result<()> {
     let mut pack = PackWriter::new(key, pack_size);
-    for job in jobs {
-        let id = job.id.unwrap_or_else(|| ids.id(&job.data));
-        let len = job.data.len();
-        stats.chunks.fetch_add(1, Ordering::Relaxed);
-        if dedup.claim(id)? {
-            pack.add(BlobKind::Data, id, &job.data, level);
-            stats.bytes_new.fetch_add(len as u64, Ordering::Relaxed);
-            stats.chunks_new.fetch_add(1, Ordering::Relaxed);
-            if pack.is_full() {
-                let full = std::mem::replace(&mut pack, PackWriter::new(key, pack_size));
-                packs.blocking_send(full.finish()).map_err(|_| stopped())?;
+    let mut batch = Vec::with_capacity(DEDUP_BATCH);
+    while let Ok(first) = jobs.recv() {
+        // Take what is already queued, so the catalog sees batches.
+        batch.push(first);
+        while batch.len() < DEDUP_BATCH {
+            match jobs.try_recv() {
+                Ok(j) => batch.push(j),
+                Err(_) => break,
             }
         }
-        // The collector may be gone after a failure elsewhere.
-        let _ = job.reply.send(ChunkRef(id, len as u32));
+        let ids_: Vec<BlobId> = batch
+            .iter()
+            .map(|j| j.id.unwrap_or_else(|| ids.id(&j.data)))
+            .collect();
+        let claims = dedup.claim_batch(&ids_)?;
+        for ((job, id), claim) in batch.drain(..).zip(ids_).zip(claims) {
+            let len = job.data.len();
+            stats.chunks.fetch_add(1, Ordering::Relaxed);
+            if claim {
+                pack.add(BlobKind::Data, id, &job.data, level);
+                stats.bytes_new.fetch_add(len as u64, Ordering::Relaxed);
+                stats.chunks_new.fetch_add(1, Ordering::Relaxed);
+                if pack.is_full() {
+                    let full = std::mem::replace(&mut pack, PackWriter::new(key, pack_size));
+                    packs.blocking_send(full.finish()).map_err(|_| stopped())?;
+                }
+            }
+            // The collector may be gone after a failure elsewhere.
+            let _ = job.reply.send(ChunkRef(id, len as u32));
+        }
     }
     if !pack.is_empty() {
         packs.blocking_send(pack.finish()).map_err(|_| stopped())?;

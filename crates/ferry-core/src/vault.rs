@@ -154,6 +154,38 @@ pub struct Vault {
     ids: IdHasher,
 }
 
+/// Reads and checks a vault's config object.
+async fn read_config(store: &dyn ObjectStore, name: &str) -> Result<VaultConfig> {
+    let body = match store.get(&Path::from("config")).await {
+        Ok(r) => r
+            .bytes()
+            .await
+            .map_err(|e| store_error(name, "read", "config", e))?,
+        Err(object_store::Error::NotFound { .. }) => {
+            return Err(Error::NotInitialised { vault: name.into() });
+        }
+        Err(e) => return Err(store_error(name, "read", "config", e)),
+    };
+    let bad = |reason: String| Error::BadConfig {
+        vault: name.into(),
+        reason,
+    };
+    let config: VaultConfig = serde_json::from_slice(&body).map_err(|e| bad(e.to_string()))?;
+    if config.format != FORMAT_NAME {
+        return Err(bad(format!(
+            "not a ferry vault (format {:?})",
+            config.format
+        )));
+    }
+    if config.version != FORMAT_VERSION {
+        return Err(bad(format!(
+            "format version {} is not supported by this ferry (it reads version {FORMAT_VERSION})",
+            config.version
+        )));
+    }
+    Ok(config)
+}
+
 pub fn pack_path(id: &PackId) -> Path {
     let h = id.to_hex();
     Path::from(format!("packs/{}/{}", &h[..2], h))
@@ -230,34 +262,11 @@ impl Vault {
         name: &str,
         passphrase: &[u8],
     ) -> Result<Vault> {
-        let body = match store.get(&Path::from("config")).await {
-            Ok(r) => r
-                .bytes()
-                .await
-                .map_err(|e| store_error(name, "read", "config", e))?,
-            Err(object_store::Error::NotFound { .. }) => {
-                return Err(Error::NotInitialised { vault: name.into() });
-            }
-            Err(e) => return Err(store_error(name, "read", "config", e)),
-        };
-        let bad = |reason: String| Error::BadConfig {
+        let config = read_config(store.as_ref(), name).await?;
+        let wrapped = hex::decode(&config.keys).map_err(|_| Error::BadConfig {
             vault: name.into(),
-            reason,
-        };
-        let config: VaultConfig = serde_json::from_slice(&body).map_err(|e| bad(e.to_string()))?;
-        if config.format != FORMAT_NAME {
-            return Err(bad(format!(
-                "not a ferry vault (format {:?})",
-                config.format
-            )));
-        }
-        if config.version != FORMAT_VERSION {
-            return Err(bad(format!(
-                "format version {} is not supported by this ferry (it reads version {FORMAT_VERSION})",
-                config.version
-            )));
-        }
-        let wrapped = hex::decode(&config.keys).map_err(|_| bad("bad wrapped keys".into()))?;
+            reason: "bad wrapped keys".into(),
+        })?;
         let keys = keys::unwrap(&wrapped, &config.kdf, passphrase, &config.vault_id)?
             .ok_or_else(|| Error::WrongPassphrase { vault: name.into() })?;
         Ok(Vault {
@@ -267,6 +276,41 @@ impl Vault {
             config,
             keys,
         })
+    }
+
+    /// Opens a vault with keys handed over by a coordinator instead of a
+    /// passphrase (the coordinator unwrapped them). The vault at `location`
+    /// must be the coordinator's (`vault_id`): an agent may reach the same
+    /// vault through another endpoint, never another vault.
+    pub async fn open_with_keys(
+        location: &Location,
+        vault_id: &str,
+        keys: MasterKeys,
+    ) -> Result<Vault> {
+        let name = location.to_string();
+        let store = location.store(false)?;
+        let config = read_config(store.as_ref(), &name).await?;
+        if config.vault_id != vault_id {
+            return Err(Error::BadConfig {
+                vault: name,
+                reason: format!(
+                    "this is vault {}, but the coordinator's vault is {vault_id}",
+                    config.vault_id
+                ),
+            });
+        }
+        Ok(Vault {
+            ids: IdHasher::new(keys.id),
+            store,
+            name,
+            config,
+            keys,
+        })
+    }
+
+    /// The vault's secrets, for a coordinator to hand to its agents.
+    pub fn master_keys(&self) -> &MasterKeys {
+        &self.keys
     }
 
     pub fn name(&self) -> &str {

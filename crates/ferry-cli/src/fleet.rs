@@ -1,0 +1,466 @@
+//! Fleet-mode commands: run the coordinator or an agent, submit jobs to
+//! agents and follow them, list agents and jobs.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result, anyhow, bail};
+use ferry_catalog::SqliteCatalog;
+use ferry_catalog::jobs::JobQueue;
+use ferry_fleet::client::FleetClient;
+use ferry_fleet::conn::ConnectOptions;
+use ferry_fleet::proto::JobInfo;
+use ferry_fleet::spec::JobSpec;
+use serde::Serialize;
+use serde_json::Value;
+
+use crate::commands::{print, restore_text, snapshot_text};
+use crate::ui::{Bar, human_bytes};
+use crate::{DeltaArgs, Global, RemoteArgs};
+
+/// How long client calls keep retrying a coordinator that is restarting.
+const PATIENCE: Duration = Duration::from_secs(300);
+
+fn connect_options(g: &Global, url: &str) -> Result<ConnectOptions> {
+    let token = match &g.token_file {
+        Some(f) => Some(ferry_fleet::conn::read_token(f)?),
+        None => std::env::var("FERRY_TOKEN").ok().filter(|t| !t.is_empty()),
+    };
+    Ok(ConnectOptions {
+        url: url.to_string(),
+        token,
+        tls_ca: g.tls_ca.clone(),
+    })
+}
+
+fn fleet_client(g: &Global) -> Result<FleetClient> {
+    let url = g
+        .coordinator
+        .as_deref()
+        .ok_or_else(|| anyhow!("no coordinator given: pass --coordinator URL or set FERRY_COORDINATOR"))?;
+    Ok(FleetClient::connect(&connect_options(g, url)?, PATIENCE)?)
+}
+
+/// The client for a job in fleet mode, or None for embedded mode.
+pub fn client(g: &Global, remote: &RemoteArgs) -> Result<Option<FleetClient>> {
+    match (&g.coordinator, &remote.agent) {
+        (None, None) if !remote.wait => Ok(None),
+        (None, _) => bail!("--agent and --wait need --coordinator URL (or FERRY_COORDINATOR)"),
+        (Some(_), None) => bail!("with --coordinator, name the agent that runs the job: --agent NAME"),
+        (Some(_), Some(_)) => Ok(Some(fleet_client(g)?)),
+    }
+}
+
+/// A path for a job on an agent's node: must be absolute, since it means
+/// nothing relative to this shell's directory.
+pub fn absolute(p: &Path) -> Result<PathBuf> {
+    if !p.is_absolute() {
+        bail!(
+            "{}: give an absolute path (the job runs on the agent's node)",
+            p.display()
+        );
+    }
+    Ok(p.to_path_buf())
+}
+
+/// Submits a job; with --wait follows it and exits with its status.
+pub async fn run_job(
+    g: &Global,
+    client: &FleetClient,
+    remote: &RemoteArgs,
+    spec: JobSpec,
+) -> Result<u8> {
+    let agent = remote.agent.as_deref().expect("checked by client()");
+    let job = client.submit(agent, &spec).await?;
+    if !remote.wait {
+        #[derive(Serialize)]
+        struct Out<'a> {
+            job: u64,
+            agent: &'a str,
+            kind: &'a str,
+            state: &'a str,
+        }
+        print(
+            g,
+            &Out {
+                job: job.id,
+                agent,
+                kind: &job.kind,
+                state: &job.state,
+            },
+            || format!("job {} ({}) queued on agent {agent}", job.id, job.kind),
+        )?;
+        return Ok(0);
+    }
+    let done = follow(client, &job).await?;
+    let (code, result) = outcome(&done)?;
+    print(g, &result, || human_result(&done, &result))?;
+    Ok(code)
+}
+
+/// Waits for a job with a progress bar.
+async fn follow(client: &FleetClient, job: &JobInfo) -> Result<JobInfo> {
+    let bar = Bar::new(&format!("{} on {}", job.kind, job.agent));
+    let r = client
+        .wait(job.id, |p| bar.set(p.bytes, p.total_bytes))
+        .await;
+    bar.finish();
+    Ok(r?)
+}
+
+/// A finished job's exit code and summary (with its job id and agent), or
+/// its failure as an error.
+fn outcome(job: &JobInfo) -> Result<(u8, Value)> {
+    if job.state != "done" {
+        bail!(
+            "job {} ({}) on agent {} failed: {}",
+            job.id,
+            job.kind,
+            job.agent,
+            if job.error.is_empty() {
+                "no reason given"
+            } else {
+                &job.error
+            }
+        );
+    }
+    let mut v: Value = serde_json::from_str(&job.result_json)
+        .with_context(|| format!("job {}: unreadable result", job.id))?;
+    if let Value::Object(m) = &mut v {
+        m.insert("job".into(), Value::from(job.id));
+        m.insert("agent".into(), Value::from(job.agent.clone()));
+    }
+    if job.exit_code == 3 {
+        eprintln!(
+            "warning: job {}: the snapshot is incomplete: some entries could not be read",
+            job.id
+        );
+    }
+    Ok((u8::try_from(job.exit_code).unwrap_or(1), v))
+}
+
+fn human_result(job: &JobInfo, v: &Value) -> String {
+    let head = format!("job {} on agent {}: ", job.id, job.agent);
+    match job.kind.as_str() {
+        "snapshot" => match serde_json::from_value(v.clone()) {
+            Ok(s) => head + &snapshot_text(&s),
+            Err(_) => head + &v.to_string(),
+        },
+        _ => {
+            let target = serde_json::from_str::<JobSpec>(&job.spec_json)
+                .map(|s| s.path().to_path_buf())
+                .unwrap_or_default();
+            match serde_json::from_value(v.clone()) {
+                Ok(s) => head + &restore_text(&s, &target),
+                Err(_) => head + &v.to_string(),
+            }
+        }
+    }
+}
+
+pub struct SyncJob {
+    pub source: PathBuf,
+    pub target: PathBuf,
+    pub volume: Option<String>,
+    pub reread: bool,
+    pub block: bool,
+    pub delta: DeltaArgs,
+    pub from_agent: Option<String>,
+    pub to_agent: Option<String>,
+}
+
+/// `ferry sync` across two agents: a snapshot job on one, then a restore
+/// job of exactly that snapshot on the other.
+pub async fn sync(g: &Global, s: SyncJob) -> Result<u8> {
+    let (Some(from), Some(to)) = (&s.from_agent, &s.to_agent) else {
+        bail!("sync with a coordinator needs --coordinator URL, --from-agent NAME and --to-agent NAME");
+    };
+    let client = fleet_client(g)?;
+    let started = std::time::Instant::now();
+    let source = absolute(&s.source)?;
+    let volume = s
+        .volume
+        .clone()
+        .unwrap_or_else(|| crate::commands::default_volume(&source));
+    let snap_job = client
+        .submit(
+            from,
+            &JobSpec::Snapshot {
+                source,
+                volume: volume.clone(),
+                reread: s.reread,
+                block: s.block,
+            },
+        )
+        .await?;
+    let snap_done = follow(&client, &snap_job).await?;
+    let (snap_code, snap) = outcome(&snap_done)?;
+    let snapshot_id = snap
+        .get("snapshot_id")
+        .and_then(Value::as_str)
+        .ok_or_else(|| anyhow!("job {}: no snapshot id in its result", snap_done.id))?
+        .to_string();
+    let restore_job = client
+        .submit(
+            to,
+            &JobSpec::Restore {
+                snapshot: format!("{volume}@{snapshot_id}"),
+                target: absolute(&s.target)?,
+                delete: s.delta.delete,
+                verify: s.delta.verify,
+                reread_target: s.delta.reread_target,
+            },
+        )
+        .await?;
+    let restore_done = follow(&client, &restore_job).await?;
+    let (_, restore) = outcome(&restore_done)?;
+    #[derive(Serialize)]
+    struct Out<'a> {
+        snapshot_id: &'a str,
+        bytes_written: u64,
+        duration_s: f64,
+        snapshot: &'a Value,
+        restore: &'a Value,
+    }
+    let out = Out {
+        snapshot_id: &snapshot_id,
+        bytes_written: restore
+            .get("bytes_written")
+            .and_then(Value::as_u64)
+            .unwrap_or(0),
+        duration_s: started.elapsed().as_secs_f64(),
+        snapshot: &snap,
+        restore: &restore,
+    };
+    print(g, &out, || {
+        format!(
+            "{}\n{}",
+            human_result(&snap_done, &snap),
+            human_result(&restore_done, &restore)
+        )
+    })?;
+    Ok(snap_code)
+}
+
+pub async fn coordinator(
+    g: &Global,
+    listen: SocketAddr,
+    tls_cert: Option<PathBuf>,
+    tls_key: Option<PathBuf>,
+    lease_seconds: u64,
+) -> Result<u8> {
+    let token = match &g.token_file {
+        Some(f) => Some(ferry_fleet::conn::read_token(f)?),
+        None => std::env::var("FERRY_TOKEN").ok().filter(|t| !t.is_empty()),
+    };
+    let tls = match (&tls_cert, &tls_key) {
+        (Some(c), Some(k)) => Some((
+            std::fs::read(c).with_context(|| format!("reading {}", c.display()))?,
+            std::fs::read(k).with_context(|| format!("reading {}", k.display()))?,
+        )),
+        _ => None,
+    };
+    if lease_seconds == 0 {
+        bail!("--lease-seconds must be at least 1");
+    }
+    let loc = crate::commands::location_of(None, g)?;
+    let vault = ferry_core::vault::Vault::open(&loc, &crate::commands::passphrase(g)?).await?;
+    let path = crate::commands::catalog_path(g, &vault);
+    let (catalog, fresh) = SqliteCatalog::open(&path, vault.id())?;
+    ferry_core::sync::sync_catalog(&vault, &catalog, fresh).await?;
+    let queue = JobQueue::open(&path)?;
+    let opts = ferry_fleet::coordinator::CoordinatorOptions {
+        listen,
+        token,
+        tls,
+        lease: Duration::from_secs(lease_seconds),
+        vault_location: loc.to_string(),
+        vault_id: vault.id().to_string(),
+        keys: vault.master_keys().clone(),
+    };
+    let listener = ferry_fleet::coordinator::bind(&opts).await?;
+    let addr = listener.local_addr().context("listening socket")?;
+    // One line on stdout, for scripts (and tests) that asked for port 0.
+    println!(
+        "coordinator listening on {}://{addr} (catalog {}, vault {})",
+        if opts.tls.is_some() { "https" } else { "http" },
+        path.display(),
+        loc
+    );
+    ferry_fleet::coordinator::serve(
+        listener,
+        Arc::new(catalog),
+        Arc::new(queue),
+        opts,
+        shutdown_signal(),
+    )
+    .await?;
+    Ok(0)
+}
+
+pub async fn agent(g: &Global, name: String, roots: Vec<PathBuf>) -> Result<u8> {
+    let url = g
+        .coordinator
+        .as_deref()
+        .ok_or_else(|| anyhow!("an agent needs --coordinator URL (or FERRY_COORDINATOR)"))?;
+    let opts = ferry_fleet::agent::AgentOptions {
+        connect: connect_options(g, url)?,
+        name,
+        roots,
+        vault: g.vault.clone(),
+        patience: PATIENCE,
+    };
+    let agent = ferry_fleet::agent::Agent::new(opts)?;
+    agent.run(shutdown_signal()).await?;
+    Ok(0)
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {},
+                _ = term.recv() => {},
+            }
+        }
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}
+
+pub async fn agents(g: &Global) -> Result<u8> {
+    let agents = fleet_client(g)?.agents().await?;
+    #[derive(Serialize)]
+    struct A<'a> {
+        name: &'a str,
+        online: bool,
+        host: &'a str,
+        version: &'a str,
+        roots: &'a [String],
+        last_seen: String,
+        running_job: Option<u64>,
+    }
+    let list: Vec<A> = agents
+        .iter()
+        .map(|a| A {
+            name: &a.name,
+            online: a.online,
+            host: &a.host,
+            version: &a.version,
+            roots: &a.roots,
+            last_seen: ferry_core::vault::format_rfc3339(a.last_seen),
+            running_job: (a.running_job != 0).then_some(a.running_job),
+        })
+        .collect();
+    #[derive(Serialize)]
+    struct Out<'a> {
+        agents: &'a [A<'a>],
+    }
+    print(g, &Out { agents: &list }, || {
+        let mut s = format!(
+            "{:<20} {:<8} {:<20} {:<8} {:<21} ROOTS",
+            "NAME", "STATE", "HOST", "JOB", "LAST SEEN"
+        );
+        for a in &list {
+            s.push_str(&format!(
+                "\n{:<20} {:<8} {:<20} {:<8} {:<21} {}",
+                a.name,
+                if a.online { "online" } else { "offline" },
+                a.host,
+                a.running_job.map(|j| j.to_string()).unwrap_or("-".into()),
+                a.last_seen,
+                a.roots.join(",")
+            ));
+        }
+        s.push_str(&format!("\n{} agent(s)", list.len()));
+        s
+    })?;
+    Ok(0)
+}
+
+#[derive(Serialize)]
+struct JobOut {
+    id: u64,
+    agent: String,
+    kind: String,
+    state: String,
+    attempt: u32,
+    exit_code: Option<i32>,
+    spec: Value,
+    progress: Option<Value>,
+    result: Option<Value>,
+    error: Option<String>,
+    created: String,
+    started: Option<String>,
+    finished: Option<String>,
+}
+
+fn job_out(j: &JobInfo) -> JobOut {
+    let json = |s: &str| serde_json::from_str::<Value>(s).ok();
+    let time = |t: i64| (t != 0).then(|| ferry_core::vault::format_rfc3339(t));
+    JobOut {
+        id: j.id,
+        agent: j.agent.clone(),
+        kind: j.kind.clone(),
+        state: j.state.clone(),
+        attempt: j.attempt,
+        exit_code: (j.exit_code >= 0).then_some(j.exit_code),
+        spec: json(&j.spec_json).unwrap_or(Value::Null),
+        progress: json(&j.progress_json),
+        result: json(&j.result_json),
+        error: (!j.error.is_empty()).then(|| j.error.clone()),
+        created: ferry_core::vault::format_rfc3339(j.created),
+        started: time(j.started),
+        finished: time(j.finished),
+    }
+}
+
+pub async fn jobs(g: &Global, id: Option<u64>) -> Result<u8> {
+    let client = fleet_client(g)?;
+    let jobs = match id {
+        Some(id) => vec![client.job(id).await?],
+        None => client.jobs().await?,
+    };
+    let list: Vec<JobOut> = jobs.iter().map(job_out).collect();
+    #[derive(Serialize)]
+    struct Out<'a> {
+        jobs: &'a [JobOut],
+    }
+    print(g, &Out { jobs: &list }, || {
+        let mut s = format!(
+            "{:<6} {:<9} {:<16} {:<8} {:<21} {:>10}  DETAIL",
+            "ID", "KIND", "AGENT", "STATE", "CREATED", "BYTES"
+        );
+        for (j, o) in jobs.iter().zip(&list) {
+            let bytes = o
+                .progress
+                .as_ref()
+                .and_then(|p| p.get("bytes"))
+                .and_then(Value::as_u64)
+                .unwrap_or(0);
+            let detail = match j.state.as_str() {
+                "failed" => j.error.clone(),
+                _ => serde_json::from_str::<JobSpec>(&j.spec_json)
+                    .map(|s| s.path().display().to_string())
+                    .unwrap_or_default(),
+            };
+            s.push_str(&format!(
+                "\n{:<6} {:<9} {:<16} {:<8} {:<21} {:>10}  {}",
+                j.id,
+                j.kind,
+                j.agent,
+                j.state,
+                o.created,
+                human_bytes(bytes),
+                detail
+            ));
+        }
+        s.push_str(&format!("\n{} job(s)", list.len()));
+        s
+    })?;
+    Ok(0)
+}

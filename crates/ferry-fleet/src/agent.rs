@@ -1,0 +1,359 @@
+//! The agent: registers with the coordinator, takes its jobs one at a
+//! time, runs them next to the data with the remote catalog, and reports.
+//!
+//! It acts only under its roots: a job whose path resolves (symlinks
+//! included) outside every root is refused. It survives coordinator
+//! restarts: every call is retried with backoff, and a finished job's
+//! outcome is kept until the coordinator has taken it.
+
+use std::path::{Component, Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use ferry_core::keys::MasterKeys;
+use ferry_core::restore::RestoreOptions;
+use ferry_core::snapshot::SnapshotOptions;
+use ferry_core::vault::{Location, Vault};
+use serde_json::Value;
+
+use crate::conn::{Client, ConnectOptions, jitter, with_retry};
+use crate::proto;
+use crate::remote::RemoteCatalog;
+use crate::spec::{JobSpec, ProgressCounter};
+use crate::{Error, Result};
+
+/// How long an idle agent's Lease call waits for a job.
+pub const LEASE_POLL: Duration = Duration::from_secs(20);
+
+pub struct AgentOptions {
+    pub connect: ConnectOptions,
+    pub name: String,
+    pub roots: Vec<PathBuf>,
+    /// Reach the vault here instead of where the coordinator reaches it
+    /// (another endpoint for the same vault).
+    pub vault: Option<String>,
+    /// How long catalog calls and reports keep retrying an unreachable
+    /// coordinator before the job fails.
+    pub patience: Duration,
+}
+
+/// Resolves `path` (which may not exist yet) and checks that it lies under
+/// one of `roots` (already canonical). Returns the resolved path.
+pub fn confine(roots: &[PathBuf], path: &Path) -> std::result::Result<PathBuf, String> {
+    if !path.is_absolute() {
+        return Err(format!("{}: not an absolute path", path.display()));
+    }
+    if path.components().any(|c| c == Component::ParentDir) {
+        return Err(format!("{}: '..' is not allowed", path.display()));
+    }
+    // The deepest existing ancestor, resolved; the rest appended as is.
+    let mut existing = path.to_path_buf();
+    let mut rest = Vec::new();
+    let resolved = loop {
+        match std::fs::canonicalize(&existing) {
+            Ok(c) => break c,
+            Err(_) => match (existing.file_name(), existing.parent()) {
+                (Some(n), Some(p)) => {
+                    rest.push(n.to_os_string());
+                    existing = p.to_path_buf();
+                }
+                _ => return Err(format!("{}: cannot be resolved", path.display())),
+            },
+        }
+    };
+    let full = rest.iter().rev().fold(resolved, |p, n| p.join(n));
+    if roots.iter().any(|r| full.starts_with(r)) {
+        Ok(full)
+    } else {
+        Err(format!(
+            "{} is outside this agent's roots ({})",
+            path.display(),
+            roots
+                .iter()
+                .map(|r| r.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ))
+    }
+}
+
+pub struct Agent {
+    opts: AgentOptions,
+    roots: Vec<PathBuf>,
+    client: Client,
+}
+
+impl Agent {
+    pub fn new(opts: AgentOptions) -> Result<Self> {
+        if opts.roots.is_empty() {
+            return Err(Error::Invalid("an agent needs at least one --root".into()));
+        }
+        let roots = opts
+            .roots
+            .iter()
+            .map(|r| {
+                std::fs::canonicalize(r).map_err(|e| Error::Io {
+                    what: format!("root {}", r.display()),
+                    source: e,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let client = crate::conn::connect(&opts.connect)?;
+        Ok(Self {
+            opts,
+            roots,
+            client,
+        })
+    }
+
+    /// Registers (waiting for the coordinator if it is not up yet) and
+    /// opens the vault with the keys it hands over.
+    async fn register(&self) -> Result<(Arc<Vault>, Duration)> {
+        let req = proto::RegisterRequest {
+            agent: self.opts.name.clone(),
+            roots: self.roots.iter().map(|r| r.display().to_string()).collect(),
+            host: ferry_core::snapshot::SnapshotOptions::new("x").host,
+            version: env!("CARGO_PKG_VERSION").into(),
+        };
+        let client = self.client.clone();
+        let r = with_retry(&self.opts.connect.url, "Register", Duration::MAX, || {
+            let (mut c, req) = (client.clone(), req.clone());
+            async move { c.register(req).await }
+        })
+        .await?;
+        let key = |b: &[u8], what: &str| -> Result<[u8; 32]> {
+            b.try_into()
+                .map_err(|_| Error::Invalid(format!("coordinator sent a bad {what} key")))
+        };
+        let keys = MasterKeys {
+            data: key(&r.data_key, "data")?,
+            id: key(&r.id_key, "id")?,
+        };
+        let loc = Location::parse(self.opts.vault.as_deref().unwrap_or(&r.vault))?;
+        let vault = Vault::open_with_keys(&loc, &r.vault_id, keys).await?;
+        tracing::info!(agent = %self.opts.name, vault = %loc, "registered");
+        Ok((
+            Arc::new(vault),
+            Duration::from_secs(u64::from(r.lease_seconds.max(1))),
+        ))
+    }
+
+    /// Takes and runs jobs until `stop` resolves.
+    pub async fn run(self, stop: impl std::future::Future<Output = ()>) -> Result<()> {
+        tokio::pin!(stop);
+        let (vault, lease) = tokio::select! {
+            r = self.register() => r?,
+            _ = &mut stop => return Ok(()),
+        };
+        let catalog = Arc::new(RemoteCatalog::connect(
+            &self.opts.connect,
+            self.opts.patience,
+        )?);
+        let mut wait = Duration::from_millis(200);
+        loop {
+            let mut c = self.client.clone();
+            let req = proto::LeaseRequest {
+                agent: self.opts.name.clone(),
+                wait_seconds: LEASE_POLL.as_secs() as u32,
+            };
+            let leased = tokio::select! {
+                r = c.lease(req) => r,
+                _ = &mut stop => return Ok(()),
+            };
+            match leased {
+                Ok(r) => {
+                    wait = Duration::from_millis(200);
+                    if let Some(job) = r.into_inner().job {
+                        self.run_job(job, &vault, &catalog, lease).await;
+                    }
+                }
+                Err(s) if s.code() == tonic::Code::NotFound => {
+                    // The coordinator lost our registration (a new catalog).
+                    tracing::warn!("{}; registering again", crate::status_line(&s));
+                    self.register().await?;
+                }
+                Err(s) if crate::retryable(&s) => {
+                    tracing::warn!(
+                        "coordinator {}: {}; retrying",
+                        self.opts.connect.url,
+                        crate::status_line(&s)
+                    );
+                    tokio::select! {
+                        _ = tokio::time::sleep(jitter(wait)) => {},
+                        _ = &mut stop => return Ok(()),
+                    }
+                    wait = (wait * 2).min(Duration::from_secs(5));
+                }
+                Err(s) => {
+                    return Err(Error::Rpc {
+                        url: self.opts.connect.url.clone(),
+                        call: "Lease",
+                        message: crate::status_line(&s),
+                    });
+                }
+            }
+        }
+    }
+
+    async fn run_job(
+        &self,
+        job: proto::Job,
+        vault: &Arc<Vault>,
+        catalog: &Arc<RemoteCatalog>,
+        lease: Duration,
+    ) {
+        tracing::info!(job = job.id, kind = %job.kind, attempt = job.attempt, "job started");
+        let progress = Arc::new(ProgressCounter::default());
+        let rpcs_before = catalog.rpcs();
+        let heartbeats = {
+            let (client, agent, id, p) = (
+                self.client.clone(),
+                self.opts.name.clone(),
+                job.id,
+                progress.clone(),
+            );
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(lease / 3);
+                loop {
+                    tick.tick().await;
+                    let req = proto::HeartbeatRequest {
+                        agent: agent.clone(),
+                        job: id,
+                        progress_json: serde_json::to_string(&p.snapshot()).unwrap_or_default(),
+                    };
+                    match client.clone().heartbeat(req).await {
+                        Ok(r) if r.get_ref().cancel => {
+                            tracing::warn!(job = id, "the coordinator gave this job up (lease expired)");
+                        }
+                        Ok(_) => {}
+                        Err(s) => tracing::warn!(job = id, "heartbeat: {}", crate::status_line(&s)),
+                    }
+                }
+            })
+        };
+        let outcome = self
+            .execute(&job, vault.clone(), catalog.clone(), progress.clone())
+            .await;
+        heartbeats.abort();
+        let (exit_code, result_json, error) = match outcome {
+            Ok((code, mut v)) => {
+                if let Value::Object(m) = &mut v {
+                    m.insert(
+                        "catalog_rpcs".into(),
+                        Value::from(catalog.rpcs() - rpcs_before),
+                    );
+                }
+                (code, v.to_string(), String::new())
+            }
+            Err(e) => {
+                let msg = e.to_string().lines().next().unwrap_or("").to_string();
+                tracing::warn!(job = job.id, "job failed: {msg}");
+                (1, String::new(), msg)
+            }
+        };
+        let req = proto::FinishRequest {
+            agent: self.opts.name.clone(),
+            job: job.id,
+            exit_code,
+            result_json,
+            error,
+        };
+        let client = self.client.clone();
+        let r = with_retry(&self.opts.connect.url, "Finish", self.opts.patience, || {
+            let (mut c, req) = (client.clone(), req.clone());
+            async move { c.finish(req).await }
+        })
+        .await;
+        match r {
+            Ok(_) => tracing::info!(job = job.id, exit_code, "job finished"),
+            Err(e) => tracing::warn!(job = job.id, "could not report the outcome: {e}"),
+        }
+    }
+
+    /// Runs one job: its exit code (0, or 3 for an incomplete snapshot) and
+    /// its summary.
+    async fn execute(
+        &self,
+        job: &proto::Job,
+        vault: Arc<Vault>,
+        catalog: Arc<RemoteCatalog>,
+        progress: Arc<ProgressCounter>,
+    ) -> Result<(i32, Value)> {
+        let spec: JobSpec = serde_json::from_str(&job.spec_json)
+            .map_err(|e| Error::Invalid(format!("job {}: bad spec: {e}", job.id)))?;
+        let path = confine(&self.roots, spec.path())
+            .map_err(|e| Error::Invalid(format!("agent {} refuses job {}: {e}", self.opts.name, job.id)))?;
+        let json = |v: serde_json::Result<Value>| v.unwrap_or(Value::Null);
+        match spec {
+            JobSpec::Snapshot {
+                volume,
+                reread,
+                block,
+                ..
+            } => {
+                let mut opts = SnapshotOptions::new(volume);
+                opts.reread = reread;
+                opts.block = block;
+                let s = crate::work::snapshot(vault, catalog, &path, &opts, progress).await?;
+                Ok((if s.incomplete { 3 } else { 0 }, json(serde_json::to_value(&s))))
+            }
+            JobSpec::Restore {
+                snapshot,
+                delete,
+                verify,
+                reread_target,
+                ..
+            } => {
+                let snap = {
+                    let c = catalog.clone();
+                    tokio::task::spawn_blocking(move || {
+                        ferry_core::sync::find_snapshot(c.as_ref(), &snapshot)
+                    })
+                    .await
+                    .map_err(|e| Error::Invalid(format!("finding the snapshot: {e}")))??
+                };
+                let opts = RestoreOptions {
+                    delete,
+                    verify,
+                    reread_target,
+                    ..Default::default()
+                };
+                let s = crate::work::restore(vault, catalog, &snap, &path, &opts, progress).await?;
+                Ok((0, json(serde_json::to_value(&s))))
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn jobs_stay_under_the_roots_even_through_symlinks() {
+        let d = tempfile::tempdir().unwrap();
+        let root = d.path().join("root");
+        let outside = d.path().join("outside");
+        std::fs::create_dir_all(root.join("vol")).unwrap();
+        std::fs::create_dir_all(&outside).unwrap();
+        std::os::unix::fs::symlink(&outside, root.join("escape")).unwrap();
+        let roots = vec![std::fs::canonicalize(&root).unwrap()];
+        let croot = &roots[0];
+
+        assert_eq!(confine(&roots, &root.join("vol")).unwrap(), croot.join("vol"));
+        // Not there yet: resolved through its existing parent.
+        assert_eq!(
+            confine(&roots, &root.join("new/deeper")).unwrap(),
+            croot.join("new/deeper")
+        );
+        assert!(confine(&roots, &root.join("escape")).is_err());
+        assert!(confine(&roots, &root.join("escape/new")).is_err());
+        assert!(confine(&roots, &root.join("vol/../../outside")).is_err());
+        assert!(confine(&roots, &outside).is_err());
+        assert!(confine(&roots, Path::new("relative/path")).is_err());
+        // A sibling whose name merely starts like the root.
+        let sibling = d.path().join("rootkit");
+        std::fs::create_dir_all(&sibling).unwrap();
+        assert!(confine(&roots, &sibling).is_err());
+    }
+}

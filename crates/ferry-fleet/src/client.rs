@@ -1,0 +1,91 @@
+//! What the CLI does with a coordinator: submit jobs, follow them, list
+//! agents and jobs. Calls retry while the coordinator restarts.
+
+use std::time::Duration;
+
+use crate::conn::{Client, ConnectOptions, with_retry};
+use crate::proto;
+use crate::spec::{JobProgress, JobSpec};
+use crate::{Error, Result};
+
+pub struct FleetClient {
+    client: Client,
+    url: String,
+    patience: Duration,
+}
+
+impl FleetClient {
+    pub fn connect(opts: &ConnectOptions, patience: Duration) -> Result<Self> {
+        Ok(Self {
+            client: crate::conn::connect(opts)?,
+            url: opts.url.clone(),
+            patience,
+        })
+    }
+
+    pub async fn submit(&self, agent: &str, spec: &JobSpec) -> Result<proto::JobInfo> {
+        let req = proto::SubmitRequest {
+            agent: agent.into(),
+            kind: spec.kind().into(),
+            spec_json: serde_json::to_string(spec)
+                .map_err(|e| Error::Invalid(e.to_string()))?,
+        };
+        // Not retried blindly: a lost reply would queue the job twice.
+        let mut c = self.client.clone();
+        c.submit(req)
+            .await
+            .map(|r| r.into_inner())
+            .map_err(|s| Error::Rpc {
+                url: self.url.clone(),
+                call: "Submit",
+                message: crate::status_line(&s),
+            })
+    }
+
+    pub async fn job(&self, id: u64) -> Result<proto::JobInfo> {
+        let c = self.client.clone();
+        with_retry(&self.url, "GetJob", self.patience, || {
+            let mut c = c.clone();
+            async move { c.get_job(proto::JobRef { id }).await }
+        })
+        .await
+    }
+
+    /// Follows a job until it ends, calling `on_progress` as it moves.
+    pub async fn wait(
+        &self,
+        id: u64,
+        mut on_progress: impl FnMut(&JobProgress),
+    ) -> Result<proto::JobInfo> {
+        loop {
+            let j = self.job(id).await?;
+            if j.state == "done" || j.state == "failed" {
+                return Ok(j);
+            }
+            if let Ok(p) = serde_json::from_str::<JobProgress>(&j.progress_json) {
+                on_progress(&p);
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
+
+    pub async fn jobs(&self) -> Result<Vec<proto::JobInfo>> {
+        let c = self.client.clone();
+        let r = with_retry(&self.url, "ListJobs", self.patience, || {
+            let mut c = c.clone();
+            async move { c.list_jobs(proto::Empty {}).await }
+        })
+        .await?;
+        Ok(r.jobs)
+    }
+
+    pub async fn agents(&self) -> Result<Vec<proto::AgentInfo>> {
+        let c = self.client.clone();
+        let r = with_retry(&self.url, "ListAgents", self.patience, || {
+            let mut c = c.clone();
+            async move { c.list_agents(proto::Empty {}).await }
+        })
+        .await?;
+        Ok(r.agents)
+    }
+}

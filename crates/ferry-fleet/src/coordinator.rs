@@ -1,0 +1,549 @@
+//! The coordinator: serves the SQLite catalog and the job queue over gRPC.
+//!
+//! It never touches file or pack data. It holds the vault's keys (it opened
+//! the vault with the passphrase) and hands them to agents that present the
+//! token, so that agents read and write the vault directly.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use ferry_catalog::SqliteCatalog;
+use ferry_catalog::jobs::{AgentRow, JobQueue, JobRow, now_ms};
+use ferry_core::catalog::Catalog;
+use ferry_core::keys::MasterKeys;
+use tokio::sync::Notify;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::{Identity, Server, ServerTlsConfig};
+use tonic::{Request, Response, Status};
+
+use crate::conn::MAX_MESSAGE;
+use crate::convert;
+use crate::proto::coordinator_server::{Coordinator, CoordinatorServer};
+use crate::proto::{self, Empty};
+use crate::spec::JobSpec;
+
+pub struct CoordinatorOptions {
+    pub listen: SocketAddr,
+    /// Required unless `listen` is a loopback address.
+    pub token: Option<String>,
+    /// Certificate chain and key, PEM.
+    pub tls: Option<(Vec<u8>, Vec<u8>)>,
+    /// How long a job stays an agent's without a heartbeat.
+    pub lease: Duration,
+    /// The vault's location as agents should reach it.
+    pub vault_location: String,
+    pub vault_id: String,
+    pub keys: MasterKeys,
+}
+
+struct State {
+    catalog: Arc<SqliteCatalog>,
+    queue: Arc<JobQueue>,
+    opts: CoordinatorOptions,
+    /// Woken when a job is submitted, so waiting leases return at once.
+    submitted: Notify,
+}
+
+#[derive(Clone)]
+pub struct Service(Arc<State>);
+
+fn invalid(e: impl std::fmt::Display) -> Status {
+    Status::invalid_argument(e.to_string())
+}
+
+fn failed(e: impl std::fmt::Display) -> Status {
+    Status::failed_precondition(e.to_string())
+}
+
+/// Runs SQLite work off the async threads.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, Status> + Send + 'static,
+) -> Result<T, Status> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| Status::internal(format!("catalog task failed: {e}")))?
+}
+
+const AGENT_NAME_MAX: usize = 128;
+
+fn check_agent_name(name: &str) -> Result<(), Status> {
+    if name.is_empty()
+        || name.len() > AGENT_NAME_MAX
+        || !name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+    {
+        return Err(invalid(format!(
+            "bad agent name {name:?}: use letters, digits, '-', '_', '.' (at most {AGENT_NAME_MAX})"
+        )));
+    }
+    Ok(())
+}
+
+fn job_info(j: JobRow) -> proto::JobInfo {
+    proto::JobInfo {
+        id: j.id,
+        agent: j.agent,
+        kind: j.kind,
+        spec_json: j.spec,
+        state: j.state,
+        progress_json: j.progress,
+        result_json: j.result,
+        error: j.error,
+        exit_code: j.exit_code,
+        created: j.created,
+        started: j.started,
+        finished: j.finished,
+        attempt: j.attempt,
+    }
+}
+
+impl Service {
+    fn catalog(&self) -> Arc<SqliteCatalog> {
+        self.0.catalog.clone()
+    }
+    fn queue(&self) -> Arc<JobQueue> {
+        self.0.queue.clone()
+    }
+}
+
+#[tonic::async_trait]
+impl Coordinator for Service {
+    async fn register(
+        &self,
+        req: Request<proto::RegisterRequest>,
+    ) -> Result<Response<proto::RegisterReply>, Status> {
+        let r = req.into_inner();
+        check_agent_name(&r.agent)?;
+        let q = self.queue();
+        let row = AgentRow {
+            name: r.agent.clone(),
+            roots: r.roots,
+            host: r.host,
+            version: r.version,
+            last_seen_ms: 0,
+        };
+        let failed_jobs = blocking(move || {
+            q.register(&row).map_err(failed)?;
+            q.fail_running_of(
+                &row.name,
+                &format!(
+                    "agent {} restarted while running the job; submit it again to resume",
+                    row.name
+                ),
+            )
+            .map_err(failed)
+        })
+        .await?;
+        tracing::info!(agent = %r.agent, failed_jobs, "agent registered");
+        let o = &self.0.opts;
+        Ok(Response::new(proto::RegisterReply {
+            vault: o.vault_location.clone(),
+            vault_id: o.vault_id.clone(),
+            data_key: o.keys.data.to_vec(),
+            id_key: o.keys.id.to_vec(),
+            lease_seconds: o.lease.as_secs().max(1) as u32,
+        }))
+    }
+
+    async fn lease(
+        &self,
+        req: Request<proto::LeaseRequest>,
+    ) -> Result<Response<proto::LeaseReply>, Status> {
+        let r = req.into_inner();
+        check_agent_name(&r.agent)?;
+        let wait = Duration::from_secs(u64::from(r.wait_seconds.min(60)));
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            // Listen before looking, so a job submitted in between wakes us.
+            let notified = self.0.submitted.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            let (q, agent, lease) = (self.queue(), r.agent.clone(), self.0.opts.lease);
+            let job = blocking(move || {
+                if !q.touch_agent(&agent).map_err(failed)? {
+                    return Err(Status::not_found(format!(
+                        "agent {agent} is not registered"
+                    )));
+                }
+                q.lease(&agent, lease).map_err(failed)
+            })
+            .await?;
+            if let Some(j) = job {
+                tracing::info!(job = j.id, agent = %j.agent, kind = %j.kind, "job leased");
+                return Ok(Response::new(proto::LeaseReply {
+                    job: Some(proto::Job {
+                        id: j.id,
+                        kind: j.kind,
+                        spec_json: j.spec,
+                        attempt: j.attempt,
+                    }),
+                }));
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return Ok(Response::new(proto::LeaseReply { job: None }));
+            }
+        }
+    }
+
+    async fn heartbeat(
+        &self,
+        req: Request<proto::HeartbeatRequest>,
+    ) -> Result<Response<proto::HeartbeatReply>, Status> {
+        let r = req.into_inner();
+        let (q, lease) = (self.queue(), self.0.opts.lease);
+        let ours = blocking(move || {
+            q.touch_agent(&r.agent).map_err(failed)?;
+            q.heartbeat(&r.agent, r.job, &r.progress_json, lease)
+                .map_err(failed)
+        })
+        .await?;
+        Ok(Response::new(proto::HeartbeatReply { cancel: !ours }))
+    }
+
+    async fn finish(&self, req: Request<proto::FinishRequest>) -> Result<Response<Empty>, Status> {
+        let r = req.into_inner();
+        let q = self.queue();
+        let (agent, job, code) = (r.agent.clone(), r.job, r.exit_code);
+        let ok = blocking(move || {
+            q.finish(&r.agent, r.job, r.exit_code, &r.result_json, &r.error)
+                .map_err(failed)
+        })
+        .await?;
+        if !ok {
+            return Err(failed(format!(
+                "job {job} is not running under agent {agent}"
+            )));
+        }
+        tracing::info!(job, %agent, exit_code = code, "job finished");
+        Ok(Response::new(Empty {}))
+    }
+
+    async fn contains(
+        &self,
+        req: Request<proto::BlobIds>,
+    ) -> Result<Response<proto::ContainsReply>, Status> {
+        let ids = convert::ids_from_bytes(&req.into_inner().ids).map_err(invalid)?;
+        let c = self.catalog();
+        let present = blocking(move || c.contains(&ids).map_err(failed)).await?;
+        Ok(Response::new(proto::ContainsReply { present }))
+    }
+
+    async fn locate(
+        &self,
+        req: Request<proto::BlobIds>,
+    ) -> Result<Response<proto::LocateReply>, Status> {
+        let ids = convert::ids_from_bytes(&req.into_inner().ids).map_err(invalid)?;
+        let c = self.catalog();
+        let locs = blocking(move || c.locate(&ids).map_err(failed)).await?;
+        Ok(Response::new(proto::LocateReply {
+            locations: locs.into_iter().map(convert::location_to_proto).collect(),
+        }))
+    }
+
+    async fn add_packs(
+        &self,
+        req: Request<proto::AddPacksRequest>,
+    ) -> Result<Response<Empty>, Status> {
+        let packs = req
+            .into_inner()
+            .packs
+            .iter()
+            .map(convert::pack_from_proto)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(invalid)?;
+        let c = self.catalog();
+        blocking(move || c.add_packs(&packs).map_err(failed)).await?;
+        Ok(Response::new(Empty {}))
+    }
+
+    async fn list_packs(
+        &self,
+        _req: Request<Empty>,
+    ) -> Result<Response<proto::ListPacksReply>, Status> {
+        let c = self.catalog();
+        let packs = blocking(move || c.packs().map_err(failed)).await?;
+        Ok(Response::new(proto::ListPacksReply {
+            packs: packs
+                .into_iter()
+                .map(|(id, size)| proto::PackSize {
+                    id: id.0.to_vec(),
+                    size,
+                })
+                .collect(),
+        }))
+    }
+
+    async fn pack_blobs(
+        &self,
+        req: Request<proto::PackRef>,
+    ) -> Result<Response<proto::BlobIds>, Status> {
+        let id = convert::pack_id(&req.into_inner().id).map_err(invalid)?;
+        let c = self.catalog();
+        let ids = blocking(move || c.pack_blobs(&id).map_err(failed)).await?;
+        Ok(Response::new(proto::BlobIds {
+            ids: convert::ids_to_bytes(&ids),
+        }))
+    }
+
+    async fn add_snapshot(
+        &self,
+        req: Request<proto::SnapshotMsg>,
+    ) -> Result<Response<Empty>, Status> {
+        let snap = convert::snapshot_from_proto(&req.into_inner()).map_err(invalid)?;
+        let c = self.catalog();
+        blocking(move || c.add_snapshot(&snap).map_err(failed)).await?;
+        Ok(Response::new(Empty {}))
+    }
+
+    async fn list_snapshots(
+        &self,
+        _req: Request<Empty>,
+    ) -> Result<Response<proto::ListSnapshotsReply>, Status> {
+        let c = self.catalog();
+        let snaps = blocking(move || c.snapshots().map_err(failed)).await?;
+        Ok(Response::new(proto::ListSnapshotsReply {
+            snapshots: snaps
+                .iter()
+                .map(convert::snapshot_to_proto)
+                .collect::<Result<_, _>>()
+                .map_err(failed)?,
+        }))
+    }
+
+    async fn get_tree(
+        &self,
+        req: Request<proto::BlobRef>,
+    ) -> Result<Response<proto::TreeReply>, Status> {
+        let id = convert::blob_id(&req.into_inner().id).map_err(invalid)?;
+        let c = self.catalog();
+        let t = blocking(move || c.tree(&id).map_err(failed)).await?;
+        Ok(Response::new(proto::TreeReply {
+            found: t.is_some(),
+            data: t.unwrap_or_default(),
+        }))
+    }
+
+    async fn put_tree(
+        &self,
+        req: Request<proto::PutTreeRequest>,
+    ) -> Result<Response<Empty>, Status> {
+        let r = req.into_inner();
+        let id = convert::blob_id(&r.id).map_err(invalid)?;
+        let c = self.catalog();
+        blocking(move || c.put_tree(&id, &r.data).map_err(failed)).await?;
+        Ok(Response::new(Empty {}))
+    }
+
+    async fn seen_objects(
+        &self,
+        _req: Request<Empty>,
+    ) -> Result<Response<proto::Names>, Status> {
+        let c = self.catalog();
+        let names = blocking(move || c.seen_objects().map_err(failed)).await?;
+        Ok(Response::new(proto::Names {
+            names: names.into_iter().collect(),
+        }))
+    }
+
+    async fn mark_seen(&self, req: Request<proto::Names>) -> Result<Response<Empty>, Status> {
+        let names = req.into_inner().names;
+        let c = self.catalog();
+        blocking(move || c.mark_seen(&names).map_err(failed)).await?;
+        Ok(Response::new(Empty {}))
+    }
+
+    async fn submit(
+        &self,
+        req: Request<proto::SubmitRequest>,
+    ) -> Result<Response<proto::JobInfo>, Status> {
+        let r = req.into_inner();
+        check_agent_name(&r.agent)?;
+        let spec: JobSpec = serde_json::from_str(&r.spec_json)
+            .map_err(|e| invalid(format!("bad job spec: {e}")))?;
+        if spec.kind() != r.kind {
+            return Err(invalid(format!(
+                "job kind {:?} does not match its spec ({})",
+                r.kind,
+                spec.kind()
+            )));
+        }
+        if !spec.path().is_absolute() {
+            return Err(invalid(format!(
+                "{}: a job's path must be absolute (it is a path on the agent's node)",
+                spec.path().display()
+            )));
+        }
+        let q = self.queue();
+        let job = blocking(move || {
+            if q.agent(&r.agent).map_err(failed)?.is_none() {
+                return Err(Status::not_found(format!(
+                    "no agent named {} has registered with this coordinator",
+                    r.agent
+                )));
+            }
+            let spec_json = serde_json::to_string(&spec).map_err(failed)?;
+            q.submit(&r.agent, spec.kind(), &spec_json).map_err(failed)
+        })
+        .await?;
+        tracing::info!(job = job.id, agent = %job.agent, kind = %job.kind, "job submitted");
+        self.0.submitted.notify_waiters();
+        Ok(Response::new(job_info(job)))
+    }
+
+    async fn get_job(
+        &self,
+        req: Request<proto::JobRef>,
+    ) -> Result<Response<proto::JobInfo>, Status> {
+        let id = req.into_inner().id;
+        let q = self.queue();
+        let job = blocking(move || q.job(id).map_err(failed)).await?;
+        job.map(|j| Response::new(job_info(j)))
+            .ok_or_else(|| Status::not_found(format!("no job {id}")))
+    }
+
+    async fn list_jobs(&self, _req: Request<Empty>) -> Result<Response<proto::JobList>, Status> {
+        let q = self.queue();
+        let jobs = blocking(move || q.jobs(1000).map_err(failed)).await?;
+        Ok(Response::new(proto::JobList {
+            jobs: jobs.into_iter().map(job_info).collect(),
+        }))
+    }
+
+    async fn list_agents(
+        &self,
+        _req: Request<Empty>,
+    ) -> Result<Response<proto::AgentList>, Status> {
+        let q = self.queue();
+        let online_ms = online_window(self.0.opts.lease).as_millis() as i64;
+        let agents = blocking(move || {
+            let now = now_ms();
+            q.agents()
+                .map_err(failed)?
+                .into_iter()
+                .map(|a| {
+                    let running = q.running_job_of(&a.name).map_err(failed)?;
+                    Ok(proto::AgentInfo {
+                        online: now - a.last_seen_ms <= online_ms,
+                        name: a.name,
+                        roots: a.roots,
+                        host: a.host,
+                        version: a.version,
+                        last_seen: a.last_seen_ms / 1000,
+                        running_job: running.unwrap_or(0),
+                    })
+                })
+                .collect::<Result<Vec<_>, Status>>()
+        })
+        .await?;
+        Ok(Response::new(proto::AgentList { agents }))
+    }
+}
+
+/// An agent is online if it called within this window: idle agents call
+/// Lease at least every `LEASE_POLL`, busy ones heartbeat every lease/3.
+fn online_window(lease: Duration) -> Duration {
+    lease.max(crate::agent::LEASE_POLL) + Duration::from_secs(5)
+}
+
+/// Checks the bearer token on every call, in constant time.
+#[derive(Clone)]
+pub struct TokenCheck(Option<Arc<[u8]>>);
+
+impl tonic::service::Interceptor for TokenCheck {
+    fn call(&mut self, req: Request<()>) -> Result<Request<()>, Status> {
+        let Some(expected) = &self.0 else {
+            return Ok(req);
+        };
+        let given = req
+            .metadata()
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .ok_or_else(|| Status::unauthenticated("a token is required"))?;
+        if !constant_time_eq(given.as_bytes(), expected) {
+            return Err(Status::unauthenticated("wrong token"));
+        }
+        Ok(req)
+    }
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    // Compare keyed hashes: equal length, and no early exit on content.
+    let k = [0x5a; 32];
+    blake3::keyed_hash(&k, a) == blake3::keyed_hash(&k, b)
+}
+
+/// Binds the listening socket, refusing an open address without a token.
+pub async fn bind(opts: &CoordinatorOptions) -> crate::Result<tokio::net::TcpListener> {
+    if !opts.listen.ip().is_loopback() && opts.token.is_none() {
+        return Err(crate::Error::Invalid(format!(
+            "refusing to listen on {} without a token: pass --token-file FILE (or listen on 127.0.0.1)",
+            opts.listen
+        )));
+    }
+    tokio::net::TcpListener::bind(opts.listen)
+        .await
+        .map_err(|e| crate::Error::Io {
+            what: format!("listening on {}", opts.listen),
+            source: e,
+        })
+}
+
+/// Serves until `shutdown` resolves. Expired leases are failed once a second.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    catalog: Arc<SqliteCatalog>,
+    queue: Arc<JobQueue>,
+    opts: CoordinatorOptions,
+    shutdown: impl std::future::Future<Output = ()> + Send,
+) -> crate::Result<()> {
+    // After a restart, give agents one lease to reconnect before their jobs
+    // are declared lost.
+    queue.renew_all_leases(opts.lease)?;
+    let token = opts.token.as_ref().map(|t| Arc::from(t.as_bytes()));
+    let tls = opts.tls.clone();
+    let state = Arc::new(State {
+        catalog,
+        queue: queue.clone(),
+        opts,
+        submitted: Notify::new(),
+    });
+    let reaper = {
+        let q = queue.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            loop {
+                tick.tick().await;
+                let q = q.clone();
+                match tokio::task::spawn_blocking(move || q.expire()).await {
+                    Ok(Ok(ids)) if !ids.is_empty() => {
+                        tracing::warn!(?ids, "jobs failed: their agents' leases expired")
+                    }
+                    Ok(Err(e)) => tracing::warn!("expiring leases: {e}"),
+                    _ => {}
+                }
+            }
+        })
+    };
+    let svc = CoordinatorServer::new(Service(state))
+        .max_decoding_message_size(MAX_MESSAGE)
+        .max_encoding_message_size(MAX_MESSAGE);
+    let svc = InterceptedService::new(svc, TokenCheck(token));
+    let mut server = Server::builder()
+        .tcp_nodelay(true)
+        .http2_keepalive_interval(Some(Duration::from_secs(20)));
+    if let Some((cert, key)) = tls {
+        server = server
+            .tls_config(ServerTlsConfig::new().identity(Identity::from_pem(cert, key)))
+            .map_err(|e| crate::Error::Invalid(format!("TLS certificate or key: {e}")))?;
+    }
+    let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+    let r = server
+        .add_service(svc)
+        .serve_with_incoming_shutdown(incoming, shutdown)
+        .await;
+    reaper.abort();
+    r.map_err(|e| crate::Error::Invalid(format!("serving gRPC: {e}")))
+}
