@@ -208,6 +208,9 @@ pub fn files_under(dir: &Path) -> Vec<PathBuf> {
 pub struct S3Server {
     pub endpoint: String,
     pub root: PathBuf,
+    /// Milliseconds each PUT waits before it is served: a slow link, so a
+    /// test can act while uploads are in flight.
+    pub put_delay_ms: std::sync::Arc<std::sync::atomic::AtomicU64>,
 }
 
 pub const S3_KEY: &str = "ferrytest";
@@ -223,6 +226,8 @@ impl S3Server {
         std::fs::create_dir_all(root).unwrap();
         let (tx, rx) = std::sync::mpsc::channel();
         let fs_root = root.to_path_buf();
+        let put_delay_ms = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let delay = put_delay_ms.clone();
         std::thread::spawn(move || {
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)
@@ -236,10 +241,22 @@ impl S3Server {
                 let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
                 tx.send(listener.local_addr().unwrap()).unwrap();
                 let http = ConnBuilder::new(TokioExecutor::new());
+                let slow = hyper::service::service_fn(
+                    move |req: hyper::Request<hyper::body::Incoming>| {
+                        let (service, delay) = (service.clone(), delay.clone());
+                        async move {
+                            if req.method() == hyper::Method::PUT {
+                                let ms = delay.load(std::sync::atomic::Ordering::Relaxed);
+                                tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
+                            }
+                            service.call(req.map(s3s::Body::from)).await
+                        }
+                    },
+                );
                 loop {
                     let (sock, _) = listener.accept().await.unwrap();
                     let conn = http
-                        .serve_connection(TokioIo::new(sock), service.clone())
+                        .serve_connection(TokioIo::new(sock), slow.clone())
                         .into_owned();
                     tokio::spawn(async move {
                         let _ = conn.await;
@@ -251,6 +268,7 @@ impl S3Server {
         S3Server {
             endpoint: format!("http://{addr}"),
             root: root.to_path_buf(),
+            put_delay_ms,
         }
     }
 

@@ -5,5 +5,6 @@
 mod block;
 mod common;
 mod delta;
+mod fleet;
 mod local;
 mod s3;

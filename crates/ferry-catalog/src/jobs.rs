@@ -262,14 +262,15 @@ impl JobQueue {
         } else {
             "failed"
         };
-        let n = self.run(|c| {
-            c.execute(
+        let n =
+            self.run(|c| {
+                c.execute(
                 "UPDATE jobs SET state = ?3, exit_code = ?4, result = ?5, error = ?6, finished = ?7
                  WHERE id = ?1 AND agent = ?2
                    AND (state = 'running' OR (state = 'failed' AND error LIKE 'lease expired%'))",
                 params![job as i64, agent, state, exit_code, result, error, now_ms() / 1000],
             )
-        })?;
+            })?;
         Ok(n == 1)
     }
 
@@ -369,14 +370,26 @@ mod tests {
         assert!(q.lease("a", Duration::from_secs(30)).unwrap().is_none());
         drop(q);
         let q = JobQueue::open(&d.path().join("c.sqlite")).unwrap();
-        assert!(q.heartbeat("a", j.id, "{\"bytes\":1}", Duration::from_secs(30)).unwrap());
-        assert!(!q.heartbeat("b", j.id, "{}", Duration::from_secs(30)).unwrap());
+        assert!(
+            q.heartbeat("a", j.id, "{\"bytes\":1}", Duration::from_secs(30))
+                .unwrap()
+        );
+        assert!(
+            !q.heartbeat("b", j.id, "{}", Duration::from_secs(30))
+                .unwrap()
+        );
         assert!(q.finish("a", j.id, 0, "{\"ok\":1}", "").unwrap());
         let f = q.job(j.id).unwrap().unwrap();
-        assert_eq!((f.state.as_str(), f.progress.as_str()), ("done", "{\"bytes\":1}"));
+        assert_eq!(
+            (f.state.as_str(), f.progress.as_str()),
+            ("done", "{\"bytes\":1}")
+        );
         // Finished is final.
         assert!(!q.finish("a", j.id, 1, "", "late").unwrap());
-        assert!(!q.heartbeat("a", j.id, "{}", Duration::from_secs(30)).unwrap());
+        assert!(
+            !q.heartbeat("a", j.id, "{}", Duration::from_secs(30))
+                .unwrap()
+        );
     }
 
     #[test]
@@ -408,6 +421,9 @@ mod tests {
         assert_eq!(q.running_job_of("a").unwrap(), Some(j.id));
         assert_eq!(q.fail_running_of("a", "agent restarted").unwrap(), 1);
         assert_eq!(q.running_job_of("a").unwrap(), None);
-        assert_eq!(q.agent("a").unwrap().unwrap().roots, vec!["/data".to_string()]);
+        assert_eq!(
+            q.agent("a").unwrap().unwrap().roots,
+            vec!["/data".to_string()]
+        );
     }
 }

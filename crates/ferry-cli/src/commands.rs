@@ -490,7 +490,10 @@ pub(crate) fn catalog_path(g: &Global, vault: &Vault) -> std::path::PathBuf {
 
 /// Opens the vault and its embedded catalog, bringing the catalog up to
 /// date with the vault (a new catalog is filled from the vault).
-pub(crate) async fn open(positional: Option<&str>, g: &Global) -> Result<(Arc<Vault>, Arc<dyn Catalog>)> {
+pub(crate) async fn open(
+    positional: Option<&str>,
+    g: &Global,
+) -> Result<(Arc<Vault>, Arc<dyn Catalog>)> {
     let loc = location_of(positional, g)?;
     let vault = Vault::open(&loc, &passphrase(g)?).await?;
     let path = catalog_path(g, &vault);
@@ -500,7 +503,11 @@ pub(crate) async fn open(positional: Option<&str>, g: &Global) -> Result<(Arc<Va
 }
 
 /// JSON on stdout with --json, else the human text.
-pub(crate) fn print<T: Serialize>(g: &Global, value: &T, human: impl FnOnce() -> String) -> Result<()> {
+pub(crate) fn print<T: Serialize>(
+    g: &Global,
+    value: &T,
+    human: impl FnOnce() -> String,
+) -> Result<()> {
     if g.json {
         println!("{}", serde_json::to_string(value)?);
     } else {

@@ -36,10 +36,9 @@ fn connect_options(g: &Global, url: &str) -> Result<ConnectOptions> {
 }
 
 fn fleet_client(g: &Global) -> Result<FleetClient> {
-    let url = g
-        .coordinator
-        .as_deref()
-        .ok_or_else(|| anyhow!("no coordinator given: pass --coordinator URL or set FERRY_COORDINATOR"))?;
+    let url = g.coordinator.as_deref().ok_or_else(|| {
+        anyhow!("no coordinator given: pass --coordinator URL or set FERRY_COORDINATOR")
+    })?;
     Ok(FleetClient::connect(&connect_options(g, url)?, PATIENCE)?)
 }
 
@@ -48,7 +47,9 @@ pub fn client(g: &Global, remote: &RemoteArgs) -> Result<Option<FleetClient>> {
     match (&g.coordinator, &remote.agent) {
         (None, None) if !remote.wait => Ok(None),
         (None, _) => bail!("--agent and --wait need --coordinator URL (or FERRY_COORDINATOR)"),
-        (Some(_), None) => bail!("with --coordinator, name the agent that runs the job: --agent NAME"),
+        (Some(_), None) => {
+            bail!("with --coordinator, name the agent that runs the job: --agent NAME")
+        }
         (Some(_), Some(_)) => Ok(Some(fleet_client(g)?)),
     }
 }
@@ -175,7 +176,9 @@ pub struct SyncJob {
 /// job of exactly that snapshot on the other.
 pub async fn sync(g: &Global, s: SyncJob) -> Result<u8> {
     let (Some(from), Some(to)) = (&s.from_agent, &s.to_agent) else {
-        bail!("sync with a coordinator needs --coordinator URL, --from-agent NAME and --to-agent NAME");
+        bail!(
+            "sync with a coordinator needs --coordinator URL, --from-agent NAME and --to-agent NAME"
+        );
     };
     let client = fleet_client(g)?;
     let started = std::time::Instant::now();

@@ -223,7 +223,10 @@ impl Agent {
                     };
                     match client.clone().heartbeat(req).await {
                         Ok(r) if r.get_ref().cancel => {
-                            tracing::warn!(job = id, "the coordinator gave this job up (lease expired)");
+                            tracing::warn!(
+                                job = id,
+                                "the coordinator gave this job up (lease expired)"
+                            );
                         }
                         Ok(_) => {}
                         Err(s) => tracing::warn!(job = id, "heartbeat: {}", crate::status_line(&s)),
@@ -281,8 +284,12 @@ impl Agent {
     ) -> Result<(i32, Value)> {
         let spec: JobSpec = serde_json::from_str(&job.spec_json)
             .map_err(|e| Error::Invalid(format!("job {}: bad spec: {e}", job.id)))?;
-        let path = confine(&self.roots, spec.path())
-            .map_err(|e| Error::Invalid(format!("agent {} refuses job {}: {e}", self.opts.name, job.id)))?;
+        let path = confine(&self.roots, spec.path()).map_err(|e| {
+            Error::Invalid(format!(
+                "agent {} refuses job {}: {e}",
+                self.opts.name, job.id
+            ))
+        })?;
         let json = |v: serde_json::Result<Value>| v.unwrap_or(Value::Null);
         match spec {
             JobSpec::Snapshot {
@@ -295,7 +302,10 @@ impl Agent {
                 opts.reread = reread;
                 opts.block = block;
                 let s = crate::work::snapshot(vault, catalog, &path, &opts, progress).await?;
-                Ok((if s.incomplete { 3 } else { 0 }, json(serde_json::to_value(&s))))
+                Ok((
+                    if s.incomplete { 3 } else { 0 },
+                    json(serde_json::to_value(&s)),
+                ))
             }
             JobSpec::Restore {
                 snapshot,
@@ -340,7 +350,10 @@ mod tests {
         let roots = vec![std::fs::canonicalize(&root).unwrap()];
         let croot = &roots[0];
 
-        assert_eq!(confine(&roots, &root.join("vol")).unwrap(), croot.join("vol"));
+        assert_eq!(
+            confine(&roots, &root.join("vol")).unwrap(),
+            croot.join("vol")
+        );
         // Not there yet: resolved through its existing parent.
         assert_eq!(
             confine(&roots, &root.join("new/deeper")).unwrap(),

@@ -27,8 +27,7 @@ impl FleetClient {
         let req = proto::SubmitRequest {
             agent: agent.into(),
             kind: spec.kind().into(),
-            spec_json: serde_json::to_string(spec)
-                .map_err(|e| Error::Invalid(e.to_string()))?,
+            spec_json: serde_json::to_string(spec).map_err(|e| Error::Invalid(e.to_string()))?,
         };
         // Not retried blindly: a lost reply would queue the job twice.
         let mut c = self.client.clone();

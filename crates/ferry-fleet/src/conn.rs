@@ -75,9 +75,11 @@ pub fn connect(opts: &ConnectOptions) -> Result<Client> {
         ),
         None => None,
     };
-    Ok(CoordinatorClient::with_interceptor(ep.connect_lazy(), Bearer(bearer))
-        .max_decoding_message_size(MAX_MESSAGE)
-        .max_encoding_message_size(MAX_MESSAGE))
+    Ok(
+        CoordinatorClient::with_interceptor(ep.connect_lazy(), Bearer(bearer))
+            .max_decoding_message_size(MAX_MESSAGE)
+            .max_encoding_message_size(MAX_MESSAGE),
+    )
 }
 
 /// Reads a token file: its first line, which must not be empty.
@@ -114,7 +116,11 @@ where
         match f().await {
             Ok(r) => return Ok(r.into_inner()),
             Err(s) if crate::retryable(&s) && start.elapsed() < patience => {
-                tracing::debug!(call, "coordinator call failed, retrying: {}", crate::status_line(&s));
+                tracing::debug!(
+                    call,
+                    "coordinator call failed, retrying: {}",
+                    crate::status_line(&s)
+                );
                 tokio::time::sleep(jitter(wait)).await;
                 wait = (wait * 2).min(Duration::from_secs(5));
             }

@@ -20,8 +20,11 @@ pub fn ids_to_bytes(ids: &[BlobId]) -> Vec<u8> {
 }
 
 pub fn ids_from_bytes(b: &[u8]) -> Result<Vec<BlobId>, Bad> {
-    if b.len() % 32 != 0 {
-        return Err(format!("id list of {} bytes is not a multiple of 32", b.len()));
+    if !b.len().is_multiple_of(32) {
+        return Err(format!(
+            "id list of {} bytes is not a multiple of 32",
+            b.len()
+        ));
     }
     Ok(b.chunks_exact(32)
         .map(|c| BlobId::from_slice(c).expect("32 bytes"))

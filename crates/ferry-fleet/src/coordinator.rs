@@ -336,10 +336,7 @@ impl Coordinator for Service {
         Ok(Response::new(Empty {}))
     }
 
-    async fn seen_objects(
-        &self,
-        _req: Request<Empty>,
-    ) -> Result<Response<proto::Names>, Status> {
+    async fn seen_objects(&self, _req: Request<Empty>) -> Result<Response<proto::Names>, Status> {
         let c = self.catalog();
         let names = blocking(move || c.seen_objects().map_err(failed)).await?;
         Ok(Response::new(proto::Names {

@@ -1,0 +1,500 @@
+//! Fleet mode: a real coordinator and real agents (separate `ferry`
+//! processes) over gRPC on loopback, a real S3 server as the vault.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::common::*;
+
+/// A child process killed (SIGKILL) when dropped.
+struct Proc(Child);
+
+impl Proc {
+    fn kill9(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+struct Fleet {
+    env: Env,
+    s3: S3Server,
+    url: String,
+    port: u16,
+    token_file: PathBuf,
+    coordinator: Option<Proc>,
+    agents: Vec<(String, Proc)>,
+}
+
+const LEASE: &str = "3";
+
+impl Fleet {
+    /// An S3 vault (1 MiB packs, so that jobs write many), a token, and a
+    /// coordinator on a free loopback port.
+    fn start() -> Self {
+        let mut env = Env::new();
+        let s3 = S3Server::start(&env.path("s3"));
+        s3.create_bucket("vault");
+        s3.env(&mut env);
+        let out = env.run(&["vault", "init", "s3://vault/fleet", "--pack-size", "1M"]);
+        assert!(out.status.success(), "{}", stderr(&out));
+        let token_file = env.path("token");
+        std::fs::write(&token_file, "s3cret-token\n").unwrap();
+        let mut f = Fleet {
+            env,
+            s3,
+            url: String::new(),
+            port: 0,
+            token_file,
+            coordinator: None,
+            agents: Vec::new(),
+        };
+        f.start_coordinator();
+        f
+    }
+
+    fn start_coordinator(&mut self) {
+        let listen = format!("127.0.0.1:{}", self.port);
+        let catalog = self.env.path("coordinator.sqlite");
+        let mut c = self.env.cmd(&[
+            "coordinator",
+            "--listen",
+            &listen,
+            "--vault",
+            "s3://vault/fleet",
+            "--catalog",
+            catalog.to_str().unwrap(),
+            "--lease-seconds",
+            LEASE,
+        ]);
+        c.arg("--token-file")
+            .arg(&self.token_file)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit());
+        let mut child = c.spawn().unwrap();
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let url = line
+            .split_whitespace()
+            .find(|w| w.starts_with("http://"))
+            .unwrap_or_else(|| panic!("no URL in {line:?}"))
+            .to_string();
+        self.port = url.rsplit(':').next().unwrap().parse().unwrap();
+        self.url = url;
+        self.coordinator = Some(Proc(child));
+    }
+
+    /// An agent with its own state directory and no passphrase: it gets
+    /// the keys from the coordinator.
+    fn start_agent(&mut self, name: &str, root: &Path) {
+        std::fs::create_dir_all(root).unwrap();
+        let mut c = self.env.cmd(&["agent", "--name", name]);
+        c.arg("--root")
+            .arg(root)
+            .args(["--coordinator", &self.url, "--token-file"])
+            .arg(&self.token_file)
+            .env_remove("FERRY_PASSPHRASE")
+            .env("XDG_STATE_HOME", self.env.path(&format!("agent-{name}")))
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit());
+        self.agents.push((name.into(), Proc(c.spawn().unwrap())));
+        self.wait_online(name);
+    }
+
+    fn agent_mut(&mut self, name: &str) -> &mut Proc {
+        &mut self.agents.iter_mut().find(|(n, _)| n == name).unwrap().1
+    }
+
+    fn wait_online(&self, name: &str) {
+        let start = Instant::now();
+        loop {
+            let v = self.json(&["agents"]);
+            if v["agents"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|a| a["name"] == name && a["online"] == true)
+            {
+                return;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(30),
+                "agent {name} never came online: {v}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// `ferry ARGS --coordinator URL --token-file F`.
+    fn cmd(&self, args: &[&str]) -> std::process::Command {
+        let mut c = self.env.cmd(args);
+        c.args(["--coordinator", &self.url, "--token-file"])
+            .arg(&self.token_file)
+            .env_remove("FERRY_PASSPHRASE");
+        c
+    }
+
+    fn run(&self, args: &[&str]) -> std::process::Output {
+        self.cmd(args).output().unwrap()
+    }
+
+    fn json(&self, args: &[&str]) -> serde_json::Value {
+        let out = self.cmd(args).arg("--json").output().unwrap();
+        assert!(out.status.success(), "ferry {args:?}: {}", stderr(&out));
+        serde_json::from_slice(&out.stdout).unwrap()
+    }
+
+    fn packs_in_vault(&self) -> usize {
+        let dir = self.s3.root.join("vault/fleet/packs");
+        if dir.exists() {
+            files_under(&dir).len()
+        } else {
+            0
+        }
+    }
+
+    /// Waits until the vault holds at least `n` packs.
+    fn wait_packs(&self, n: usize) {
+        let start = Instant::now();
+        while self.packs_in_vault() < n {
+            assert!(start.elapsed() < Duration::from_secs(60), "no packs appear");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+#[test]
+fn a_snapshot_on_one_agent_restores_on_another_and_dedups_across_the_fleet() {
+    let mut f = Fleet::start();
+    let (src_root, dst_root) = (f.env.path("node1"), f.env.path("node2"));
+    let src = src_root.join("pvc-db");
+    make_tree(&src);
+    f.start_agent("node1", &src_root);
+    f.start_agent("node2", &dst_root);
+
+    let agents = f.json(&["agents"]);
+    assert_eq!(agents["agents"].as_array().unwrap().len(), 2, "{agents}");
+
+    let snap = f.json(&[
+        "snapshot",
+        s(&src),
+        "--volume",
+        "db",
+        "--agent",
+        "node1",
+        "--wait",
+    ]);
+    assert_eq!(snap["agent"], "node1");
+    assert!(snap["bytes_new"].as_u64().unwrap() > 0, "{snap}");
+    let rpcs = snap["catalog_rpcs"].as_u64().unwrap();
+    let chunks = snap["chunks"].as_u64().unwrap();
+    assert!(
+        rpcs < chunks,
+        "dedup lookups must be batched: {rpcs} RPCs for {chunks} chunks"
+    );
+
+    let target = dst_root.join("restored");
+    let r = f.json(&[
+        "restore",
+        "db",
+        s(&target),
+        "--agent",
+        "node2",
+        "--wait",
+        "--verify",
+    ]);
+    assert_eq!(r["agent"], "node2");
+    assert_eq!(r["snapshot_id"], snap["snapshot_id"]);
+    assert!(r["files_verified"].as_u64().unwrap() > 0);
+    assert_same_tree(&src, &target);
+
+    // The same content snapshotted by the other agent: nothing new stored.
+    let copy = f.json(&[
+        "snapshot",
+        s(&target),
+        "--volume",
+        "copy",
+        "--agent",
+        "node2",
+        "--wait",
+    ]);
+    assert_eq!(copy["bytes_new"], 0, "{copy}");
+    assert_eq!(copy["chunks_new"], 0, "{copy}");
+
+    // A change on node1, pre-sync again, and a sync job pair moves only it.
+    std::fs::write(src.join("new-file"), noise(200_000, 9)).unwrap();
+    let sync = f.json(&[
+        "sync",
+        s(&src),
+        s(&target),
+        "--volume",
+        "db",
+        "--from-agent",
+        "node1",
+        "--to-agent",
+        "node2",
+        "--delete",
+    ]);
+    assert_eq!(sync["bytes_written"], 200_000, "{sync}");
+    assert_same_tree(&src, &target);
+
+    // Jobs are listed with their outcome.
+    let jobs = f.json(&["jobs"]);
+    let jobs = jobs["jobs"].as_array().unwrap();
+    assert_eq!(jobs.len(), 5);
+    assert!(jobs.iter().all(|j| j["state"] == "done"), "{jobs:?}");
+
+    // The vault holds what the agents wrote: the embedded CLI, with the
+    // passphrase and a catalog of its own, sees every snapshot and checks it.
+    let check = f
+        .env
+        .json(&["vault", "check", "s3://vault/fleet", "--read-data"]);
+    assert_eq!(check["ok"], true, "{check}");
+    assert_eq!(check["snapshots"], 3, "{check}");
+}
+
+#[test]
+fn tokens_roots_and_bad_requests_are_refused_with_one_line() {
+    let mut f = Fleet::start();
+    let (root1, root2) = (f.env.path("node1"), f.env.path("node2"));
+    make_tree(&root1.join("vol"));
+    f.start_agent("node1", &root1);
+
+    // Wrong token, no token.
+    std::fs::write(f.env.path("bad-token"), "guess\n").unwrap();
+    let out = f
+        .env
+        .cmd(&["agents", "--coordinator", &f.url, "--token-file"])
+        .arg(f.env.path("bad-token"))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("wrong token"), "{}", stderr(&out));
+    assert_eq!(stderr(&out).lines().count(), 1, "{}", stderr(&out));
+    let out = f.env.run(&["agents", "--coordinator", &f.url]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains("token is required"),
+        "{}",
+        stderr(&out)
+    );
+
+    // A job outside the agent's roots fails, and nothing is written there.
+    let outside = root2.join("escape");
+    let snap = f.json(&[
+        "snapshot",
+        s(&root1.join("vol")),
+        "--volume",
+        "v",
+        "--agent",
+        "node1",
+        "--wait",
+    ]);
+    assert!(snap["files"].as_u64().unwrap() > 0);
+    let out = f.run(&["restore", "v", s(&outside), "--agent", "node1", "--wait"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains("outside this agent's roots"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(!outside.exists());
+    // Through a symlink planted under the root: still refused.
+    std::fs::create_dir_all(&root2).unwrap();
+    std::os::unix::fs::symlink(&root2, root1.join("link")).unwrap();
+    let out = f.run(&[
+        "restore",
+        "v",
+        s(&root1.join("link/x")),
+        "--agent",
+        "node1",
+        "--wait",
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains("outside this agent's roots"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(!root2.join("x").exists());
+
+    // Unknown agent, unknown snapshot, relative path.
+    let out = f.run(&["snapshot", s(&root1), "--volume", "v", "--agent", "ghost"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains("no agent named ghost"),
+        "{}",
+        stderr(&out)
+    );
+    let out = f.run(&[
+        "restore",
+        "nope",
+        s(&root1.join("t")),
+        "--agent",
+        "node1",
+        "--wait",
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("nope"), "{}", stderr(&out));
+    let out = f.run(&[
+        "snapshot",
+        "relative/dir",
+        "--volume",
+        "v",
+        "--agent",
+        "node1",
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("absolute"), "{}", stderr(&out));
+
+    // Without a token the coordinator will not listen beyond loopback.
+    let out = f.env.run(&[
+        "coordinator",
+        "--listen",
+        "0.0.0.0:0",
+        "--vault",
+        "s3://vault/fleet",
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("without a token"), "{}", stderr(&out));
+
+    // Secrets stay out of the process list.
+    let cmdline = std::fs::read(format!("/proc/{}/cmdline", f.agents[0].1.0.id())).unwrap();
+    assert!(!String::from_utf8_lossy(&cmdline).contains("s3cret-token"));
+}
+
+#[test]
+fn a_job_survives_a_coordinator_kill_and_a_killed_agent_fails_then_resumes() {
+    let mut f = Fleet::start();
+    let (root1, root2) = (f.env.path("node1"), f.env.path("node2"));
+    let src = root1.join("big");
+    std::fs::create_dir_all(&src).unwrap();
+    for i in 0..12u64 {
+        std::fs::write(src.join(format!("f{i}")), noise(2_000_000, i)).unwrap();
+    }
+    f.start_agent("node1", &root1);
+    f.start_agent("node2", &root2);
+
+    // Coordinator killed with -9 while packs are being uploaded, restarted
+    // on the same port: the job completes.
+    f.s3.put_delay_ms
+        .store(300, std::sync::atomic::Ordering::Relaxed);
+    let waiter = f
+        .cmd(&[
+            "snapshot",
+            s(&src),
+            "--volume",
+            "big",
+            "--agent",
+            "node1",
+            "--wait",
+            "--json",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    f.wait_packs(2);
+    f.coordinator.as_mut().unwrap().kill9();
+    assert!(f.packs_in_vault() < 20, "the job ended before the kill");
+    std::thread::sleep(Duration::from_millis(1500));
+    f.start_coordinator();
+    let out = waiter.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let snap: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(snap["files"], 12);
+    f.s3.put_delay_ms
+        .store(0, std::sync::atomic::Ordering::Relaxed);
+    let target = root2.join("big");
+    f.json(&[
+        "restore",
+        "big",
+        s(&target),
+        "--agent",
+        "node2",
+        "--wait",
+        "--verify",
+    ]);
+    assert_same_tree(&src, &target);
+
+    // An agent killed mid-job: the job fails when its lease expires.
+    for i in 0..12u64 {
+        std::fs::write(src.join(format!("g{i}")), noise(2_000_000, 100 + i)).unwrap();
+    }
+    let before = f.packs_in_vault();
+    f.s3.put_delay_ms
+        .store(300, std::sync::atomic::Ordering::Relaxed);
+    let waiter = f
+        .cmd(&[
+            "snapshot",
+            s(&src),
+            "--volume",
+            "big",
+            "--agent",
+            "node1",
+            "--wait",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    f.wait_packs(before + 4);
+    std::thread::sleep(Duration::from_millis(500));
+    f.agent_mut("node1").kill9();
+    assert!(
+        f.packs_in_vault() < before + 20,
+        "the job ended before the kill"
+    );
+    let out = waiter.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("lease expired"), "{}", stderr(&out));
+    let jobs = f.json(&["jobs"]);
+    let last = jobs["jobs"].as_array().unwrap().last().unwrap().clone();
+    assert_eq!(last["state"], "failed", "{last}");
+
+    // Submitted again, it resumes: what the first attempt committed is not
+    // uploaded again.
+    f.s3.put_delay_ms
+        .store(0, std::sync::atomic::Ordering::Relaxed);
+    f.agents.retain(|(n, _)| n != "node1");
+    f.start_agent("node1", &root1);
+    let retry = f.json(&[
+        "snapshot",
+        s(&src),
+        "--volume",
+        "big",
+        "--agent",
+        "node1",
+        "--wait",
+    ]);
+    let new = retry["bytes_new"].as_u64().unwrap();
+    assert!(
+        new < 24_000_000,
+        "the retry stored everything again: {retry}"
+    );
+    assert_eq!(retry["files"], 24);
+    f.json(&[
+        "restore",
+        "big",
+        s(&target),
+        "--agent",
+        "node2",
+        "--wait",
+        "--verify",
+    ]);
+    assert_same_tree(&src, &target);
+}
