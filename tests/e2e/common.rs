@@ -211,6 +211,8 @@ pub struct S3Server {
     /// Milliseconds each PUT waits before it is served: a slow link, so a
     /// test can act while uploads are in flight.
     pub put_delay_ms: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    /// The next this many PUTs are refused with 503 SlowDown (throttling).
+    pub fail_puts: std::sync::Arc<std::sync::atomic::AtomicU64>,
 }
 
 pub const S3_KEY: &str = "ferrytest";
@@ -228,6 +230,8 @@ impl S3Server {
         let fs_root = root.to_path_buf();
         let put_delay_ms = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
         let delay = put_delay_ms.clone();
+        let fail_puts = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let fail = fail_puts.clone();
         std::thread::spawn(move || {
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)
@@ -243,11 +247,28 @@ impl S3Server {
                 let http = ConnBuilder::new(TokioExecutor::new());
                 let slow = hyper::service::service_fn(
                     move |req: hyper::Request<hyper::body::Incoming>| {
-                        let (service, delay) = (service.clone(), delay.clone());
+                        let (service, delay, fail) = (service.clone(), delay.clone(), fail.clone());
                         async move {
+                            use std::sync::atomic::Ordering::Relaxed;
                             if req.method() == hyper::Method::PUT {
-                                let ms = delay.load(std::sync::atomic::Ordering::Relaxed);
+                                let ms = delay.load(Relaxed);
                                 tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
+                                if fail
+                                    .fetch_update(Relaxed, Relaxed, |n| n.checked_sub(1))
+                                    .is_ok()
+                                {
+                                    // Read the body first, as a real server
+                                    // does, then refuse.
+                                    use http_body_util::BodyExt;
+                                    let _ = req.into_body().collect().await;
+                                    return Ok(hyper::Response::builder()
+                                        .status(503)
+                                        .body(s3s::Body::from(
+                                            "<Error><Code>SlowDown</Code><Message>Please reduce your request rate.</Message></Error>"
+                                                .to_string(),
+                                        ))
+                                        .unwrap());
+                                }
                             }
                             service.call(req.map(s3s::Body::from)).await
                         }
@@ -269,6 +290,7 @@ impl S3Server {
             endpoint: format!("http://{addr}"),
             root: root.to_path_buf(),
             put_delay_ms,
+            fail_puts,
         }
     }
 

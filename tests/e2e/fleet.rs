@@ -498,3 +498,100 @@ fn a_job_survives_a_coordinator_kill_and_a_killed_agent_fails_then_resumes() {
     ]);
     assert_same_tree(&src, &target);
 }
+
+#[test]
+fn a_tls_coordinator_is_reached_with_its_ca_and_refused_without() {
+    let env = Env::new();
+    let (cert, key) = (env.path("cert.pem"), env.path("key.pem"));
+    let out = std::process::Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+        ])
+        .args(["-nodes", "-days", "1", "-subj", "/CN=localhost"])
+        .args(["-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"])
+        .args(["-addext", "basicConstraints=critical,CA:FALSE"])
+        .arg("-keyout")
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .output()
+        .expect("openssl is needed to make the test certificate");
+    assert!(out.status.success(), "{}", stderr(&out));
+    let vault = env.path("vault");
+    assert!(env.run(&["vault", "init", s(&vault)]).status.success());
+    let mut c = env.cmd(&[
+        "coordinator",
+        "--listen",
+        "127.0.0.1:0",
+        "--vault",
+        s(&vault),
+    ]);
+    c.arg("--tls-cert")
+        .arg(&cert)
+        .arg("--tls-key")
+        .arg(&key)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit());
+    let mut child = Proc(c.spawn().unwrap());
+    let mut line = String::new();
+    BufReader::new(child.0.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let url = line
+        .split_whitespace()
+        .find(|w| w.starts_with("https://"))
+        .unwrap_or_else(|| panic!("no https URL in {line:?}"))
+        .to_string();
+
+    let root = env.path("node");
+    std::fs::create_dir_all(&root).unwrap();
+    let mut a = env.cmd(&["agent", "--name", "tls-agent", "--coordinator", &url]);
+    a.arg("--root")
+        .arg(&root)
+        .arg("--tls-ca")
+        .arg(&cert)
+        .env_remove("FERRY_PASSPHRASE")
+        .stderr(Stdio::inherit());
+    let _agent = Proc(a.spawn().unwrap());
+    let start = Instant::now();
+    loop {
+        let out = env
+            .cmd(&["agents", "--json", "--coordinator", &url, "--tls-ca"])
+            .arg(&cert)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", stderr(&out));
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        if v["agents"][0]["online"] == true {
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(30), "{v}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    make_tree(&root.join("vol"));
+    let out = env
+        .cmd(&[
+            "snapshot",
+            s(&root.join("vol")),
+            "--volume",
+            "v",
+            "--agent",
+            "tls-agent",
+        ])
+        .args(["--wait", "--json", "--coordinator", &url, "--tls-ca"])
+        .arg(&cert)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+
+    // Without the CA the certificate is not trusted.
+    let out = env.run(&["agents", "--coordinator", &url]);
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(stderr(&out).lines().count(), 1, "{}", stderr(&out));
+    drop(child);
+}

@@ -76,3 +76,39 @@ fn s3_errors_are_one_clear_line() {
     assert_eq!(out.status.code(), Some(1));
     assert_eq!(stderr(&out).lines().count(), 1, "{}", stderr(&out));
 }
+
+#[test]
+fn throttled_puts_are_retried_then_fail_with_one_line_and_no_snapshot() {
+    use std::sync::atomic::Ordering::Relaxed;
+    let mut env = Env::new();
+    let s3 = S3Server::start(&env.path("s3root"));
+    s3.create_bucket("throttled");
+    s3.env(&mut env);
+    env.vars
+        .push(("FERRY_VAULT".into(), "s3://throttled/x".into()));
+    let out = env.run(&["vault", "init"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let src = env.path("src");
+    make_tree(&src);
+
+    // A burst of 503 SlowDown: retried with backoff, the snapshot lands.
+    s3.fail_puts.store(3, Relaxed);
+    let s = env.json(&["snapshot", src.to_str().unwrap(), "--volume", "web"]);
+    assert_eq!(s3.fail_puts.load(Relaxed), 0, "the server refused puts");
+    let dst = env.path("dst");
+    env.json(&["restore", "web", dst.to_str().unwrap(), "--verify"]);
+    assert_same_tree(&src, &dst);
+
+    // Throttled for good: a clear error naming the object, no snapshot.
+    std::fs::write(src.join("changed"), noise(100_000, 5)).unwrap();
+    s3.fail_puts.store(u64::MAX, Relaxed);
+    let out = env.run(&["snapshot", src.to_str().unwrap(), "--volume", "web"]);
+    assert_eq!(out.status.code(), Some(1));
+    let e = stderr(&out);
+    assert_eq!(e.lines().count(), 1, "{e}");
+    assert!(e.contains("503") || e.contains("SlowDown"), "{e}");
+    s3.fail_puts.store(0, Relaxed);
+    let list = env.json(&["snapshots"]);
+    assert_eq!(list["snapshots"].as_array().unwrap().len(), 1, "{list}");
+    assert_eq!(list["snapshots"][0]["id"], s["snapshot_id"]);
+}

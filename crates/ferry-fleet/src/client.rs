@@ -11,8 +11,12 @@ use crate::{Error, Result};
 pub struct FleetClient {
     client: Client,
     url: String,
+    /// How long `wait` follows a job through coordinator outages.
     patience: Duration,
 }
+
+/// One-shot calls (list, show) fail fast when the coordinator is down.
+const QUICK: Duration = Duration::from_secs(5);
 
 impl FleetClient {
     pub fn connect(opts: &ConnectOptions, patience: Duration) -> Result<Self> {
@@ -42,8 +46,12 @@ impl FleetClient {
     }
 
     pub async fn job(&self, id: u64) -> Result<proto::JobInfo> {
+        self.job_within(id, QUICK).await
+    }
+
+    async fn job_within(&self, id: u64, patience: Duration) -> Result<proto::JobInfo> {
         let c = self.client.clone();
-        with_retry(&self.url, "GetJob", self.patience, || {
+        with_retry(&self.url, "GetJob", patience, || {
             let mut c = c.clone();
             async move { c.get_job(proto::JobRef { id }).await }
         })
@@ -57,7 +65,7 @@ impl FleetClient {
         mut on_progress: impl FnMut(&JobProgress),
     ) -> Result<proto::JobInfo> {
         loop {
-            let j = self.job(id).await?;
+            let j = self.job_within(id, self.patience).await?;
             if j.state == "done" || j.state == "failed" {
                 return Ok(j);
             }
@@ -70,7 +78,7 @@ impl FleetClient {
 
     pub async fn jobs(&self) -> Result<Vec<proto::JobInfo>> {
         let c = self.client.clone();
-        let r = with_retry(&self.url, "ListJobs", self.patience, || {
+        let r = with_retry(&self.url, "ListJobs", QUICK, || {
             let mut c = c.clone();
             async move { c.list_jobs(proto::Empty {}).await }
         })
@@ -80,7 +88,7 @@ impl FleetClient {
 
     pub async fn agents(&self) -> Result<Vec<proto::AgentInfo>> {
         let c = self.client.clone();
-        let r = with_retry(&self.url, "ListAgents", self.patience, || {
+        let r = with_retry(&self.url, "ListAgents", QUICK, || {
             let mut c = c.clone();
             async move { c.list_agents(proto::Empty {}).await }
         })

@@ -71,6 +71,11 @@ pub fn status_line(s: &tonic::Status) -> String {
 /// Whether a call may succeed if tried again: the coordinator is down,
 /// restarting or overloaded. Errors it chose to return are final.
 pub fn retryable(s: &tonic::Status) -> bool {
+    // A certificate the client does not trust will not become trusted.
+    let m = s.message();
+    if m.contains("certificate") || m.contains("InvalidCertificate") {
+        return false;
+    }
     matches!(
         s.code(),
         tonic::Code::Unavailable
