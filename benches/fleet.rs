@@ -87,13 +87,18 @@ fn main() {
         ferry_core::vault::Vault::init(&loc, b"bench", &Default::default())
             .await
             .unwrap();
-        ferry_core::vault::Vault::open(&loc, b"bench").await.unwrap()
+        ferry_core::vault::Vault::open(&loc, b"bench")
+            .await
+            .unwrap()
     });
     let path = dir.path().join("coordinator.sqlite");
     let (catalog, _) = SqliteCatalog::open(&path, vault.id()).unwrap();
     let t = Instant::now();
     fill(&catalog, known);
-    eprintln!("catalog: {known} chunk ids in {:.1}s", t.elapsed().as_secs_f64());
+    eprintln!(
+        "catalog: {known} chunk ids in {:.1}s",
+        t.elapsed().as_secs_f64()
+    );
 
     let opts = CoordinatorOptions {
         listen: "127.0.0.1:0".parse().unwrap(),
@@ -137,7 +142,9 @@ fn main() {
                     while !stop.load(Ordering::Relaxed) {
                         let ids: Vec<BlobId> = (0..BATCH as u64)
                             .map(|k| {
-                                x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                                x = x
+                                    .wrapping_mul(6364136223846793005)
+                                    .wrapping_add(1442695040888963407);
                                 id((x >> 11) % known, k % 2 == 0)
                             })
                             .collect();

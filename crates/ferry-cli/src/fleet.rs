@@ -439,10 +439,12 @@ pub async fn jobs(g: &Global, id: Option<u64>) -> Result<u8> {
             "ID", "KIND", "AGENT", "STATE", "CREATED", "BYTES"
         );
         for (j, o) in jobs.iter().zip(&list) {
+            // Finished: what it read (snapshot) or wrote (restore); else progress.
             let bytes = o
-                .progress
+                .result
                 .as_ref()
-                .and_then(|p| p.get("bytes"))
+                .and_then(|r| r.get("bytes_scanned").or_else(|| r.get("bytes_written")))
+                .or_else(|| o.progress.as_ref().and_then(|p| p.get("bytes")))
                 .and_then(Value::as_u64)
                 .unwrap_or(0);
             let detail = match j.state.as_str() {

@@ -215,7 +215,11 @@ pub enum CatalogCmd {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    ui::init_tracing(cli.global.verbose);
+    let daemon = matches!(
+        cli.command,
+        Command::Coordinator { .. } | Command::Agent { .. }
+    );
+    ui::init_tracing(cli.global.verbose, daemon);
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -6,17 +6,21 @@ use std::time::Duration;
 use ferry_core::progress::Progress;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
-pub fn init_tracing(verbose: u8) {
-    let level = match verbose {
+/// Logs on stderr. Daemons (coordinator, agent) log at info by default,
+/// commands only errors. The HTTP/2 and gRPC layers stay at info at most,
+/// so no request header (the token) is ever logged.
+pub fn init_tracing(verbose: u8, daemon: bool) {
+    let level = match verbose + u8::from(daemon) {
         0 => "error",
-        1 => "info",
-        _ => "debug",
+        1 => "info,h2=warn,hyper=warn,tower=warn,tonic=warn",
+        _ => "debug,h2=info,hyper=info,hyper_util=info,tower=info,tonic=info,reqwest=info",
     };
     let filter = tracing_subscriber::EnvFilter::try_from_env("FERRY_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .init();
 }
 
