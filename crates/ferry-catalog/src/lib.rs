@@ -438,4 +438,27 @@ mod tests {
             Err(Error::OtherVault { .. })
         ));
     }
+
+    #[test]
+    fn two_packs_with_the_same_chunk_are_harmless_and_recording_is_idempotent() {
+        // Two agents stored the same new chunk at once, each in its own pack.
+        let dir = tempfile::tempdir().unwrap();
+        let (c, _) = SqliteCatalog::open(&dir.path().join("c.sqlite"), "v").unwrap();
+        let first = pack(1);
+        let mut second = pack(2);
+        second.blobs[0].id = first.blobs[0].id;
+        c.add_packs(std::slice::from_ref(&first)).unwrap();
+        c.add_packs(std::slice::from_ref(&second)).unwrap();
+        // A retried call after a lost reply changes nothing.
+        c.add_packs(std::slice::from_ref(&second)).unwrap();
+        assert_eq!(c.packs().unwrap().len(), 2);
+        let loc = c
+            .locate(&[first.blobs[0].id])
+            .unwrap()
+            .pop()
+            .unwrap()
+            .unwrap();
+        assert_eq!(loc.pack, first.id, "the first record wins");
+        assert!(c.pack_blobs(&second.id).unwrap().is_empty());
+    }
 }
