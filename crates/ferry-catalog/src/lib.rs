@@ -342,6 +342,53 @@ impl Catalog for SqliteCatalog {
         }
         tx.commit().map_err(cerr)
     }
+
+    fn remove_snapshots(&self, ids: &[String]) -> CatalogResult<()> {
+        let mut conn = self.conn();
+        let tx = conn.transaction().map_err(cerr)?;
+        {
+            let mut st = tx
+                .prepare_cached("DELETE FROM snapshots WHERE id = ?1")
+                .map_err(cerr)?;
+            for id in ids {
+                st.execute([id]).map_err(cerr)?;
+            }
+        }
+        tx.commit().map_err(cerr)
+    }
+
+    fn remove_packs(&self, packs: &[PackId]) -> CatalogResult<()> {
+        let mut conn = self.conn();
+        let tx = conn
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+            .map_err(cerr)?;
+        {
+            let mut b = tx
+                .prepare_cached("DELETE FROM blobs WHERE pack = ?1")
+                .map_err(cerr)?;
+            let mut p = tx
+                .prepare_cached("DELETE FROM packs WHERE id = ?1")
+                .map_err(cerr)?;
+            for id in packs {
+                b.execute([&id.0[..]]).map_err(cerr)?;
+                p.execute([&id.0[..]]).map_err(cerr)?;
+            }
+        }
+        tx.commit().map_err(cerr)
+    }
+
+    fn blob_sizes(&self) -> CatalogResult<Vec<(BlobId, PackId, u32)>> {
+        let conn = self.conn();
+        let mut st = conn
+            .prepare_cached("SELECT id, pack, stored_len FROM blobs")
+            .map_err(cerr)?;
+        let rows = st
+            .query_map([], |r| {
+                Ok((blob_id(r.get(0)?)?, pack_id(r.get(1)?)?, r.get(2)?))
+            })
+            .map_err(cerr)?;
+        rows.collect::<rusqlite::Result<_>>().map_err(cerr)
+    }
 }
 
 #[cfg(test)]

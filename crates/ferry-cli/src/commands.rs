@@ -68,9 +68,18 @@ pub async fn run(cli: Cli) -> Result<u8> {
         Command::Vault(VaultCmd::Check {
             location,
             read_data,
+            read_data_subset,
         }) => {
+            use ferry_core::check::ReadData;
+            let read = match (read_data, read_data_subset) {
+                (true, _) => ReadData::All,
+                (false, Some(p)) if (0.0..=100.0).contains(&p) => ReadData::Subset(p),
+                (false, Some(p)) => bail!("--read-data-subset {p}: give a percentage, 0 to 100"),
+                (false, None) => ReadData::None,
+            };
+            let read_data = read != ReadData::None;
             let (vault, catalog) = open(location.as_deref(), g).await?;
-            let report = ferry_core::check::check(&vault, catalog.as_ref(), read_data).await?;
+            let report = ferry_core::check::check(&vault, catalog.as_ref(), read).await?;
             print(g, &report, || {
                 let mut s = format!(
                     "checked {} snapshots, {} packs{}",
@@ -291,6 +300,83 @@ pub async fn run(cli: Cli) -> Result<u8> {
         Command::Agent { name, roots } => crate::fleet::agent(g, name, roots).await,
         Command::Agents => crate::fleet::agents(g).await,
         Command::Jobs { id } => crate::fleet::jobs(g, id).await,
+        Command::Forget {
+            snapshot,
+            keep_last,
+            keep_within,
+            dry_run,
+        } => {
+            let (vault, catalog) = open(None, g).await?;
+            let policy = ferry_core::forget::KeepPolicy {
+                last: keep_last,
+                within: keep_within,
+            };
+            let now = ferry_core::forget::now_ns();
+            let (keep, forget) =
+                ferry_core::forget::plan(&catalog.snapshots()?, &snapshot, &policy, now)?;
+            let s = ferry_core::forget::forget(&vault, catalog.as_ref(), &keep, &forget, dry_run)
+                .await?;
+            print(g, &s, || {
+                let mut out = String::new();
+                for f in &forget {
+                    out.push_str(&format!(
+                        "{} {} {} {}\n",
+                        if dry_run { "would forget" } else { "forgot" },
+                        &f.id[..8],
+                        f.volume,
+                        f.time
+                    ));
+                }
+                out.push_str(&format!(
+                    "{} snapshot(s) kept, {} {}",
+                    keep.len(),
+                    forget.len(),
+                    if dry_run {
+                        "would be forgotten"
+                    } else {
+                        "forgotten; run `ferry prune` to reclaim their space"
+                    }
+                ));
+                out
+            })?;
+            Ok(0)
+        }
+        Command::Prune {
+            dry_run,
+            max_repack_ratio,
+            lock_wait,
+        } => {
+            if !(0.0..=1.0).contains(&max_repack_ratio) {
+                bail!("--max-repack-ratio {max_repack_ratio}: give a fraction between 0 and 1");
+            }
+            let (vault, catalog) = open(None, g).await?;
+            let opts = ferry_core::prune::PruneOptions {
+                dry_run,
+                max_repack_ratio,
+                lock_wait: std::time::Duration::from_secs(lock_wait),
+            };
+            let s = ferry_core::prune::prune(vault, catalog, &opts).await?;
+            print(g, &s, || {
+                format!(
+                    "{} {} of {} packs ({} unknown), repacked {} into {}; {} {} ({} of unreferenced data) in {:.1}s",
+                    if dry_run { "would delete" } else { "deleted" },
+                    s.packs_deleted + s.packs_unknown,
+                    s.packs,
+                    s.packs_unknown,
+                    s.packs_repacked,
+                    s.packs_written,
+                    if dry_run {
+                        "would reclaim"
+                    } else {
+                        "reclaimed"
+                    },
+                    human_bytes(s.bytes_reclaimed),
+                    human_bytes(s.unreferenced_bytes),
+                    s.duration_s
+                )
+            })?;
+            Ok(0)
+        }
         Command::Catalog(CatalogCmd::Rebuild) => {
             let loc = location_of(None, g)?;
             let vault = Vault::open(&loc, &passphrase(g)?).await?;

@@ -117,6 +117,32 @@ pub enum Command {
     /// Catalog maintenance.
     #[command(subcommand)]
     Catalog(CatalogCmd),
+    /// Drop snapshots by policy (their data goes with the next prune).
+    Forget {
+        /// NAME (apply the --keep-* policy to the volume) or NAME@ID (forget one snapshot).
+        snapshot: String,
+        /// Keep the newest N snapshots.
+        #[arg(long, value_name = "N")]
+        keep_last: Option<usize>,
+        /// Keep snapshots newer than this (e.g. 7d, 12h, 1d12h).
+        #[arg(long, value_name = "DURATION", value_parser = ferry_core::forget::parse_duration)]
+        keep_within: Option<std::time::Duration>,
+        /// Show what would be forgotten; change nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Delete data no snapshot references; repack mostly-dead packs.
+    Prune {
+        /// Show what would be deleted; change nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Repack a pack when at least this fraction of it is unreferenced (0..1).
+        #[arg(long, default_value_t = 0.3, value_name = "R")]
+        max_repack_ratio: f64,
+        /// Wait this many seconds for running snapshots to finish (default: fail at once).
+        #[arg(long, default_value_t = 0, value_name = "SECONDS")]
+        lock_wait: u64,
+    },
     /// Serve the catalog and the job queue to agents (fleet mode).
     Coordinator {
         /// Address to listen on; anything but loopback needs --token-file.
@@ -202,8 +228,11 @@ pub enum VaultCmd {
         /// Where (or use --vault / FERRY_VAULT).
         location: Option<String>,
         /// Also download every pack and verify every blob.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "read_data_subset")]
         read_data: bool,
+        /// Download and verify this percentage of the packs, chosen at random.
+        #[arg(long, value_name = "PERCENT")]
+        read_data_subset: Option<f64>,
     },
 }
 

@@ -64,4 +64,14 @@ pub trait Catalog: Send + Sync {
     fn seen_objects(&self) -> CatalogResult<HashSet<String>>;
 
     fn mark_seen(&self, names: &[String]) -> CatalogResult<()>;
+
+    /// Forgets snapshots whose records left the vault (`forget`).
+    fn remove_snapshots(&self, ids: &[String]) -> CatalogResult<()>;
+
+    /// Forgets packs deleted from the vault (`prune`) and every blob
+    /// recorded in them, in one transaction.
+    fn remove_packs(&self, packs: &[PackId]) -> CatalogResult<()>;
+
+    /// Every recorded blob: its pack and its stored size (for `prune`).
+    fn blob_sizes(&self) -> CatalogResult<Vec<(BlobId, PackId, u32)>>;
 }

@@ -7,6 +7,7 @@
 //! report names damaged packs and the snapshots and files they affect.
 
 use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
 
 use futures::StreamExt;
 use serde::Serialize;
@@ -46,7 +47,31 @@ pub struct Affected {
     pub reason: String,
 }
 
-pub async fn check(vault: &Vault, catalog: &dyn Catalog, read_data: bool) -> Result<CheckReport> {
+/// How much pack data `check` downloads and verifies.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum ReadData {
+    None,
+    All,
+    /// This percentage of the packs, chosen at random each run.
+    Subset(f64),
+}
+
+pub async fn check(
+    vault: &Arc<Vault>,
+    catalog: &dyn Catalog,
+    read: ReadData,
+) -> Result<CheckReport> {
+    crate::lock::shared(
+        vault,
+        catalog,
+        "check",
+        crate::lock::SHARED_WAIT,
+        check_locked(vault, catalog, read),
+    )
+    .await
+}
+
+async fn check_locked(vault: &Vault, catalog: &dyn Catalog, read: ReadData) -> Result<CheckReport> {
     let mut report = CheckReport::default();
     let in_vault: HashMap<PackId, u64> = vault
         .list("packs/")
@@ -72,7 +97,18 @@ pub async fn check(vault: &Vault, catalog: &dyn Catalog, read_data: bool) -> Res
             Some(_) => to_read.push(*id),
         }
     }
-    if read_data {
+    if let ReadData::Subset(pct) = read {
+        let mut seed = [0u8; 32];
+        crate::keys::fill_random(&mut seed);
+        let threshold = (pct.clamp(0.0, 100.0) / 100.0 * u32::MAX as f64) as u64;
+        to_read.retain(|id| {
+            let h = blake3::keyed_hash(&seed, &id.0);
+            u64::from(u32::from_le_bytes(
+                h.as_bytes()[..4].try_into().expect("4 bytes"),
+            )) <= threshold
+        });
+    }
+    if read != ReadData::None {
         let results: Vec<(PackId, Result<u64>)> = futures::stream::iter(to_read)
             .map(|id| async move { (id, verify_pack(vault, &id).await) })
             .buffer_unordered(4)

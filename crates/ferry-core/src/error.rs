@@ -72,6 +72,8 @@ pub enum Error {
     #[error("{0}")]
     Invalid(String),
 
+    #[error("vault {vault} is locked by {holder}")]
+    Locked { vault: String, holder: String },
     #[error("internal: {0}")]
     Internal(String),
 }

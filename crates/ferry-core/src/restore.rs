@@ -531,6 +531,26 @@ pub async fn restore(
     opts: &RestoreOptions,
     progress: Arc<dyn Progress>,
 ) -> Result<RestoreSummary> {
+    let (v, c) = (vault.clone(), catalog.clone());
+    crate::lock::shared(
+        &v,
+        c.as_ref(),
+        "restore",
+        crate::lock::SHARED_WAIT,
+        restore_locked(vault, catalog, state, snap, target, opts, progress),
+    )
+    .await
+}
+
+async fn restore_locked(
+    vault: Arc<Vault>,
+    catalog: Arc<dyn Catalog>,
+    state: Arc<dyn TargetState>,
+    snap: &SnapshotRecord,
+    target: &Path,
+    opts: &RestoreOptions,
+    progress: Arc<dyn Progress>,
+) -> Result<RestoreSummary> {
     if snap.block {
         return crate::block::restore_block(vault, catalog, state, snap, target, opts, progress)
             .await;

@@ -217,6 +217,24 @@ pub async fn snapshot(
     opts: &SnapshotOptions,
     progress: Arc<dyn Progress>,
 ) -> Result<SnapshotSummary> {
+    let (v, c) = (vault.clone(), catalog.clone());
+    crate::lock::shared(
+        &v,
+        c.as_ref(),
+        "snapshot",
+        crate::lock::SHARED_WAIT,
+        snapshot_locked(vault, catalog, source, opts, progress),
+    )
+    .await
+}
+
+async fn snapshot_locked(
+    vault: Arc<Vault>,
+    catalog: Arc<dyn Catalog>,
+    source: &Path,
+    opts: &SnapshotOptions,
+    progress: Arc<dyn Progress>,
+) -> Result<SnapshotSummary> {
     let started = Instant::now();
     let root_md = std::fs::metadata(source).map_err(|e| Error::io(source, e))?;
     let block = {

@@ -4,7 +4,9 @@
 //! the catalog has not seen (index objects and snapshot records written by
 //! other processes or machines) are imported. A rebuild also reads the
 //! header of every pack no index object covers (packs of an interrupted
-//! snapshot), so nothing stored is ever forgotten.
+//! snapshot), so nothing stored is ever forgotten. Prune records remove
+//! the packs prune deleted; snapshot records gone from the vault (forget)
+//! leave the catalog too.
 
 use std::collections::HashSet;
 
@@ -19,6 +21,8 @@ pub struct SyncSummary {
     pub index_objects: u64,
     pub snapshots: u64,
     pub packs_from_headers: u64,
+    pub prune_records: u64,
+    pub snapshots_forgotten: u64,
 }
 
 /// Imports what the catalog has not seen. With `scan_packs`, also reads
@@ -31,14 +35,40 @@ pub async fn sync_catalog(
     let mut summary = SyncSummary::default();
     let seen = catalog.seen_objects()?;
     let mut new_seen = Vec::new();
-    for obj in vault.list("index/").await? {
+
+    let index: Vec<String> = vault
+        .list("index/")
+        .await?
+        .into_iter()
+        .map(|o| o.location.to_string())
+        .filter(|n| !seen.contains(n))
+        .collect();
+    // Packs prune deleted: never (re)learned from an older index object or
+    // a leftover pack file. Seen prune records are read again only when
+    // something could bring their packs back.
+    let mut deleted: HashSet<PackId> = HashSet::new();
+    let mut unseen_prunes = Vec::new();
+    for obj in vault.list("prune/").await? {
         let name = obj.location.to_string();
-        if seen.contains(&name) {
-            continue;
+        let is_new = !seen.contains(&name);
+        if is_new || scan_packs || !index.is_empty() {
+            let rec: PruneRecord = vault.get_meta(&name).await?;
+            deleted.extend(rec.deleted.iter().copied());
+            if is_new {
+                unseen_prunes.push((name, rec));
+            }
         }
-        let idx: IndexObject = vault.get_meta(&name).await?;
+    }
+    for name in index {
+        let mut idx: IndexObject = vault.get_meta(&name).await?;
+        idx.packs.retain(|p| !deleted.contains(&p.id));
         catalog.add_packs(&idx.packs)?;
         summary.index_objects += 1;
+        new_seen.push(name);
+    }
+    for (name, rec) in unseen_prunes {
+        catalog.remove_packs(&rec.deleted)?;
+        summary.prune_records += 1;
         new_seen.push(name);
     }
     if scan_packs {
@@ -48,7 +78,7 @@ pub async fn sync_catalog(
             let Some(id) = PackId::from_hex(name) else {
                 continue;
             };
-            if known.contains(&id) {
+            if known.contains(&id) || deleted.contains(&id) {
                 continue;
             }
             match vault.read_pack_header(&id, obj.size).await {
@@ -65,8 +95,10 @@ pub async fn sync_catalog(
             }
         }
     }
+    let mut present = HashSet::new();
     for obj in vault.list("snapshots/").await? {
         let name = obj.location.to_string();
+        present.insert(name.trim_start_matches("snapshots/").to_string());
         if seen.contains(&name) {
             continue;
         }
@@ -75,8 +107,28 @@ pub async fn sync_catalog(
         summary.snapshots += 1;
         new_seen.push(name);
     }
+    // Snapshots forgotten elsewhere.
+    let gone: Vec<String> = catalog
+        .snapshots()?
+        .into_iter()
+        .map(|s| s.id)
+        .filter(|id| !present.contains(id))
+        .collect();
+    if !gone.is_empty() {
+        catalog.remove_snapshots(&gone)?;
+        summary.snapshots_forgotten = gone.len() as u64;
+    }
     catalog.mark_seen(&new_seen)?;
     Ok(summary)
+}
+
+/// What a prune deleted: written before the deletions start (the commit
+/// point), so that every catalog forgets those packs, and a rebuild never
+/// brings them back, even if the deletions were interrupted.
+#[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
+pub struct PruneRecord {
+    pub time: String,
+    pub deleted: Vec<PackId>,
 }
 
 /// Loads a tree blob: from the catalog's cache, else from the vault (and

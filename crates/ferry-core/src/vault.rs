@@ -381,6 +381,16 @@ impl Vault {
             .map_err(|e| self.err("list", &p, e))
     }
 
+    /// Deletes an object; one already gone is not an error. Only prune
+    /// (packs it proved dead), forget (snapshot records) and locks delete.
+    pub async fn delete(&self, name: &str) -> Result<()> {
+        let path = Path::from(name);
+        match self.store.delete(&path).await {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(e) => Err(self.err("delete", &path, e)),
+        }
+    }
+
     /// Seals and writes a metadata object (index, snapshot record),
     /// create-only. Returns the bytes written.
     pub async fn put_meta<T: Serialize>(&self, name: &str, value: &T) -> Result<u64> {

@@ -351,6 +351,28 @@ impl Coordinator for Service {
         Ok(Response::new(Empty {}))
     }
 
+    async fn remove_snapshots(
+        &self,
+        req: Request<proto::Names>,
+    ) -> Result<Response<Empty>, Status> {
+        let ids = req.into_inner().names;
+        let c = self.catalog();
+        blocking(move || c.remove_snapshots(&ids).map_err(failed)).await?;
+        Ok(Response::new(Empty {}))
+    }
+
+    /// Pack ids travel as a `BlobIds` list (the same 32-byte form).
+    async fn remove_packs(&self, req: Request<proto::BlobIds>) -> Result<Response<Empty>, Status> {
+        let packs: Vec<ferry_core::id::PackId> = convert::ids_from_bytes(&req.into_inner().ids)
+            .map_err(invalid)?
+            .into_iter()
+            .map(|b| ferry_core::id::PackId(b.0))
+            .collect();
+        let c = self.catalog();
+        blocking(move || c.remove_packs(&packs).map_err(failed)).await?;
+        Ok(Response::new(Empty {}))
+    }
+
     async fn submit(
         &self,
         req: Request<proto::SubmitRequest>,

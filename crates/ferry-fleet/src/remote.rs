@@ -237,4 +237,34 @@ impl Catalog for RemoteCatalog {
         })?;
         Ok(())
     }
+
+    // Prune's accounting runs where the catalog is, never through an agent.
+    fn remove_snapshots(&self, ids: &[String]) -> CatalogResult<()> {
+        let req = proto::Names {
+            names: ids.to_vec(),
+        };
+        self.call("RemoveSnapshots", move |mut c| {
+            let req = req.clone();
+            async move { c.remove_snapshots(req).await }
+        })?;
+        Ok(())
+    }
+
+    fn remove_packs(&self, packs: &[PackId]) -> CatalogResult<()> {
+        let ids: Vec<BlobId> = packs.iter().map(|p| BlobId(p.0)).collect();
+        let req = proto::BlobIds {
+            ids: convert::ids_to_bytes(&ids),
+        };
+        self.call("RemovePacks", move |mut c| {
+            let req = req.clone();
+            async move { c.remove_packs(req).await }
+        })?;
+        Ok(())
+    }
+
+    fn blob_sizes(&self) -> CatalogResult<Vec<(BlobId, PackId, u32)>> {
+        Err(CatalogError::msg(
+            "prune is not available through the coordinator",
+        ))
+    }
 }

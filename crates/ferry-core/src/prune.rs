@@ -1,0 +1,302 @@
+//! Prune: delete what no snapshot references.
+//!
+//! Under the vault's exclusive lock (no snapshot, restore or check runs):
+//! 1. bring the catalog up to date; walk every snapshot's trees: the live set;
+//! 2. packs with no live blob are deleted; packs whose dead bytes exceed the
+//!    repack ratio are repacked: their live blobs are rewritten into new
+//!    packs, recorded by a new index object, before anything is deleted;
+//!    packs in the vault that no catalog knows (left by a killed snapshot)
+//!    are deleted too;
+//! 3. a prune record listing every pack to delete is written: the commit
+//!    point. Every catalog applies it on its next open; a rebuild never
+//!    brings those packs back;
+//! 4. the packs are deleted and the catalog forgets them.
+//!
+//! A crash before 3 leaves extra packs (duplicates) that the next prune
+//! deletes; a crash after 3 leaves packs the record already condemned, which
+//! the next prune deletes as unknown. Either way every snapshot stays whole.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use serde::Serialize;
+
+use crate::catalog::Catalog;
+use crate::error::{Error, Result};
+use crate::id::{BlobId, PackId};
+use crate::lock::VaultLock;
+use crate::manifest::{IndexObject, NodeKind};
+use crate::pack::PackWriter;
+use crate::sync::PruneRecord;
+use crate::vault::{Vault, pack_path};
+
+#[derive(Clone, Debug)]
+pub struct PruneOptions {
+    pub dry_run: bool,
+    /// Repack a pack when this fraction of its bytes (or more) is dead.
+    pub max_repack_ratio: f64,
+    /// How long to wait for running snapshots to finish.
+    pub lock_wait: Duration,
+}
+
+impl Default for PruneOptions {
+    fn default() -> Self {
+        Self {
+            dry_run: false,
+            max_repack_ratio: 0.3,
+            lock_wait: Duration::ZERO,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct PruneSummary {
+    pub dry_run: bool,
+    pub snapshots: u64,
+    pub packs: u64,
+    pub live_blobs: u64,
+    /// Stored bytes of blobs no snapshot references, before the prune.
+    pub unreferenced_bytes: u64,
+    pub packs_deleted: u64,
+    pub packs_repacked: u64,
+    /// Packs in the vault no catalog knew (a killed snapshot's).
+    pub packs_unknown: u64,
+    pub packs_written: u64,
+    pub bytes_deleted: u64,
+    pub bytes_written: u64,
+    /// `bytes_deleted - bytes_written`: what the vault shrank by.
+    pub bytes_reclaimed: u64,
+    pub duration_s: f64,
+}
+
+/// Every blob some snapshot needs: trees and file chunks.
+pub async fn live_blobs(vault: &Vault, catalog: &dyn Catalog) -> Result<HashSet<BlobId>> {
+    let mut live = HashSet::new();
+    let mut stack: Vec<BlobId> = catalog.snapshots()?.iter().map(|s| s.root).collect();
+    while let Some(tree_id) = stack.pop() {
+        if !live.insert(tree_id) {
+            continue; // an unchanged subtree, already walked
+        }
+        let tree = crate::sync::load_tree(vault, catalog, &tree_id).await?;
+        for n in &tree.entries {
+            match &n.kind {
+                NodeKind::File { chunks, .. } => live.extend(chunks.iter().map(|c| c.0)),
+                NodeKind::Dir { subtree } => stack.push(*subtree),
+                _ => {}
+            }
+        }
+    }
+    Ok(live)
+}
+
+pub async fn prune(
+    vault: Arc<Vault>,
+    catalog: Arc<dyn Catalog>,
+    opts: &PruneOptions,
+) -> Result<PruneSummary> {
+    let started = Instant::now();
+    let lock = if opts.dry_run {
+        None
+    } else {
+        Some(VaultLock::acquire(vault.clone(), true, "prune", opts.lock_wait).await?)
+    };
+    let r = run(&vault, catalog.as_ref(), opts).await;
+    if let Some(l) = lock {
+        l.release().await?;
+    }
+    let mut s = r?;
+    s.duration_s = started.elapsed().as_secs_f64();
+    Ok(s)
+}
+
+struct PackUse {
+    size: u64,
+    live: Vec<BlobId>,
+    dead_bytes: u64,
+}
+
+async fn run(
+    vault: &Arc<Vault>,
+    catalog: &dyn Catalog,
+    opts: &PruneOptions,
+) -> Result<PruneSummary> {
+    crate::sync::sync_catalog(vault, catalog, false).await?;
+    let mut s = PruneSummary {
+        dry_run: opts.dry_run,
+        snapshots: catalog.snapshots()?.len() as u64,
+        ..Default::default()
+    };
+    let live = live_blobs(vault, catalog).await?;
+    s.live_blobs = live.len() as u64;
+
+    let mut packs: HashMap<PackId, PackUse> = catalog
+        .packs()?
+        .into_iter()
+        .map(|(id, size)| {
+            (
+                id,
+                PackUse {
+                    size,
+                    live: Vec::new(),
+                    dead_bytes: 0,
+                },
+            )
+        })
+        .collect();
+    s.packs = packs.len() as u64;
+    for (blob, pack, stored) in catalog.blob_sizes()? {
+        let Some(u) = packs.get_mut(&pack) else {
+            continue;
+        };
+        if live.contains(&blob) {
+            u.live.push(blob);
+        } else {
+            u.dead_bytes += u64::from(stored);
+        }
+    }
+    // Unreferenced: whole packs with nothing live, dead blobs of the others.
+    s.unreferenced_bytes = packs
+        .values()
+        .map(|u| {
+            if u.live.is_empty() {
+                u.size
+            } else {
+                u.dead_bytes
+            }
+        })
+        .sum();
+
+    let mut delete: Vec<(PackId, u64)> = Vec::new();
+    let mut repack: Vec<(PackId, Vec<BlobId>)> = Vec::new();
+    for (id, u) in &packs {
+        if u.live.is_empty() {
+            delete.push((*id, u.size));
+        } else if u.dead_bytes as f64 >= opts.max_repack_ratio * u.size as f64 {
+            repack.push((*id, u.live.clone()));
+        }
+    }
+    // Packs in the vault that the catalog does not know: nothing can
+    // reference them (no snapshot runs, the catalog is in step).
+    for obj in vault.list("packs/").await? {
+        if let Some(id) = PackId::from_hex(obj.location.filename().unwrap_or_default())
+            && !packs.contains_key(&id)
+        {
+            delete.push((id, obj.size));
+            s.packs_unknown += 1;
+            s.unreferenced_bytes += obj.size;
+        }
+    }
+    s.packs_deleted = delete.len() as u64 - s.packs_unknown;
+    s.packs_repacked = repack.len() as u64;
+    s.bytes_deleted = delete.iter().map(|(_, n)| n).sum::<u64>()
+        + repack.iter().map(|(id, _)| packs[id].size).sum::<u64>();
+    if opts.dry_run {
+        s.bytes_reclaimed = s.bytes_deleted;
+        return Ok(s);
+    }
+
+    // Repack: live blobs into new packs, durable and indexed first.
+    let written = repack_live(vault, catalog, &repack).await?;
+    s.packs_written = written.len() as u64;
+    s.bytes_written = written.iter().map(|p| p.size).sum();
+    if !written.is_empty() {
+        let name = format!("index/{}", crate::id::random_hex_id());
+        vault
+            .put_meta(
+                &name,
+                &IndexObject {
+                    packs: written.clone(),
+                },
+            )
+            .await?;
+        catalog.mark_seen(&[name])?;
+    }
+    let condemned: Vec<PackId> = delete
+        .iter()
+        .map(|(id, _)| *id)
+        .chain(repack.iter().map(|(id, _)| *id))
+        .collect();
+    if condemned.is_empty() {
+        return Ok(s);
+    }
+    let record_name = format!("prune/{}", crate::id::random_hex_id());
+    vault
+        .put_meta(
+            &record_name,
+            &PruneRecord {
+                time: crate::vault::now_rfc3339(),
+                deleted: condemned.clone(),
+            },
+        )
+        .await?;
+    // The catalog points the repacked blobs at their new packs.
+    catalog.remove_packs(&condemned)?;
+    catalog.add_packs(&written)?;
+    let results: Vec<Result<()>> = futures::stream::iter(condemned.iter())
+        .map(|id| async move { vault.delete(pack_path(id).as_ref()).await })
+        .buffer_unordered(8)
+        .collect()
+        .await;
+    results.into_iter().collect::<Result<Vec<()>>>()?;
+    catalog.mark_seen(&[record_name])?;
+    s.bytes_reclaimed = s.bytes_deleted.saturating_sub(s.bytes_written);
+    Ok(s)
+}
+
+/// Reads each pack to repack once, and writes its live blobs into new packs.
+async fn repack_live(
+    vault: &Arc<Vault>,
+    catalog: &dyn Catalog,
+    repack: &[(PackId, Vec<BlobId>)],
+) -> Result<Vec<crate::pack::PackRecord>> {
+    let cfg = vault.config().clone();
+    let mut writer = PackWriter::new(vault.data_key(), cfg.pack_size as usize);
+    let mut done = Vec::new();
+    for (pack, blobs) in repack {
+        let bytes = vault.get(&pack_path(pack)).await?;
+        let locs = catalog.locate(blobs)?;
+        let (key, ids, level) = (
+            *vault.data_key(),
+            vault.ids().clone(),
+            cfg.compression.level,
+        );
+        let pack = *pack;
+        // Decrypt, verify and re-encode off the async threads.
+        let (w, full) = tokio::task::spawn_blocking(move || -> Result<(PackWriter, Vec<_>)> {
+            let mut full = Vec::new();
+            for loc in locs.into_iter().flatten() {
+                let e = &loc.entry;
+                let end = (e.offset + u64::from(e.stored_len)) as usize;
+                let sealed = bytes
+                    .get(e.offset as usize..end)
+                    .ok_or_else(|| Error::DamagedPack {
+                        pack: pack.to_hex(),
+                        reason: "shorter than its header says".into(),
+                    })?
+                    .to_vec();
+                let raw = crate::pack::open_blob(&key, &ids, &pack, &loc.salt, e, sealed)?;
+                writer.add(e.kind, e.id, &raw, level);
+                if writer.is_full() {
+                    let next = PackWriter::new(&key, cfg.pack_size as usize);
+                    full.push(std::mem::replace(&mut writer, next).finish());
+                }
+            }
+            Ok((writer, full))
+        })
+        .await
+        .map_err(|e| Error::Internal(e.to_string()))??;
+        writer = w;
+        for f in full {
+            vault.put_pack(&f).await?;
+            done.push(f.record);
+        }
+    }
+    if !writer.is_empty() {
+        let f = writer.finish();
+        vault.put_pack(&f).await?;
+        done.push(f.record);
+    }
+    Ok(done)
+}
