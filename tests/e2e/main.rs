@@ -7,4 +7,5 @@ mod common;
 mod delta;
 mod fleet;
 mod local;
+mod maintenance;
 mod s3;

@@ -193,7 +193,12 @@ async fn run(
     s.bytes_deleted = delete.iter().map(|(_, n)| n).sum::<u64>()
         + repack.iter().map(|(id, _)| packs[id].size).sum::<u64>();
     if opts.dry_run {
-        s.bytes_reclaimed = s.bytes_deleted;
+        // The repacked live blobs are written again, about as large.
+        let rewritten: u64 = repack
+            .iter()
+            .map(|(id, _)| packs[id].size - packs[id].dead_bytes)
+            .sum();
+        s.bytes_reclaimed = s.bytes_deleted.saturating_sub(rewritten);
         return Ok(s);
     }
 

@@ -59,16 +59,18 @@ pub async fn sync_catalog(
             }
         }
     }
+    // Deletions first: blobs a prune moved must not stay recorded in their
+    // old packs (the first record of a blob wins).
+    for (name, rec) in unseen_prunes {
+        catalog.remove_packs(&rec.deleted)?;
+        summary.prune_records += 1;
+        new_seen.push(name);
+    }
     for name in index {
         let mut idx: IndexObject = vault.get_meta(&name).await?;
         idx.packs.retain(|p| !deleted.contains(&p.id));
         catalog.add_packs(&idx.packs)?;
         summary.index_objects += 1;
-        new_seen.push(name);
-    }
-    for (name, rec) in unseen_prunes {
-        catalog.remove_packs(&rec.deleted)?;
-        summary.prune_records += 1;
         new_seen.push(name);
     }
     if scan_packs {

@@ -1,0 +1,402 @@
+//! Forget, prune, locks, and crash safety under kill -9.
+
+use std::collections::{BTreeMap, HashSet};
+use std::path::Path;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use crate::common::*;
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+fn local_env(pack: &str) -> Env {
+    let mut env = Env::new();
+    let vault = env.path("vault");
+    env.vars
+        .push(("FERRY_VAULT".into(), vault.display().to_string()));
+    let out = env.run(&["vault", "init", "--pack-size", pack]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    env
+}
+
+/// The same vault seen from another machine: its own catalog.
+fn other_machine(env: &Env) -> Env {
+    let mut vars = env.vars.clone();
+    for (k, v) in vars.iter_mut() {
+        if k == "XDG_STATE_HOME" {
+            *v = env.path("other-state").display().to_string();
+        }
+    }
+    Env {
+        dir: tempfile::tempdir().unwrap(),
+        vars,
+    }
+}
+
+fn dir_bytes(p: &Path) -> u64 {
+    files_under(p)
+        .iter()
+        .map(|f| std::fs::metadata(f).unwrap().len())
+        .sum()
+}
+
+#[test]
+fn forget_and_prune_reclaim_what_nothing_references_and_every_catalog_learns_it() {
+    let env = local_env("1M");
+    let src = env.path("src");
+    std::fs::create_dir_all(&src).unwrap();
+    for i in 0..60u64 {
+        std::fs::write(src.join(format!("f{i:02}")), noise(50_000, i)).unwrap();
+    }
+    let first = env.json(&["snapshot", s(&src), "--volume", "db"]);
+    // Another machine's catalog knows the first snapshot's chunks.
+    let other = other_machine(&env);
+    assert_eq!(
+        other.json(&["snapshots"])["snapshots"]
+            .as_array()
+            .unwrap()
+            .len(),
+        1
+    );
+
+    // Every other file goes: each pack is about half dead.
+    for i in (0..60u64).step_by(2) {
+        std::fs::remove_file(src.join(format!("f{i:02}"))).unwrap();
+    }
+    env.json(&["snapshot", s(&src), "--volume", "db"]);
+    let dry = env.json(&["forget", "db", "--keep-last", "1", "--dry-run"]);
+    assert_eq!(dry["forgotten"].as_array().unwrap().len(), 1);
+    assert_eq!(
+        env.json(&["snapshots"])["snapshots"]
+            .as_array()
+            .unwrap()
+            .len(),
+        2
+    );
+    let f = env.json(&["forget", "db", "--keep-last", "1"]);
+    assert_eq!(f["forgotten"][0], first["snapshot_id"]);
+
+    let packs = env.path("vault/packs");
+    let before = dir_bytes(&packs);
+    let dry = env.json(&["prune", "--dry-run"]);
+    assert_eq!(dir_bytes(&packs), before, "a dry run changes nothing");
+    let p = env.json(&["prune"]);
+    let (real, est) = (
+        p["bytes_reclaimed"].as_u64().unwrap() as f64,
+        dry["bytes_reclaimed"].as_u64().unwrap() as f64,
+    );
+    assert!(
+        (real - est).abs() <= real * 0.02,
+        "dry run estimate {dry} vs {p}"
+    );
+    assert!(p["packs_repacked"].as_u64().unwrap() > 0, "{p}");
+    let unreferenced = p["unreferenced_bytes"].as_u64().unwrap();
+    let reclaimed = p["bytes_reclaimed"].as_u64().unwrap();
+    assert!(unreferenced >= 1_400_000, "{p}");
+    assert!(
+        reclaimed * 10 >= unreferenced * 9,
+        "reclaimed {reclaimed} of {unreferenced} unreferenced bytes"
+    );
+    assert_eq!(before - dir_bytes(&packs), reclaimed, "{p}");
+    assert_eq!(env.json(&["vault", "check", "--read-data"])["ok"], true);
+    let dst = env.path("dst");
+    env.json(&["restore", "db", s(&dst), "--verify"]);
+    assert_same_tree(&src, &dst);
+
+    // The other machine learns the prune on open: it restores from the new
+    // packs and does not dedup against deleted chunks.
+    assert_eq!(
+        other.json(&["snapshots"])["snapshots"]
+            .as_array()
+            .unwrap()
+            .len(),
+        1
+    );
+    let dst2 = other.path("dst");
+    other.json(&["restore", "db", s(&dst2), "--verify"]);
+    assert_same_tree(&src, &dst2);
+    std::fs::write(src.join("f00"), noise(50_000, 0)).unwrap();
+    let again = other.json(&["snapshot", s(&src), "--volume", "db"]);
+    assert!(again["bytes_new"].as_u64().unwrap() >= 50_000, "{again}");
+    assert_eq!(env.json(&["vault", "check", "--read-data"])["ok"], true);
+
+    // A rebuilt catalog agrees, and a second prune finds nothing to do.
+    assert!(env.run(&["catalog", "rebuild"]).status.success());
+    let p2 = env.json(&["prune"]);
+    assert_eq!(p2["packs_deleted"], 0, "{p2}");
+    let dst3 = env.path("dst3");
+    env.json(&["restore", "db", s(&dst3), "--verify"]);
+    assert_same_tree(&src, &dst3);
+
+    // Bad input: one line each.
+    for args in [
+        &["forget", "db"][..],
+        &["forget", "nope", "--keep-last", "1"],
+        &["forget", "db", "--keep-within", "7x"],
+        &["prune", "--max-repack-ratio", "2"],
+    ] {
+        let out = env.run(args);
+        let e = stderr(&out);
+        assert!(matches!(out.status.code(), Some(1 | 2)), "{args:?}: {e}");
+        assert!(
+            e.starts_with("error: ") && !e.contains("panicked"),
+            "{args:?}: {e}"
+        );
+        if out.status.code() == Some(1) {
+            assert_eq!(e.lines().count(), 1, "{args:?}: {e}");
+        }
+    }
+}
+
+#[test]
+fn prune_and_snapshots_exclude_each_other_through_the_vault_lock() {
+    use std::sync::atomic::Ordering::Relaxed;
+    let mut env = Env::new();
+    let s3 = S3Server::start(&env.path("s3"));
+    s3.create_bucket("locked");
+    s3.env(&mut env);
+    env.vars
+        .push(("FERRY_VAULT".into(), "s3://locked/v".into()));
+    assert!(
+        env.run(&["vault", "init", "--pack-size", "1M"])
+            .status
+            .success()
+    );
+    let src = env.path("src");
+    std::fs::create_dir_all(&src).unwrap();
+    for i in 0..8u64 {
+        std::fs::write(src.join(format!("old{i}")), noise(1_000_000, i)).unwrap();
+    }
+    env.json(&["snapshot", s(&src), "--volume", "v"]);
+
+    // A slow snapshot holds its shared lock: prune refuses, or waits.
+    for i in 0..8u64 {
+        std::fs::write(src.join(format!("new{i}")), noise(1_000_000, 50 + i)).unwrap();
+    }
+    s3.put_delay_ms.store(400, Relaxed);
+    let snap = env
+        .cmd(&["snapshot", s(&src), "--volume", "v", "--json"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let locks = s3.root.join("locked/v/locks");
+    let start = Instant::now();
+    while !locks.exists() || files_under(&locks).is_empty() {
+        assert!(start.elapsed() < Duration::from_secs(30));
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let out = env.run(&["prune"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains("locked by snapshot"),
+        "{}",
+        stderr(&out)
+    );
+    let waited = env.json(&["prune", "--lock-wait", "120"]);
+    let out = snap.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(
+        waited["packs_deleted"], 0,
+        "nothing was forgotten: {waited}"
+    );
+
+    // The race that matters: prune deletes the old files' chunks while a
+    // snapshot brings the old files back. Whoever goes first, the result
+    // restores.
+    for i in 0..8u64 {
+        std::fs::remove_file(src.join(format!("old{i}"))).unwrap();
+    }
+    env.json(&["snapshot", s(&src), "--volume", "v"]);
+    env.json(&["forget", "v", "--keep-last", "1"]);
+    for i in 0..8u64 {
+        std::fs::write(src.join(format!("old{i}")), noise(1_000_000, i)).unwrap();
+    }
+    s3.put_delay_ms.store(150, Relaxed);
+    let prune = env
+        .cmd(&["prune", "--json"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(100));
+    let snap = env.json(&["snapshot", s(&src), "--volume", "v"]);
+    let out = prune.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    s3.put_delay_ms.store(0, Relaxed);
+    assert_eq!(env.json(&["vault", "check", "--read-data"])["ok"], true);
+    let dst = env.path("dst");
+    let r = env.json(&[
+        "restore",
+        &format!("v@{}", snap["snapshot_id"].as_str().unwrap()),
+        s(&dst),
+        "--verify",
+    ]);
+    assert_eq!(r["files"], 16);
+    assert_same_tree(&src, &dst);
+    assert!(files_under(&locks).is_empty(), "every lock was released");
+}
+
+/// Content hash of every regular file under `root`, by relative path.
+fn contents(root: &Path) -> BTreeMap<String, blake3::Hash> {
+    files_under(root)
+        .into_iter()
+        .filter(|p| p.is_file())
+        .map(|p| {
+            let rel = p.strip_prefix(root).unwrap().display().to_string();
+            (rel, blake3::hash(&std::fs::read(&p).unwrap()))
+        })
+        .collect()
+}
+
+/// Runs ferry and kills it (SIGKILL) after `after`; returns whether it
+/// finished first.
+fn run_killed(env: &Env, args: &[&str], after: Duration) -> bool {
+    let mut child = env
+        .cmd(args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let start = Instant::now();
+    while start.elapsed() < after {
+        if child.try_wait().unwrap().is_some() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    false
+}
+
+fn timed(env: &Env, args: &[&str]) -> Duration {
+    let t = Instant::now();
+    let out = env.run(args);
+    assert!(out.status.success(), "{args:?}: {}", stderr(&out));
+    t.elapsed()
+}
+
+const KILLS: u32 = 20;
+
+#[test]
+fn kill_9_during_snapshot_restore_and_prune_loses_nothing() {
+    let env = local_env("1M");
+    let src = env.path("src");
+    std::fs::create_dir_all(&src).unwrap();
+    let write_gen = |g: u64| {
+        for i in 0..24u64 {
+            std::fs::write(src.join(format!("f{i:02}")), noise(400_000, g * 100 + i)).unwrap();
+        }
+    };
+    write_gen(0);
+    let full = timed(&env, &["snapshot", s(&src), "--volume", "v"]);
+
+    // Snapshot: killed at 20 points; only whole snapshots are ever listed,
+    // and the rerun reuses the packs the killed runs completed.
+    let mut listed = HashSet::new();
+    for k in 0..KILLS {
+        write_gen(1 + u64::from(k));
+        let at = full.mul_f64(0.1 + 0.9 * f64::from(k) / f64::from(KILLS));
+        run_killed(&env, &["snapshot", s(&src), "--volume", "v"], at);
+        let check = env.json(&["vault", "check"]);
+        assert_eq!(check["ok"], true, "after a kill at {at:?}: {check}");
+        for snap in env.json(&["snapshots"])["snapshots"].as_array().unwrap() {
+            listed.insert(snap["id"].as_str().unwrap().to_string());
+        }
+    }
+    write_gen(1 + u64::from(KILLS) - 1);
+    let rerun = env.json(&["snapshot", s(&src), "--volume", "v"]);
+    assert!(
+        rerun["bytes_new"].as_u64().unwrap() < 24 * 400_000,
+        "the rerun reused nothing the killed run stored: {rerun}"
+    );
+    let check = env.json(&["vault", "check", "--read-data"]);
+    assert_eq!(check["ok"], true, "{check}");
+    assert!(listed.len() >= 2);
+
+    // Restore over a pre-synced target: killed at 20 points; every file
+    // under its real name is whole, old or new; the rerun completes it.
+    let dst = env.path("dst");
+    let first_id = env.json(&["snapshots"])["snapshots"][0]["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    env.json(&["restore", &format!("v@{first_id}"), s(&dst)]);
+    let old = contents(&dst);
+    let new = contents(&src);
+    let full = timed(&env, &["restore", "v", s(&env.path("scratch"))]);
+    for k in 0..KILLS {
+        let at = full.mul_f64(0.05 + 0.95 * f64::from(k) / f64::from(KILLS));
+        let done = run_killed(&env, &["restore", "v", s(&dst)], at);
+        for (path, h) in contents(&dst) {
+            let name = Path::new(&path).file_name().unwrap().to_str().unwrap();
+            if name.starts_with(".ferry-") && name.ends_with(".tmp") {
+                continue; // a temporary file, never a real name
+            }
+            assert!(
+                old.get(&path) == Some(&h) || new.get(&path) == Some(&h),
+                "{path} is torn after a kill at {at:?}"
+            );
+        }
+        if done {
+            break;
+        }
+        // Back to the old state now and then, so later kills land mid-write.
+        if k % 4 == 3 {
+            env.json(&["restore", &format!("v@{first_id}"), s(&dst)]);
+        }
+    }
+    env.json(&["restore", "v", s(&dst), "--delete", "--verify"]);
+    assert_same_tree(&src, &dst);
+
+    // Prune: killed at 20 points, each time with something to delete.
+    for k in 0..KILLS {
+        env.json(&["forget", "v", "--keep-last", "1"]);
+        let full = if k == 0 {
+            timed(&env, &["prune", "--dry-run"]) * 3
+        } else {
+            Duration::from_millis(300)
+        };
+        let at = full.mul_f64(f64::from(k) / f64::from(KILLS));
+        run_killed(&env, &["prune"], at);
+        let check = env.json(&["vault", "check"]);
+        assert_eq!(check["ok"], true, "after a prune killed at {at:?}: {check}");
+        if k % 5 == 4 {
+            let d = env.path(&format!("p{k}"));
+            env.json(&["restore", "v", s(&d), "--verify"]);
+            assert_same_tree(&src, &d);
+        }
+        // New data for the next round.
+        std::fs::write(
+            src.join(format!("g{k}")),
+            noise(300_000, 900 + u64::from(k)),
+        )
+        .unwrap();
+        env.json(&["snapshot", s(&src), "--volume", "v"]);
+    }
+    env.json(&["forget", "v", "--keep-last", "1"]);
+    let p = env.json(&["prune"]);
+    assert_eq!(
+        env.json(&["vault", "check", "--read-data"])["ok"],
+        true,
+        "{p}"
+    );
+    let again = env.json(&["prune"]);
+    assert_eq!(
+        again["packs_deleted"], 0,
+        "the rerun finished the job: {again}"
+    );
+    assert_eq!(again["packs_unknown"], 0, "{again}");
+    let d = env.path("final");
+    env.json(&["restore", "v", s(&d), "--verify"]);
+    assert_same_tree(&src, &d);
+
+    // Lost catalog: rebuilt from the vault, nothing lost.
+    std::fs::remove_dir_all(env.path("state/ferry/catalogs")).unwrap();
+    let d = env.path("after-rebuild");
+    env.json(&["restore", "v", s(&d), "--verify"]);
+    assert_same_tree(&src, &d);
+}
