@@ -145,9 +145,82 @@ pub struct VaultConfig {
     pub keys: String,
 }
 
+impl VaultConfig {
+    /// Parses a config object and checks every parameter the data path
+    /// relies on: a damaged or hostile config is an error, never a panic
+    /// deeper in (FastCDC asserts its ranges, pack sizes bound memory).
+    pub fn parse(bytes: &[u8]) -> Result<VaultConfig, String> {
+        let c: VaultConfig = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
+        VaultOptions {
+            chunker: c.chunker,
+            compression: c.compression.clone(),
+            pack_size: c.pack_size,
+            kdf: c.kdf.clone(),
+        }
+        .validate()?;
+        if c.kdf.m_kib > 4 * 1024 * 1024 || c.kdf.t > 100 || c.kdf.p == 0 || c.kdf.p > 64 {
+            return Err("key derivation parameters out of range".into());
+        }
+        Ok(c)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
+
+    fn valid() -> Vec<u8> {
+        let o = VaultOptions::default();
+        serde_json::to_vec(&VaultConfig {
+            format: "ferry".into(),
+            version: 1,
+            vault_id: "00".repeat(16),
+            created: String::new(),
+            chunker: o.chunker,
+            compression: o.compression,
+            pack_size: o.pack_size,
+            id_hash: String::new(),
+            cipher: String::new(),
+            kdf: o.kdf,
+            keys: String::new(),
+        })
+        .unwrap()
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+        /// Fuzzing the config decoder: damaged bytes and out-of-range
+        /// numbers are errors; whatever parses builds a chunker safely.
+        #[test]
+        fn config_decoder_never_panics(
+            flips in proptest::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 0..8),
+            min in any::<u32>(), avg in any::<u32>(), max in any::<u32>(), pack in any::<u32>(),
+            numbers in any::<bool>(),
+        ) {
+            let mut b = valid();
+            if numbers {
+                let mut v: serde_json::Value = serde_json::from_slice(&b).unwrap();
+                v["chunker"]["min"] = min.into();
+                v["chunker"]["avg"] = avg.into();
+                v["chunker"]["max"] = max.into();
+                v["pack_size"] = pack.into();
+                b = serde_json::to_vec(&v).unwrap();
+            }
+            for (i, x) in &flips {
+                let n = b.len();
+                b[i.index(n)] = *x;
+            }
+            if let Ok(c) = VaultConfig::parse(&b) {
+                let data: Vec<u8> = (0..300_000u32).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect();
+                let mut total = 0;
+                for chunk in crate::chunker::Chunker::new(&data[..], &c.chunker) {
+                    total += chunk.unwrap().len();
+                }
+                prop_assert_eq!(total, data.len());
+            }
+        }
+    }
 
     #[test]
     fn defaults_are_valid_and_bad_values_are_named() {

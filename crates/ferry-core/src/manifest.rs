@@ -394,4 +394,36 @@ mod tests {
         };
         assert!(Tree::decode(&t.encode()).is_err());
     }
+
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+        /// Fuzzing the tree decoder: arbitrary bytes and damaged JSON are
+        /// errors, never panics; whatever decodes has only safe, sorted names.
+        #[test]
+        fn tree_decoder_never_panics_and_keeps_names_safe(
+            junk in proptest::collection::vec(any::<u8>(), 0..300),
+            name in proptest::collection::vec(any::<u8>(), 0..12),
+            flips in proptest::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 0..4),
+        ) {
+            let _ = Tree::decode(&junk);
+            let t = Tree {
+                entries: vec![node(&name, NodeKind::Symlink { target: Name(b"x".to_vec()) })],
+            };
+            let mut b = serde_json::to_vec(&t).unwrap();
+            for (i, x) in &flips {
+                let n = b.len();
+                b[i.index(n)] = *x;
+            }
+            if let Ok(t) = Tree::decode(&b) {
+                for w in t.entries.windows(2) {
+                    prop_assert!(w[0].name < w[1].name);
+                }
+                for e in &t.entries {
+                    prop_assert!(e.name.is_safe_component(), "{:?}", e.name);
+                }
+            }
+        }
+    }
 }

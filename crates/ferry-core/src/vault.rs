@@ -170,7 +170,7 @@ async fn read_config(store: &dyn ObjectStore, name: &str) -> Result<VaultConfig>
         vault: name.into(),
         reason,
     };
-    let config: VaultConfig = serde_json::from_slice(&body).map_err(|e| bad(e.to_string()))?;
+    let config = VaultConfig::parse(&body).map_err(bad)?;
     if config.format != FORMAT_NAME {
         return Err(bad(format!(
             "not a ferry vault (format {:?})",
