@@ -17,6 +17,7 @@ use ferry_core::manifest::SnapshotRecord;
 use ferry_core::pack::{PackEntry, PackRecord};
 use rusqlite::{Connection, OptionalExtension, params};
 
+pub mod bucket;
 pub mod jobs;
 pub mod target;
 

@@ -5,6 +5,7 @@
 //! stderr); 2 usage error; 3 snapshot saved but incomplete (some entries
 //! could not be read; the snapshot is consistent and says so).
 
+mod bucket;
 mod commands;
 mod fleet;
 mod ui;
@@ -167,6 +168,9 @@ pub enum Command {
         #[arg(long = "root", value_name = "PATH", required = true)]
         roots: Vec<PathBuf>,
     },
+    /// Bucket migration.
+    #[command(subcommand)]
+    Bucket(BucketCmd),
     /// List the coordinator's agents.
     Agents,
     /// List the coordinator's jobs, or show one.
@@ -233,6 +237,48 @@ pub enum VaultCmd {
         /// Download and verify this percentage of the packs, chosen at random.
         #[arg(long, value_name = "PERCENT")]
         read_data_subset: Option<f64>,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum BucketCmd {
+    /// Copy what changed from SRC to DST (s3://bucket/prefix, REMOTE:bucket/prefix or a directory).
+    Sync {
+        src: String,
+        dst: String,
+        /// Objects copied at once.
+        #[arg(long, default_value_t = 16)]
+        workers: usize,
+        /// Only objects modified at or after this time (RFC 3339).
+        #[arg(long, value_name = "TIME")]
+        since: Option<String>,
+        /// Only keys matching this glob (repeatable).
+        #[arg(long, value_name = "GLOB")]
+        include: Vec<String>,
+        /// Skip keys matching this glob (repeatable).
+        #[arg(long, value_name = "GLOB")]
+        exclude: Vec<String>,
+        /// Delete destination objects the source does not have.
+        #[arg(long)]
+        delete: bool,
+        /// Read every copied object back and compare size and content.
+        #[arg(long)]
+        verify: bool,
+        /// Print the plan; copy and delete nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// At most this many bytes per second in total (e.g. 50M).
+        #[arg(long, value_name = "RATE", value_parser = ferry_bucket::limit::parse_rate)]
+        bandwidth: Option<u64>,
+        /// Copy object tags too.
+        #[arg(long)]
+        tags: bool,
+        /// Keep the source's storage class.
+        #[arg(long)]
+        storage_class: bool,
+        /// Named remotes (default: $XDG_CONFIG_HOME/ferry/config.toml).
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
     },
 }
 

@@ -14,6 +14,7 @@
 //! is a trait ([`catalog::Catalog`]) the caller hands in.
 
 pub mod block;
+pub mod bucket_state;
 pub mod catalog;
 pub mod check;
 pub mod chunker;

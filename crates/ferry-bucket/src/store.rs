@@ -1,0 +1,896 @@
+//! The two kinds of side a bucket sync has: an S3-compatible bucket (through
+//! aws-sdk-s3, which carries any key exactly, user metadata, storage class,
+//! tags and server-side copy) and a local directory. Listings come out in
+//! key byte order, so two sides are compared by a streaming merge.
+
+use std::collections::BTreeMap;
+use std::path::{Component, Path, PathBuf};
+use std::time::Duration;
+
+use aws_sdk_s3::Client;
+use aws_sdk_s3::error::ProvideErrorMetadata;
+use aws_sdk_s3::primitives::ByteStream;
+use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart, MetadataDirective, StorageClass};
+use bytes::Bytes;
+use tokio::io::AsyncWriteExt;
+use tokio::sync::mpsc;
+
+use crate::config::Config;
+use crate::location::Location;
+use crate::{Error, Result};
+
+/// One listed object; `key` is relative to the side's prefix.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Entry {
+    pub key: String,
+    pub size: u64,
+    /// As the store reports it, quotes removed; empty for local files.
+    pub etag: String,
+    pub modified_ns: i64,
+}
+
+/// What travels with an object besides its bytes.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Meta {
+    pub content_type: Option<String>,
+    pub content_encoding: Option<String>,
+    pub cache_control: Option<String>,
+    pub content_disposition: Option<String>,
+    pub content_language: Option<String>,
+    pub user: BTreeMap<String, String>,
+    pub storage_class: Option<String>,
+    /// URL-encoded `k=v&k2=v2`.
+    pub tagging: Option<String>,
+}
+
+/// An object being read: its metadata and a stream of its bytes.
+pub struct Download {
+    pub size: u64,
+    pub etag: String,
+    pub meta: Meta,
+    body: Body,
+}
+
+enum Body {
+    S3(ByteStream),
+    Local(tokio::fs::File),
+}
+
+impl Download {
+    /// The next piece of the object, or None at its end.
+    pub async fn next(&mut self) -> Result<Option<Bytes>> {
+        match &mut self.body {
+            Body::S3(s) => s
+                .try_next()
+                .await
+                .map_err(|e| Error::Transfer(format!("reading: {e}"))),
+            Body::Local(f) => {
+                use tokio::io::AsyncReadExt;
+                let mut buf = vec![0u8; 1 << 20];
+                let n = f
+                    .read(&mut buf)
+                    .await
+                    .map_err(|e| Error::Transfer(format!("reading: {e}")))?;
+                buf.truncate(n);
+                Ok((n > 0).then(|| Bytes::from(buf)))
+            }
+        }
+    }
+}
+
+pub struct S3Side {
+    client: Client,
+    bucket: String,
+    prefix: String,
+    /// Endpoint and credentials identity: two sides with the same one can
+    /// copy server-side.
+    pub identity: String,
+}
+
+pub struct LocalSide {
+    root: PathBuf,
+}
+
+pub enum Side {
+    S3(S3Side),
+    Local(LocalSide),
+}
+
+/// One line for an SDK error: the service's code and message, or why the
+/// request did not get an answer.
+fn s3_err<E, R>(op: &str, what: &str, e: aws_sdk_s3::error::SdkError<E, R>) -> Error
+where
+    E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
+    R: std::fmt::Debug,
+{
+    use aws_sdk_s3::error::SdkError;
+    let detail = match &e {
+        SdkError::ServiceError(s) => {
+            let err = s.err();
+            match (err.code(), err.message()) {
+                (Some(c), Some(m)) => format!("{c}: {m}"),
+                (Some(c), None) => c.to_string(),
+                _ => format!("{}", aws_sdk_s3::error::DisplayErrorContext(&e)),
+            }
+        }
+        SdkError::DispatchFailure(_) | SdkError::TimeoutError(_) => format!(
+            "no answer from the endpoint: {}",
+            aws_sdk_s3::error::DisplayErrorContext(&e)
+        ),
+        _ => format!("{}", aws_sdk_s3::error::DisplayErrorContext(&e)),
+    };
+    Error::Store(format!("{op} {what}: {}", detail.replace('\n', " ")))
+}
+
+fn is_code<E: ProvideErrorMetadata, R>(e: &aws_sdk_s3::error::SdkError<E, R>, codes: &[&str]) -> bool {
+    e.as_service_error()
+        .and_then(|s| s.code())
+        .is_some_and(|c| codes.contains(&c))
+}
+
+pub async fn open(loc: &Location, config: &Config) -> Result<Side> {
+    match loc {
+        Location::Local(p) => Ok(Side::Local(LocalSide { root: p.clone() })),
+        Location::S3 {
+            remote,
+            bucket,
+            prefix,
+        } => {
+            let r = loc.remote(config).cloned().unwrap_or_default();
+            let name = remote.as_deref().unwrap_or("s3");
+            let mut b = aws_config::defaults(aws_config::BehaviorVersion::latest()).retry_config(
+                aws_config::retry::RetryConfig::standard()
+                    .with_max_attempts(6)
+                    .with_initial_backoff(Duration::from_millis(200)),
+            );
+            let endpoint = r
+                .endpoint
+                .clone()
+                .or_else(|| std::env::var("AWS_ENDPOINT_URL").ok())
+                .filter(|e| !e.is_empty());
+            if let Some(e) = &endpoint {
+                b = b.endpoint_url(e);
+            }
+            let region = r
+                .region
+                .clone()
+                .or_else(|| std::env::var("AWS_REGION").ok())
+                .or_else(|| std::env::var("AWS_DEFAULT_REGION").ok())
+                .unwrap_or_else(|| "us-east-1".into());
+            b = b.region(aws_config::Region::new(region));
+            let creds = r.credentials(name)?;
+            let key_id = match &creds {
+                Some(c) => c.id.clone(),
+                None => std::env::var("AWS_ACCESS_KEY_ID").unwrap_or_default(),
+            };
+            if let Some(c) = creds {
+                b = b.credentials_provider(aws_sdk_s3::config::Credentials::new(
+                    c.id, c.secret, c.token, None, "ferry-remote",
+                ));
+            }
+            let shared = b.load().await;
+            let conf = aws_sdk_s3::config::Builder::from(&shared)
+                .force_path_style(!r.virtual_hosted)
+                .request_checksum_calculation(
+                    aws_sdk_s3::config::RequestChecksumCalculation::WhenRequired,
+                )
+                .response_checksum_validation(
+                    aws_sdk_s3::config::ResponseChecksumValidation::WhenRequired,
+                )
+                .build();
+            Ok(Side::S3(S3Side {
+                client: Client::from_conf(conf),
+                bucket: bucket.clone(),
+                prefix: prefix.clone(),
+                identity: format!("{}|{key_id}", endpoint.unwrap_or_default()),
+            }))
+        }
+    }
+}
+
+fn unquote(s: &str) -> String {
+    s.trim_matches('"').to_string()
+}
+
+/// A local file's stand-in for an etag: its mtime and inode, so that a
+/// rewrite of the same size is noticed. It contains '-', like a multipart
+/// etag, so it is never compared with a store's etag.
+pub fn local_etag(md: &std::fs::Metadata) -> String {
+    use std::os::unix::fs::MetadataExt;
+    format!("local-{}.{}-{}", md.mtime(), md.mtime_nsec(), md.ino())
+}
+
+/// Why a key cannot be a path under a local directory, if it cannot.
+pub fn local_key_problem(key: &str) -> Option<&'static str> {
+    let body = key.strip_suffix('/').unwrap_or(key);
+    if body.is_empty() || key.starts_with('/') {
+        return Some("starts with '/' or is empty");
+    }
+    if body.split('/').any(|c| c.is_empty() || c == "." || c == "..") {
+        return Some("has an empty, '.' or '..' component");
+    }
+    if key.contains('\0') {
+        return Some("contains NUL");
+    }
+    None
+}
+
+impl Side {
+    pub fn is_local(&self) -> bool {
+        matches!(self, Side::Local(_))
+    }
+
+    /// Fails with the store's reason if the side cannot be reached (no such
+    /// bucket, bad credentials, dead endpoint).
+    pub async fn probe(&self, create_local: bool) -> Result<()> {
+        match self {
+            Side::S3(s) => s
+                .client
+                .list_objects_v2()
+                .bucket(&s.bucket)
+                .prefix(&s.prefix)
+                .max_keys(1)
+                .send()
+                .await
+                .map(|_| ())
+                .map_err(|e| s3_err("list", &format!("s3://{}/{}", s.bucket, s.prefix), e)),
+            Side::Local(l) => {
+                if create_local {
+                    std::fs::create_dir_all(&l.root).map_err(|e| {
+                        Error::Store(format!("creating {}: {e}", l.root.display()))
+                    })?;
+                }
+                if l.root.is_dir() {
+                    Ok(())
+                } else {
+                    Err(Error::Store(format!("{}: not a directory", l.root.display())))
+                }
+            }
+        }
+    }
+
+    /// Streams every entry under the side's prefix, in key byte order,
+    /// into `tx` (bounded: the listing never runs far ahead of the sync).
+    pub async fn list(&self, tx: mpsc::Sender<Result<Entry>>) {
+        let r = match self {
+            Side::S3(s) => s.list(&tx).await,
+            Side::Local(l) => l.list(&tx).await,
+        };
+        if let Err(e) = r {
+            let _ = tx.send(Err(e)).await;
+        }
+    }
+
+    pub async fn get(&self, key: &str, if_match: Option<&str>, tags: bool) -> Result<Download> {
+        match self {
+            Side::S3(s) => s.get(key, if_match, tags).await,
+            Side::Local(l) => {
+                let p = l.path(key)?;
+                let f = tokio::fs::File::open(&p)
+                    .await
+                    .map_err(|e| Error::Transfer(format!("{}: {e}", p.display())))?;
+                let size = f
+                    .metadata()
+                    .await
+                    .map_err(|e| Error::Transfer(format!("{}: {e}", p.display())))?
+                    .len();
+                Ok(Download {
+                    size,
+                    etag: String::new(),
+                    meta: Meta::default(),
+                    body: Body::Local(f),
+                })
+            }
+        }
+    }
+
+    pub async fn delete(&self, key: &str) -> Result<()> {
+        match self {
+            Side::S3(s) => s
+                .client
+                .delete_object()
+                .bucket(&s.bucket)
+                .key(s.full(key))
+                .send()
+                .await
+                .map(|_| ())
+                .map_err(|e| s3_err("delete", &s.full(key), e)),
+            Side::Local(l) => {
+                let p = l.path(key)?;
+                match tokio::fs::remove_file(&p).await {
+                    Ok(()) => Ok(()),
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+                    Err(e) => Err(Error::Transfer(format!("{}: {e}", p.display()))),
+                }
+            }
+        }
+    }
+
+    /// Size and etag of an object as stored now (for --verify).
+    pub async fn head(&self, key: &str) -> Result<(u64, String)> {
+        match self {
+            Side::S3(s) => {
+                let h = s
+                    .client
+                    .head_object()
+                    .bucket(&s.bucket)
+                    .key(s.full(key))
+                    .send()
+                    .await
+                    .map_err(|e| s3_err("head", &s.full(key), e))?;
+                Ok((
+                    h.content_length().unwrap_or(0) as u64,
+                    unquote(h.e_tag().unwrap_or("")),
+                ))
+            }
+            Side::Local(l) => {
+                let p = l.path(key)?;
+                let md = tokio::fs::metadata(&p)
+                    .await
+                    .map_err(|e| Error::Transfer(format!("{}: {e}", p.display())))?;
+                Ok((md.len(), local_etag(&md)))
+            }
+        }
+    }
+
+    /// Starts writing `key`. Nothing is visible under the key until
+    /// [`Upload::complete`]; [`Upload::abort`] leaves nothing behind.
+    pub async fn begin(&self, key: &str, meta: &Meta, size: u64, part_size: u64) -> Result<Upload> {
+        match self {
+            Side::S3(s) => {
+                if size <= part_size {
+                    return Ok(Upload::S3Single {
+                        key: s.full(key),
+                        meta: meta.clone(),
+                        buf: Vec::with_capacity(size as usize),
+                    });
+                }
+                let mut req = s
+                    .client
+                    .create_multipart_upload()
+                    .bucket(&s.bucket)
+                    .key(s.full(key));
+                req = apply_meta_mpu(req, meta);
+                let r = req
+                    .send()
+                    .await
+                    .map_err(|e| s3_err("start upload of", &s.full(key), e))?;
+                Ok(Upload::S3Multi {
+                    key: s.full(key),
+                    id: r.upload_id().unwrap_or_default().to_string(),
+                    parts: Vec::new(),
+                })
+            }
+            Side::Local(l) => {
+                let path = l.path(key)?;
+                if key.ends_with('/') {
+                    return Ok(Upload::LocalDir { path });
+                }
+                let dir = path.parent().unwrap_or(&l.root).to_path_buf();
+                tokio::fs::create_dir_all(&dir)
+                    .await
+                    .map_err(|e| Error::Transfer(format!("{}: {e}", dir.display())))?;
+                let tmp = dir.join(format!(".ferry-{}.tmp", random_hex()));
+                let file = tokio::fs::File::create(&tmp)
+                    .await
+                    .map_err(|e| Error::Transfer(format!("{}: {e}", tmp.display())))?;
+                Ok(Upload::Local { path, tmp, file })
+            }
+        }
+    }
+
+    /// Server-side copy from `src` (same endpoint and credentials).
+    pub async fn copy_from(&self, src: &S3Side, key: &str, etag: &str, size: u64) -> Result<()> {
+        let Side::S3(d) = self else {
+            return Err(Error::Transfer("server-side copy needs two buckets".into()));
+        };
+        let source = format!("{}/{}", src.bucket, encode_key(&src.full(key)));
+        if size > 5 * 1024 * 1024 * 1024 {
+            return Err(Error::Transfer(
+                "objects over 5 GiB are streamed, not copied server-side".into(),
+            ));
+        }
+        let mut req = d
+            .client
+            .copy_object()
+            .bucket(&d.bucket)
+            .key(d.full(key))
+            .copy_source(source)
+            .metadata_directive(MetadataDirective::Copy)
+            .tagging_directive(aws_sdk_s3::types::TaggingDirective::Copy);
+        if !etag.is_empty() {
+            req = req.copy_source_if_match(format!("\"{etag}\""));
+        }
+        req.send()
+            .await
+            .map(|_| ())
+            .map_err(|e| s3_err("copy to", &d.full(key), e))
+    }
+
+    pub fn as_s3(&self) -> Option<&S3Side> {
+        match self {
+            Side::S3(s) => Some(s),
+            Side::Local(_) => None,
+        }
+    }
+
+    /// Aborts multipart uploads that an earlier, interrupted run started.
+    pub async fn abort_upload(&self, key: &str, id: &str) -> Result<()> {
+        if let Side::S3(s) = self {
+            let r = s
+                .client
+                .abort_multipart_upload()
+                .bucket(&s.bucket)
+                .key(key)
+                .upload_id(id)
+                .send()
+                .await;
+            if let Err(e) = r
+                && !is_code(&e, &["NoSuchUpload"])
+            {
+                return Err(s3_err("abort upload of", key, e));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Percent-encodes a key for `x-amz-copy-source` (everything but
+/// unreserved characters and `/`).
+fn encode_key(k: &str) -> String {
+    let mut out = String::with_capacity(k.len());
+    for b in k.bytes() {
+        if b.is_ascii_alphanumeric() || b"-_.~/".contains(&b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+fn random_hex() -> String {
+    let mut b = [0u8; 8];
+    getrandom_fill(&mut b);
+    hex::encode(b)
+}
+
+fn getrandom_fill(b: &mut [u8]) {
+    // The time and a counter are enough to keep temporary names apart.
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static N: AtomicU64 = AtomicU64::new(0);
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0);
+    let h = blake3::hash(
+        &[
+            t.to_le_bytes(),
+            N.fetch_add(1, Ordering::Relaxed).to_le_bytes(),
+            u64::from(std::process::id()).to_le_bytes(),
+        ]
+        .concat(),
+    );
+    b.copy_from_slice(&h.as_bytes()[..b.len()]);
+}
+
+macro_rules! with_meta {
+    ($req:expr, $m:expr) => {{
+        let m: &Meta = $m;
+        let mut r = $req
+            .set_content_type(m.content_type.clone())
+            .set_content_encoding(m.content_encoding.clone())
+            .set_cache_control(m.cache_control.clone())
+            .set_content_disposition(m.content_disposition.clone())
+            .set_content_language(m.content_language.clone())
+            .set_tagging(m.tagging.clone());
+        if !m.user.is_empty() {
+            r = r.set_metadata(Some(m.user.clone().into_iter().collect()));
+        }
+        if let Some(c) = &m.storage_class {
+            r = r.storage_class(StorageClass::from(c.as_str()));
+        }
+        r
+    }};
+}
+
+fn apply_meta_mpu(
+    req: aws_sdk_s3::operation::create_multipart_upload::builders::CreateMultipartUploadFluentBuilder,
+    m: &Meta,
+) -> aws_sdk_s3::operation::create_multipart_upload::builders::CreateMultipartUploadFluentBuilder {
+    with_meta!(req, m)
+}
+
+impl S3Side {
+    fn full(&self, key: &str) -> String {
+        format!("{}{key}", self.prefix)
+    }
+
+    /// Uploads part `n` of a multipart upload (parts go up in parallel).
+    pub async fn upload_part(
+        &self,
+        key: String,
+        id: String,
+        n: i32,
+        data: Bytes,
+    ) -> Result<(i32, CompletedPart)> {
+        let r = self
+            .client
+            .upload_part()
+            .bucket(&self.bucket)
+            .key(&key)
+            .upload_id(&id)
+            .part_number(n)
+            .body(ByteStream::from(data))
+            .send()
+            .await
+            .map_err(|e| s3_err(&format!("upload part {n} of"), &key, e))?;
+        Ok((
+            n,
+            CompletedPart::builder()
+                .part_number(n)
+                .set_e_tag(r.e_tag().map(String::from))
+                .build(),
+        ))
+    }
+
+    async fn list(&self, tx: &mpsc::Sender<Result<Entry>>) -> Result<()> {
+        let mut token: Option<String> = None;
+        loop {
+            let r = self
+                .client
+                .list_objects_v2()
+                .bucket(&self.bucket)
+                .prefix(&self.prefix)
+                .set_continuation_token(token.clone())
+                .send()
+                .await
+                .map_err(|e| s3_err("list", &format!("s3://{}/{}", self.bucket, self.prefix), e))?;
+            for o in r.contents() {
+                let Some(full) = o.key() else { continue };
+                let Some(key) = full.strip_prefix(&self.prefix) else {
+                    continue;
+                };
+                if key.is_empty() {
+                    continue; // the prefix's own marker
+                }
+                let e = Entry {
+                    key: key.to_string(),
+                    size: o.size().unwrap_or(0).max(0) as u64,
+                    etag: unquote(o.e_tag().unwrap_or("")),
+                    modified_ns: o
+                        .last_modified()
+                        .map(|t| t.as_nanos() as i64)
+                        .unwrap_or(0),
+                };
+                if tx.send(Ok(e)).await.is_err() {
+                    return Ok(());
+                }
+            }
+            match r.next_continuation_token() {
+                Some(t) if r.is_truncated() == Some(true) => token = Some(t.to_string()),
+                _ => return Ok(()),
+            }
+        }
+    }
+
+    async fn get(&self, key: &str, if_match: Option<&str>, tags: bool) -> Result<Download> {
+        let full = self.full(key);
+        let mut req = self.client.get_object().bucket(&self.bucket).key(&full);
+        if let Some(e) = if_match.filter(|e| !e.is_empty()) {
+            req = req.if_match(format!("\"{e}\""));
+        }
+        let r = req.send().await.map_err(|e| {
+            if is_code(&e, &["PreconditionFailed"]) {
+                Error::Changed(full.clone())
+            } else {
+                s3_err("read", &full, e)
+            }
+        })?;
+        let mut meta = Meta {
+            content_type: r.content_type().map(String::from),
+            content_encoding: r.content_encoding().map(String::from),
+            cache_control: r.cache_control().map(String::from),
+            content_disposition: r.content_disposition().map(String::from),
+            content_language: r.content_language().map(String::from),
+            user: r
+                .metadata()
+                .map(|m| m.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
+                .unwrap_or_default(),
+            storage_class: r
+                .storage_class()
+                .map(|c| c.as_str().to_string())
+                .filter(|c| c != "STANDARD"),
+            tagging: None,
+        };
+        if tags && r.tag_count().unwrap_or(0) > 0 {
+            let t = self
+                .client
+                .get_object_tagging()
+                .bucket(&self.bucket)
+                .key(&full)
+                .send()
+                .await
+                .map_err(|e| s3_err("read tags of", &full, e))?;
+            meta.tagging = Some(
+                t.tag_set()
+                    .iter()
+                    .map(|t| format!("{}={}", form_encode(t.key()), form_encode(t.value())))
+                    .collect::<Vec<_>>()
+                    .join("&"),
+            );
+        }
+        Ok(Download {
+            size: r.content_length().unwrap_or(0).max(0) as u64,
+            etag: unquote(r.e_tag().unwrap_or("")),
+            meta,
+            body: Body::S3(r.body),
+        })
+    }
+}
+
+fn form_encode(s: &str) -> String {
+    let mut out = String::new();
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+impl LocalSide {
+    fn path(&self, key: &str) -> Result<PathBuf> {
+        if let Some(why) = local_key_problem(key) {
+            return Err(Error::Key {
+                key: key.into(),
+                reason: format!("a local directory cannot hold it: the key {why}"),
+            });
+        }
+        let rel = Path::new(key.trim_end_matches('/'));
+        debug_assert!(rel.components().all(|c| matches!(c, Component::Normal(_))));
+        Ok(self.root.join(rel))
+    }
+
+    /// Walks in key byte order: a directory sorts as its name plus '/'.
+    async fn list(&self, tx: &mpsc::Sender<Result<Entry>>) -> Result<()> {
+        let root = self.root.clone();
+        let (itx, mut irx) = mpsc::channel::<Result<Entry>>(1024);
+        let walker = tokio::task::spawn_blocking(move || walk(&root, &itx));
+        while let Some(e) = irx.recv().await {
+            if tx.send(e).await.is_err() {
+                break;
+            }
+        }
+        drop(irx);
+        walker
+            .await
+            .map_err(|e| Error::Store(format!("listing: {e}")))?
+    }
+}
+
+fn walk(root: &Path, tx: &mpsc::Sender<Result<Entry>>) -> Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    // Stack of (directory, key prefix); entries pushed in reverse order.
+    let mut stack: Vec<(PathBuf, String, bool)> = vec![(root.to_path_buf(), String::new(), true)];
+    while let Some((path, key, is_dir)) = stack.pop() {
+        if !is_dir {
+            let md = std::fs::symlink_metadata(&path)
+                .map_err(|e| Error::Store(format!("{}: {e}", path.display())))?;
+            if !md.is_file() {
+                continue;
+            }
+            let e = Entry {
+                key,
+                size: md.len(),
+                etag: local_etag(&md),
+                modified_ns: md.mtime() * 1_000_000_000 + md.mtime_nsec(),
+            };
+            if tx.blocking_send(Ok(e)).is_err() {
+                return Ok(());
+            }
+            continue;
+        }
+        let mut names = Vec::new();
+        for d in std::fs::read_dir(&path).map_err(|e| Error::Store(format!("{}: {e}", path.display())))? {
+            let d = d.map_err(|e| Error::Store(format!("{}: {e}", path.display())))?;
+            let name = d.file_name();
+            let Some(name) = name.to_str() else {
+                tracing::warn!("skipping {}: not UTF-8", d.path().display());
+                continue;
+            };
+            if name.starts_with(".ferry-") && name.ends_with(".tmp") {
+                continue;
+            }
+            let ft = d
+                .file_type()
+                .map_err(|e| Error::Store(format!("{}: {e}", d.path().display())))?;
+            let dir = ft.is_dir();
+            let sort = if dir { format!("{name}/") } else { name.to_string() };
+            names.push((sort, name.to_string(), dir));
+        }
+        names.sort();
+        for (_, name, dir) in names.into_iter().rev() {
+            let k = if dir {
+                format!("{key}{name}/")
+            } else {
+                format!("{key}{name}")
+            };
+            stack.push((path.join(&name), k, dir));
+        }
+    }
+    Ok(())
+}
+
+/// A write in progress.
+pub enum Upload {
+    S3Single {
+        key: String,
+        meta: Meta,
+        buf: Vec<u8>,
+    },
+    S3Multi {
+        key: String,
+        id: String,
+        parts: Vec<CompletedPart>,
+    },
+    Local {
+        path: PathBuf,
+        tmp: PathBuf,
+        file: tokio::fs::File,
+    },
+    LocalDir {
+        path: PathBuf,
+    },
+}
+
+impl Upload {
+    /// The multipart upload id, to record so an interrupted run's upload
+    /// can be aborted by the next.
+    pub fn multipart_id(&self) -> Option<(&str, &str)> {
+        match self {
+            Upload::S3Multi { key, id, .. } => Some((key, id)),
+            _ => None,
+        }
+    }
+
+    /// Adds the next part (parts arrive in order; each but the last is the
+    /// part size).
+    pub async fn part(&mut self, side: &Side, data: Bytes) -> Result<()> {
+        match (self, side) {
+            (Upload::S3Single { buf, .. }, _) => {
+                buf.extend_from_slice(&data);
+                Ok(())
+            }
+            (Upload::S3Multi { key, id, parts }, Side::S3(s)) => {
+                let n = parts.len() as i32 + 1;
+                let r = s
+                    .client
+                    .upload_part()
+                    .bucket(&s.bucket)
+                    .key(key.as_str())
+                    .upload_id(id.as_str())
+                    .part_number(n)
+                    .body(ByteStream::from(data))
+                    .send()
+                    .await
+                    .map_err(|e| s3_err(&format!("upload part {n} of"), key, e))?;
+                parts.push(
+                    CompletedPart::builder()
+                        .part_number(n)
+                        .set_e_tag(r.e_tag().map(String::from))
+                        .build(),
+                );
+                Ok(())
+            }
+            (Upload::Local { file, tmp, .. }, _) => file
+                .write_all(&data)
+                .await
+                .map_err(|e| Error::Transfer(format!("{}: {e}", tmp.display()))),
+            (Upload::LocalDir { .. }, _) => Ok(()),
+            _ => Err(Error::Transfer("upload and side do not match".into())),
+        }
+    }
+
+    pub async fn complete(self, side: &Side) -> Result<()> {
+        match (self, side) {
+            (Upload::S3Single { key, meta, buf }, Side::S3(s)) => {
+                let req = s
+                    .client
+                    .put_object()
+                    .bucket(&s.bucket)
+                    .key(&key)
+                    .body(ByteStream::from(buf));
+                with_meta!(req, &meta)
+                    .send()
+                    .await
+                    .map(|_| ())
+                    .map_err(|e| s3_err("write", &key, e))
+            }
+            (Upload::S3Multi { key, id, parts }, Side::S3(s)) => s
+                .client
+                .complete_multipart_upload()
+                .bucket(&s.bucket)
+                .key(&key)
+                .upload_id(&id)
+                .multipart_upload(
+                    CompletedMultipartUpload::builder()
+                        .set_parts(Some(parts))
+                        .build(),
+                )
+                .send()
+                .await
+                .map(|_| ())
+                .map_err(|e| s3_err("complete upload of", &key, e)),
+            (Upload::Local { path, tmp, mut file }, _) => {
+                let io = |e: std::io::Error| Error::Transfer(format!("{}: {e}", tmp.display()));
+                file.flush().await.map_err(io)?;
+                file.sync_all().await.map_err(io)?;
+                drop(file);
+                tokio::fs::rename(&tmp, &path)
+                    .await
+                    .map_err(|e| Error::Transfer(format!("{}: {e}", path.display())))
+            }
+            (Upload::LocalDir { path }, _) => tokio::fs::create_dir_all(&path)
+                .await
+                .map_err(|e| Error::Transfer(format!("{}: {e}", path.display()))),
+            _ => Err(Error::Transfer("upload and side do not match".into())),
+        }
+    }
+
+    pub async fn abort(self, side: &Side) {
+        match self {
+            Upload::S3Multi { key, id, .. } => {
+                if let Err(e) = side.abort_upload(&key, &id).await {
+                    tracing::warn!("{e}");
+                }
+            }
+            Upload::Local { tmp, file, .. } => {
+                drop(file);
+                let _ = tokio::fs::remove_file(&tmp).await;
+            }
+            _ => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn local_keys_that_cannot_be_paths_are_named() {
+        for k in ["/abs", "a//b", "a/../b", "..", "./x", ""] {
+            assert!(local_key_problem(k).is_some(), "{k:?}");
+        }
+        for k in ["a", "a b/c+d%20é", "dir/", "x..y", "a/.hidden"] {
+            assert!(local_key_problem(k).is_none(), "{k:?}");
+        }
+        assert_eq!(encode_key("a b/é+%"), "a%20b/%C3%A9%2B%25");
+    }
+
+    #[tokio::test]
+    async fn a_local_listing_is_in_key_byte_order() {
+        let d = tempfile::tempdir().unwrap();
+        for p in ["a/b", "a-c", "a0", "b", "a/a/z"] {
+            let p = d.path().join(p);
+            std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+            std::fs::write(p, b"x").unwrap();
+        }
+        let side = Side::Local(LocalSide {
+            root: d.path().into(),
+        });
+        let (tx, mut rx) = mpsc::channel(4);
+        tokio::spawn(async move { side.list(tx).await });
+        let mut keys = Vec::new();
+        while let Some(e) = rx.recv().await {
+            keys.push(e.unwrap().key);
+        }
+        let mut sorted = keys.clone();
+        sorted.sort();
+        assert_eq!(keys, sorted);
+        assert_eq!(keys, ["a-c", "a/a/z", "a/b", "a0", "b"]);
+    }
+}

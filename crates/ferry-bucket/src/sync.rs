@@ -1,0 +1,645 @@
+//! The sync: merge two sorted listings, decide per key, copy with a pool of
+//! workers, record what was done.
+//!
+//! Per key (after `--include/--exclude` and `--since`):
+//! - only in the source: copy;
+//! - in both: skip when the pair is what the last run left (state), or when
+//!   sizes and plain etags agree; else copy;
+//! - only in the destination: delete with `--delete`.
+//!
+//! Memory is bounded: listings stream through bounded channels, decisions
+//! are made in batches, at most `workers` objects are in flight, each with
+//! at most `PARTS_IN_FLIGHT` parts of `part_size` bytes.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
+
+use bytes::{Bytes, BytesMut};
+use ferry_core::bucket_state::{ObjectState, SyncState};
+use ferry_core::progress::Progress;
+use globset::{Glob, GlobSet, GlobSetBuilder};
+use serde::Serialize;
+use tokio::sync::mpsc;
+
+use crate::limit::Limiter;
+use crate::store::{Entry, Side, Upload};
+use crate::{Error, Result};
+
+pub const PARTS_IN_FLIGHT: usize = 4;
+
+#[derive(Clone, Debug)]
+pub struct SyncOptions {
+    pub workers: usize,
+    pub since_ns: Option<i64>,
+    pub include: Vec<String>,
+    pub exclude: Vec<String>,
+    pub delete: bool,
+    pub verify: bool,
+    pub dry_run: bool,
+    /// Bytes per second for all workers together.
+    pub bandwidth: Option<u64>,
+    pub part_size: u64,
+    /// Copy object tags (one more request per tagged object).
+    pub tags: bool,
+    /// Keep the source's storage class (default: the destination's default).
+    pub storage_class: bool,
+}
+
+impl Default for SyncOptions {
+    fn default() -> Self {
+        Self {
+            workers: 16,
+            since_ns: None,
+            include: Vec::new(),
+            exclude: Vec::new(),
+            delete: false,
+            verify: false,
+            dry_run: false,
+            bandwidth: None,
+            part_size: 8 << 20,
+            tags: false,
+            storage_class: false,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct FailedKey {
+    pub key: String,
+    pub error: String,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Planned {
+    pub action: &'static str,
+    pub key: String,
+    pub size: u64,
+}
+
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct SyncSummary {
+    pub source: String,
+    pub destination: String,
+    pub dry_run: bool,
+    pub objects_listed: u64,
+    pub objects_copied: u64,
+    pub objects_skipped: u64,
+    pub objects_deleted: u64,
+    pub objects_failed: u64,
+    /// Copied by the store itself (same endpoint): no bytes through ferry.
+    pub objects_copied_server_side: u64,
+    pub objects_verified: u64,
+    pub bytes_copied: u64,
+    pub duration_s: f64,
+    pub failed: Vec<FailedKey>,
+    /// Keys whose copy did not match the source on --verify.
+    pub mismatched: Vec<String>,
+    /// With --dry-run: what would be done.
+    pub plan: Vec<Planned>,
+    /// Multipart uploads a previous, interrupted run left open, aborted.
+    pub stale_uploads_aborted: u64,
+}
+
+/// Parses an RFC 3339 time (`2026-11-01T00:00:00Z`) into nanoseconds.
+pub fn parse_since(s: &str) -> Result<i64> {
+    aws_sdk_s3::primitives::DateTime::from_str(s, aws_sdk_s3::primitives::DateTimeFormat::DateTime)
+        .map(|t| t.as_nanos() as i64)
+        .map_err(|e| Error::Config(format!("bad time {s:?} (RFC 3339, e.g. 2026-11-01T00:00:00Z): {e}")))
+}
+
+struct Filter {
+    include: Option<GlobSet>,
+    exclude: Option<GlobSet>,
+    since_ns: Option<i64>,
+}
+
+fn globs(patterns: &[String]) -> Result<Option<GlobSet>> {
+    if patterns.is_empty() {
+        return Ok(None);
+    }
+    let mut b = GlobSetBuilder::new();
+    for p in patterns {
+        b.add(Glob::new(p).map_err(|e| Error::Config(format!("bad pattern {p:?}: {e}")))?);
+    }
+    b.build()
+        .map(Some)
+        .map_err(|e| Error::Config(format!("patterns: {e}")))
+}
+
+impl Filter {
+    /// Whether the sync looks at `key` at all (both for copy and delete).
+    fn wants(&self, key: &str) -> bool {
+        self.include.as_ref().is_none_or(|g| g.is_match(key))
+            && self.exclude.as_ref().is_none_or(|g| !g.is_match(key))
+    }
+}
+
+enum Task {
+    Copy(Entry),
+    Delete(String),
+}
+
+enum Outcome {
+    Copied {
+        entry: Entry,
+        dst_etag: String,
+        dst_size: u64,
+        server_side: bool,
+        verified: Option<bool>,
+    },
+    Deleted(String),
+    Failed(String, String),
+}
+
+struct Ctx {
+    src: Arc<Side>,
+    dst: Arc<Side>,
+    state: Arc<dyn SyncState>,
+    opts: SyncOptions,
+    limiter: Option<Limiter>,
+    progress: Arc<dyn Progress>,
+    server_side: bool,
+    bytes: AtomicU64,
+}
+
+fn st(e: ferry_core::catalog::CatalogError) -> Error {
+    Error::State(format!("sync state: {e}"))
+}
+
+/// Syncs `src` into `dst`.
+pub async fn sync(
+    src: Arc<Side>,
+    dst: Arc<Side>,
+    state: Arc<dyn SyncState>,
+    opts: &SyncOptions,
+    progress: Arc<dyn Progress>,
+    names: (String, String),
+) -> Result<SyncSummary> {
+    let started = Instant::now();
+    let filter = Filter {
+        include: globs(&opts.include)?,
+        exclude: globs(&opts.exclude)?,
+        since_ns: opts.since_ns,
+    };
+    src.probe(false).await?;
+    dst.probe(!opts.dry_run).await?;
+    let mut summary = SyncSummary {
+        source: names.0,
+        destination: names.1,
+        dry_run: opts.dry_run,
+        ..Default::default()
+    };
+
+    // Uploads an interrupted run left open: abort them, nothing is kept.
+    if !opts.dry_run {
+        for (key, id) in state.uploads().map_err(st)? {
+            dst.abort_upload(&key, &id).await?;
+            state.remove_upload(&key, &id).map_err(st)?;
+            summary.stale_uploads_aborted += 1;
+        }
+    }
+
+    let server_side = match (src.as_s3(), dst.as_s3()) {
+        (Some(a), Some(b)) => a.identity == b.identity && opts.bandwidth.is_none(),
+        _ => false,
+    };
+    let ctx = Arc::new(Ctx {
+        src: src.clone(),
+        dst: dst.clone(),
+        state: state.clone(),
+        opts: opts.clone(),
+        limiter: opts.bandwidth.map(Limiter::new),
+        progress: progress.clone(),
+        server_side,
+        bytes: AtomicU64::new(0),
+    });
+
+    let (stx, mut srx) = mpsc::channel::<Result<Entry>>(1000);
+    let (dtx, mut drx) = mpsc::channel::<Result<Entry>>(1000);
+    let (s2, d2) = (src.clone(), dst.clone());
+    let lister_s = tokio::spawn(async move { s2.list(stx).await });
+    let lister_d = tokio::spawn(async move { d2.list(dtx).await });
+
+    let workers = opts.workers.max(1);
+    let (task_tx, task_rx) = async_channel(workers * 4);
+    let (out_tx, mut out_rx) = mpsc::channel::<Outcome>(workers * 4);
+    let mut pool = Vec::new();
+    if !opts.dry_run {
+        for _ in 0..workers {
+            let (rx, tx, ctx) = (task_rx.clone(), out_tx.clone(), ctx.clone());
+            pool.push(tokio::spawn(async move {
+                while let Ok(t) = rx.recv().await {
+                    let o = run_task(&ctx, t).await;
+                    if tx.send(o).await.is_err() {
+                        break;
+                    }
+                }
+            }));
+        }
+    }
+    drop(out_tx);
+    drop(task_rx);
+
+    // The collector: outcomes into the summary and the state, in batches.
+    let collector = {
+        let state = state.clone();
+        let progress = progress.clone();
+        tokio::spawn(async move {
+            let mut s = CollectorSummary::default();
+            let mut batch: Vec<(String, ObjectState)> = Vec::new();
+            let mut gone: Vec<String> = Vec::new();
+            while let Some(o) = out_rx.recv().await {
+                match o {
+                    Outcome::Copied {
+                        entry,
+                        dst_etag,
+                        dst_size,
+                        server_side,
+                        verified,
+                    } => {
+                        s.copied += 1;
+                        s.bytes += entry.size;
+                        if server_side {
+                            s.server_side += 1;
+                        }
+                        match verified {
+                            Some(true) => s.verified += 1,
+                            Some(false) => s.mismatched.push(entry.key.clone()),
+                            None => {}
+                        }
+                        progress.file_done();
+                        if verified != Some(false) {
+                            batch.push((
+                                entry.key,
+                                ObjectState {
+                                    src_etag: entry.etag,
+                                    src_size: entry.size,
+                                    dst_etag,
+                                    dst_size,
+                                },
+                            ));
+                        }
+                    }
+                    Outcome::Deleted(k) => {
+                        s.deleted += 1;
+                        gone.push(k);
+                    }
+                    Outcome::Failed(key, error) => {
+                        progress.warn(&format!("{key}: {error}"));
+                        s.failed.push(FailedKey { key, error });
+                    }
+                }
+                if batch.len() >= 500 {
+                    state.put(&std::mem::take(&mut batch)).map_err(st)?;
+                }
+                if gone.len() >= 500 {
+                    state.remove(&std::mem::take(&mut gone)).map_err(st)?;
+                }
+            }
+            state.put(&batch).map_err(st)?;
+            state.remove(&gone).map_err(st)?;
+            Ok::<_, Error>(s)
+        })
+    };
+
+    // The merge: both listings in key order.
+    let mut pending: Vec<(Entry, Option<Entry>)> = Vec::new();
+    let mut s_head = next(&mut srx).await?;
+    let mut d_head = next(&mut drx).await?;
+    let mut plan = Vec::new();
+    loop {
+        let step = match (&s_head, &d_head) {
+            (None, None) => break,
+            (Some(s), Some(d)) => s.key.as_bytes().cmp(d.key.as_bytes()),
+            (Some(_), None) => std::cmp::Ordering::Less,
+            (None, Some(_)) => std::cmp::Ordering::Greater,
+        };
+        match step {
+            std::cmp::Ordering::Less => {
+                let s = s_head.take().expect("some");
+                s_head = next(&mut srx).await?;
+                summary.objects_listed += 1;
+                if filter.wants(&s.key) {
+                    pending.push((s, None));
+                }
+            }
+            std::cmp::Ordering::Equal => {
+                let s = s_head.take().expect("some");
+                let d = d_head.take().expect("some");
+                s_head = next(&mut srx).await?;
+                d_head = next(&mut drx).await?;
+                summary.objects_listed += 1;
+                if filter.wants(&s.key) {
+                    pending.push((s, Some(d)));
+                }
+            }
+            std::cmp::Ordering::Greater => {
+                let d = d_head.take().expect("some");
+                d_head = next(&mut drx).await?;
+                if opts.delete && filter.wants(&d.key) {
+                    if opts.dry_run {
+                        plan.push(Planned {
+                            action: "delete",
+                            key: d.key,
+                            size: d.size,
+                        });
+                    } else {
+                        task_tx.send(Task::Delete(d.key)).await.ok();
+                    }
+                }
+            }
+        }
+        if pending.len() >= 256 {
+            decide(&ctx, &filter, std::mem::take(&mut pending), &task_tx, &mut plan, &mut summary)
+                .await?;
+        }
+    }
+    decide(&ctx, &filter, pending, &task_tx, &mut plan, &mut summary).await?;
+    drop(task_tx);
+    lister_s.await.ok();
+    lister_d.await.ok();
+    for w in pool {
+        w.await.ok();
+    }
+    let c = collector
+        .await
+        .map_err(|e| Error::State(format!("collector: {e}")))??;
+    summary.objects_copied = c.copied;
+    summary.objects_deleted = c.deleted;
+    summary.objects_failed = c.failed.len() as u64;
+    summary.objects_copied_server_side = c.server_side;
+    summary.objects_verified = c.verified;
+    summary.bytes_copied = if opts.dry_run {
+        plan.iter().filter(|p| p.action == "copy").map(|p| p.size).sum()
+    } else {
+        c.bytes
+    };
+    summary.failed = c.failed;
+    summary.mismatched = c.mismatched;
+    summary.plan = plan;
+    summary.duration_s = started.elapsed().as_secs_f64();
+    Ok(summary)
+}
+
+#[derive(Default)]
+struct CollectorSummary {
+    copied: u64,
+    deleted: u64,
+    server_side: u64,
+    verified: u64,
+    bytes: u64,
+    failed: Vec<FailedKey>,
+    mismatched: Vec<String>,
+}
+
+async fn next(rx: &mut mpsc::Receiver<Result<Entry>>) -> Result<Option<Entry>> {
+    rx.recv().await.transpose()
+}
+
+/// A multi-consumer channel for the workers (tokio's mpsc has one consumer).
+fn async_channel(cap: usize) -> (Sender, Receiver) {
+    let (tx, rx) = mpsc::channel(cap);
+    (Sender(tx), Receiver(Arc::new(tokio::sync::Mutex::new(rx))))
+}
+
+struct Sender(mpsc::Sender<Task>);
+
+impl Sender {
+    async fn send(&self, t: Task) -> std::result::Result<(), ()> {
+        self.0.send(t).await.map_err(|_| ())
+    }
+}
+
+#[derive(Clone)]
+struct Receiver(Arc<tokio::sync::Mutex<mpsc::Receiver<Task>>>);
+
+impl Receiver {
+    async fn recv(&self) -> std::result::Result<Task, ()> {
+        self.0.lock().await.recv().await.ok_or(())
+    }
+}
+
+/// Decides a batch of source entries: one state lookup for all of them.
+async fn decide(
+    ctx: &Arc<Ctx>,
+    filter: &Filter,
+    batch: Vec<(Entry, Option<Entry>)>,
+    tasks: &Sender,
+    plan: &mut Vec<Planned>,
+    summary: &mut SyncSummary,
+) -> Result<()> {
+    if batch.is_empty() {
+        return Ok(());
+    }
+    let keys: Vec<String> = batch.iter().map(|(s, _)| s.key.clone()).collect();
+    let state = ctx.state.clone();
+    let known = tokio::task::spawn_blocking(move || state.get(&keys))
+        .await
+        .map_err(|e| Error::State(e.to_string()))?
+        .map_err(st)?;
+    let mut total = 0u64;
+    let mut files = 0u64;
+    for ((s, d), k) in batch.into_iter().zip(known) {
+        let unchanged = match (&d, &k) {
+            (Some(d), Some(k)) => {
+                k.src_etag == s.etag
+                    && k.src_size == s.size
+                    && k.dst_etag == d.etag
+                    && k.dst_size == d.size
+            }
+            (Some(d), None) => {
+                // Equal sizes and equal plain (single-part) etags.
+                d.size == s.size && !s.etag.is_empty() && d.etag == s.etag && !s.etag.contains('-')
+            }
+            _ => false,
+        };
+        if unchanged || filter.since_ns.is_some_and(|t| s.modified_ns < t) {
+            summary.objects_skipped += 1;
+            continue;
+        }
+        files += 1;
+        total += s.size;
+        if ctx.opts.dry_run {
+            plan.push(Planned {
+                action: "copy",
+                key: s.key,
+                size: s.size,
+            });
+        } else {
+            tasks.send(Task::Copy(s)).await.ok();
+        }
+    }
+    ctx.progress.add_total(files, total);
+    Ok(())
+}
+
+async fn run_task(ctx: &Ctx, t: Task) -> Outcome {
+    match t {
+        Task::Delete(key) => match ctx.dst.delete(&key).await {
+            Ok(()) => Outcome::Deleted(key),
+            Err(e) => Outcome::Failed(key, e.to_string()),
+        },
+        Task::Copy(entry) => {
+            // An object rewritten while it is read is read again (twice at
+            // most), never copied torn.
+            let mut attempt = 0;
+            loop {
+                attempt += 1;
+                match copy_one(ctx, &entry, attempt == 1).await {
+                    Ok((dst_etag, dst_size, server_side, verified, read_etag)) => {
+                        let mut entry = entry;
+                        if !read_etag.is_empty() {
+                            entry.etag = read_etag;
+                        }
+                        return Outcome::Copied {
+                            entry,
+                            dst_etag,
+                            dst_size,
+                            server_side,
+                            verified,
+                        };
+                    }
+                    Err(Error::Changed(_)) if attempt < 3 => continue,
+                    Err(e) => return Outcome::Failed(entry.key, e.to_string()),
+                }
+            }
+        }
+    }
+}
+
+/// Copies one object; returns the destination's etag and size, whether it
+/// was copied server-side, the verification result, and the source etag
+/// actually read.
+async fn copy_one(
+    ctx: &Ctx,
+    e: &Entry,
+    strict: bool,
+) -> Result<(String, u64, bool, Option<bool>, String)> {
+    let (src, dst) = (&*ctx.src, &*ctx.dst);
+    if ctx.server_side && e.size <= 5 * 1024 * 1024 * 1024 {
+        let s3 = src.as_s3().expect("server-side needs S3");
+        let etag = if strict { e.etag.as_str() } else { "" };
+        dst.copy_from(s3, &e.key, etag, e.size).await.map_err(|err| {
+            if err.to_string().contains("PreconditionFailed") {
+                Error::Changed(e.key.clone())
+            } else {
+                err
+            }
+        })?;
+        let (size, etag) = dst.head(&e.key).await?;
+        let verified = if ctx.opts.verify {
+            Some(size == e.size && hash_of(src, &e.key).await? == hash_of(dst, &e.key).await?)
+        } else {
+            None
+        };
+        return Ok((etag, size, true, verified, String::new()));
+    }
+
+    // The first attempt insists on the listed version; a retry after a
+    // change takes whatever is there now.
+    let etag = strict.then_some(e.etag.as_str());
+    let mut dl = src.get(&e.key, etag, ctx.opts.tags).await?;
+    if !ctx.opts.storage_class {
+        dl.meta.storage_class = None;
+    }
+    let size = dl.size;
+    let read_etag = dl.etag.clone();
+    let mut up = dst.begin(&e.key, &dl.meta, size, ctx.opts.part_size).await?;
+    if let Some((k, id)) = up.multipart_id() {
+        ctx.state.add_upload(k, id).map_err(st)?;
+    }
+    let mut hasher = blake3::Hasher::new();
+    let r = stream_into(ctx, &mut dl, &mut up, &mut hasher).await;
+    let mpu = up.multipart_id().map(|(k, id)| (k.to_string(), id.to_string()));
+    let r = match r {
+        Ok(n) if n == size => up.complete(dst).await,
+        Ok(n) => {
+            up.abort(dst).await;
+            Err(Error::Changed(format!("{} ({n} of {size} bytes)", e.key)))
+        }
+        Err(err) => {
+            up.abort(dst).await;
+            Err(err)
+        }
+    };
+    if let Some((k, id)) = mpu {
+        ctx.state.remove_upload(&k, &id).map_err(st)?;
+    }
+    r?;
+    let (dst_size, dst_etag) = dst.head(&e.key).await?;
+    let verified = if ctx.opts.verify {
+        Some(dst_size == size && hash_of(dst, &e.key).await? == hasher.finalize())
+    } else {
+        None
+    };
+    Ok((dst_etag, dst_size, false, verified, read_etag))
+}
+
+/// Moves the download into the upload in parts; returns the bytes moved.
+async fn stream_into(
+    ctx: &Ctx,
+    dl: &mut crate::store::Download,
+    up: &mut Upload,
+    hasher: &mut blake3::Hasher,
+) -> Result<u64> {
+    let part = ctx.opts.part_size as usize;
+    let mut buf = BytesMut::with_capacity(part.min(dl.size as usize + 1));
+    let mut total = 0u64;
+    let mut inflight = futures::stream::FuturesOrdered::new();
+    let mut done_parts: Vec<(i32, aws_sdk_s3::types::CompletedPart)> = Vec::new();
+    let multi = up.multipart_id().map(|(k, id)| (k.to_string(), id.to_string()));
+    let mut n = 0i32;
+    loop {
+        let piece = dl.next().await?;
+        let end = piece.is_none();
+        if let Some(p) = piece {
+            if let Some(l) = &ctx.limiter {
+                l.take(p.len() as u64).await;
+            }
+            hasher.update(&p);
+            total += p.len() as u64;
+            ctx.bytes.fetch_add(p.len() as u64, Ordering::Relaxed);
+            ctx.progress.advance(p.len() as u64);
+            buf.extend_from_slice(&p);
+        }
+        while buf.len() >= part || (end && !buf.is_empty()) {
+            let take = buf.len().min(part);
+            let data: Bytes = buf.split_to(take).freeze();
+            match (&multi, &ctx.dst.as_s3()) {
+                (Some((key, id)), Some(s3)) => {
+                    n += 1;
+                    if inflight.len() >= PARTS_IN_FLIGHT {
+                        use futures::StreamExt;
+                        let r: Result<(i32, aws_sdk_s3::types::CompletedPart)> =
+                            inflight.next().await.expect("non-empty");
+                        done_parts.push(r?);
+                    }
+                    inflight.push_back(s3.upload_part(key.clone(), id.clone(), n, data));
+                }
+                _ => up.part(&ctx.dst, data).await?,
+            }
+        }
+        if end {
+            break;
+        }
+    }
+    use futures::StreamExt;
+    while let Some(r) = inflight.next().await {
+        done_parts.push(r?);
+    }
+    if let Upload::S3Multi { parts, .. } = up {
+        done_parts.sort_by_key(|(n, _)| *n);
+        *parts = done_parts.into_iter().map(|(_, p)| p).collect();
+    }
+    Ok(total)
+}
+
+async fn hash_of(side: &Side, key: &str) -> Result<blake3::Hash> {
+    let mut dl = side.get(key, None, false).await?;
+    let mut h = blake3::Hasher::new();
+    while let Some(p) = dl.next().await? {
+        h.update(&p);
+    }
+    Ok(h.finalize())
+}
