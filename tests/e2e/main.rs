@@ -3,6 +3,7 @@
 //! tests start themselves.
 
 mod block;
+mod bucket;
 mod common;
 mod delta;
 mod fleet;

@@ -96,13 +96,15 @@ pub struct Credentials {
 impl Remote {
     pub fn credentials(&self, name: &str) -> Result<Option<Credentials>> {
         let env = |var: &String| {
-            std::env::var(var).map_err(|_| {
-                Error::Config(format!("remote {name}: variable {var} is not set"))
-            })
+            std::env::var(var)
+                .map_err(|_| Error::Config(format!("remote {name}: variable {var} is not set")))
         };
         if let Some(f) = &self.credentials_file {
             let text = std::fs::read_to_string(f).map_err(|e| {
-                Error::Config(format!("remote {name}: credentials file {}: {e}", f.display()))
+                Error::Config(format!(
+                    "remote {name}: credentials file {}: {e}",
+                    f.display()
+                ))
             })?;
             let mut lines = text.lines().map(str::trim).filter(|l| !l.is_empty());
             let (Some(id), Some(secret)) = (lines.next(), lines.next()) else {

@@ -25,7 +25,8 @@ impl Limiter {
             let now = Instant::now();
             // Tokens refill at `rate`; a burst of at most one second.
             let (last, tokens) = *s;
-            let tokens = (tokens + now.duration_since(last).as_secs_f64() * self.rate).min(self.rate)
+            let tokens = (tokens + now.duration_since(last).as_secs_f64() * self.rate)
+                .min(self.rate)
                 - n as f64;
             *s = (now, tokens);
             if tokens < 0.0 {

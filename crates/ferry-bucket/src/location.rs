@@ -80,7 +80,12 @@ impl Location {
                     if config.remotes.is_empty() {
                         "none".to_string()
                     } else {
-                        config.remotes.keys().cloned().collect::<Vec<_>>().join(", ")
+                        config
+                            .remotes
+                            .keys()
+                            .cloned()
+                            .collect::<Vec<_>>()
+                            .join(", ")
                     }
                 )));
             }
@@ -133,7 +138,12 @@ mod tests {
             Location::parse("/data/x", &c).unwrap(),
             Location::Local("/data/x".into())
         );
-        assert!(Location::parse("cos:bucket", &c).unwrap_err().to_string().contains("no remote named"));
+        assert!(
+            Location::parse("cos:bucket", &c)
+                .unwrap_err()
+                .to_string()
+                .contains("no remote named")
+        );
         assert!(Location::parse("s3://B", &c).is_err());
     }
 }

@@ -29,6 +29,18 @@ pub struct Entry {
     pub modified_ns: i64,
 }
 
+impl Entry {
+    /// What identifies this version of the object in listings: the etag,
+    /// or the modification time where a store lists no etags.
+    pub fn token(&self) -> String {
+        if self.etag.is_empty() {
+            format!("m{}", self.modified_ns)
+        } else {
+            self.etag.clone()
+        }
+    }
+}
+
 /// What travels with an object besides its bytes.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Meta {
@@ -122,7 +134,10 @@ where
     Error::Store(format!("{op} {what}: {}", detail.replace('\n', " ")))
 }
 
-fn is_code<E: ProvideErrorMetadata, R>(e: &aws_sdk_s3::error::SdkError<E, R>, codes: &[&str]) -> bool {
+fn is_code<E: ProvideErrorMetadata, R>(
+    e: &aws_sdk_s3::error::SdkError<E, R>,
+    codes: &[&str],
+) -> bool {
     e.as_service_error()
         .and_then(|s| s.code())
         .is_some_and(|c| codes.contains(&c))
@@ -165,7 +180,11 @@ pub async fn open(loc: &Location, config: &Config) -> Result<Side> {
             };
             if let Some(c) = creds {
                 b = b.credentials_provider(aws_sdk_s3::config::Credentials::new(
-                    c.id, c.secret, c.token, None, "ferry-remote",
+                    c.id,
+                    c.secret,
+                    c.token,
+                    None,
+                    "ferry-remote",
                 ));
             }
             let shared = b.load().await;
@@ -206,7 +225,10 @@ pub fn local_key_problem(key: &str) -> Option<&'static str> {
     if body.is_empty() || key.starts_with('/') {
         return Some("starts with '/' or is empty");
     }
-    if body.split('/').any(|c| c.is_empty() || c == "." || c == "..") {
+    if body
+        .split('/')
+        .any(|c| c.is_empty() || c == "." || c == "..")
+    {
         return Some("has an empty, '.' or '..' component");
     }
     if key.contains('\0') {
@@ -236,14 +258,16 @@ impl Side {
                 .map_err(|e| s3_err("list", &format!("s3://{}/{}", s.bucket, s.prefix), e)),
             Side::Local(l) => {
                 if create_local {
-                    std::fs::create_dir_all(&l.root).map_err(|e| {
-                        Error::Store(format!("creating {}: {e}", l.root.display()))
-                    })?;
+                    std::fs::create_dir_all(&l.root)
+                        .map_err(|e| Error::Store(format!("creating {}: {e}", l.root.display())))?;
                 }
                 if l.root.is_dir() {
                     Ok(())
                 } else {
-                    Err(Error::Store(format!("{}: not a directory", l.root.display())))
+                    Err(Error::Store(format!(
+                        "{}: not a directory",
+                        l.root.display()
+                    )))
                 }
             }
         }
@@ -560,7 +584,7 @@ impl S3Side {
                     etag: unquote(o.e_tag().unwrap_or("")),
                     modified_ns: o
                         .last_modified()
-                        .map(|t| t.as_nanos() as i64)
+                        .map(|t| t.as_nanos().clamp(0, i64::MAX as i128) as i64)
                         .unwrap_or(0),
                 };
                 if tx.send(Ok(e)).await.is_err() {
@@ -694,7 +718,9 @@ fn walk(root: &Path, tx: &mpsc::Sender<Result<Entry>>) -> Result<()> {
             continue;
         }
         let mut names = Vec::new();
-        for d in std::fs::read_dir(&path).map_err(|e| Error::Store(format!("{}: {e}", path.display())))? {
+        for d in std::fs::read_dir(&path)
+            .map_err(|e| Error::Store(format!("{}: {e}", path.display())))?
+        {
             let d = d.map_err(|e| Error::Store(format!("{}: {e}", path.display())))?;
             let name = d.file_name();
             let Some(name) = name.to_str() else {
@@ -708,7 +734,11 @@ fn walk(root: &Path, tx: &mpsc::Sender<Result<Entry>>) -> Result<()> {
                 .file_type()
                 .map_err(|e| Error::Store(format!("{}: {e}", d.path().display())))?;
             let dir = ft.is_dir();
-            let sort = if dir { format!("{name}/") } else { name.to_string() };
+            let sort = if dir {
+                format!("{name}/")
+            } else {
+                name.to_string()
+            };
             names.push((sort, name.to_string(), dir));
         }
         names.sort();
@@ -824,7 +854,14 @@ impl Upload {
                 .await
                 .map(|_| ())
                 .map_err(|e| s3_err("complete upload of", &key, e)),
-            (Upload::Local { path, tmp, mut file }, _) => {
+            (
+                Upload::Local {
+                    path,
+                    tmp,
+                    mut file,
+                },
+                _,
+            ) => {
                 let io = |e: std::io::Error| Error::Transfer(format!("{}: {e}", tmp.display()));
                 file.flush().await.map_err(io)?;
                 file.sync_all().await.map_err(io)?;

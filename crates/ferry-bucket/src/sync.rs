@@ -104,8 +104,12 @@ pub struct SyncSummary {
 /// Parses an RFC 3339 time (`2026-11-01T00:00:00Z`) into nanoseconds.
 pub fn parse_since(s: &str) -> Result<i64> {
     aws_sdk_s3::primitives::DateTime::from_str(s, aws_sdk_s3::primitives::DateTimeFormat::DateTime)
-        .map(|t| t.as_nanos() as i64)
-        .map_err(|e| Error::Config(format!("bad time {s:?} (RFC 3339, e.g. 2026-11-01T00:00:00Z): {e}")))
+        .map(|t| t.as_nanos().clamp(i64::MIN as i128, i64::MAX as i128) as i64)
+        .map_err(|e| {
+            Error::Config(format!(
+                "bad time {s:?} (RFC 3339, e.g. 2026-11-01T00:00:00Z): {e}"
+            ))
+        })
 }
 
 struct Filter {
@@ -271,9 +275,9 @@ pub async fn sync(
                         progress.file_done();
                         if verified != Some(false) {
                             batch.push((
-                                entry.key,
+                                entry.key.clone(),
                                 ObjectState {
-                                    src_etag: entry.etag,
+                                    src_etag: entry.token(),
                                     src_size: entry.size,
                                     dst_etag,
                                     dst_size,
@@ -351,8 +355,15 @@ pub async fn sync(
             }
         }
         if pending.len() >= 256 {
-            decide(&ctx, &filter, std::mem::take(&mut pending), &task_tx, &mut plan, &mut summary)
-                .await?;
+            decide(
+                &ctx,
+                &filter,
+                std::mem::take(&mut pending),
+                &task_tx,
+                &mut plan,
+                &mut summary,
+            )
+            .await?;
         }
     }
     decide(&ctx, &filter, pending, &task_tx, &mut plan, &mut summary).await?;
@@ -371,7 +382,10 @@ pub async fn sync(
     summary.objects_copied_server_side = c.server_side;
     summary.objects_verified = c.verified;
     summary.bytes_copied = if opts.dry_run {
-        plan.iter().filter(|p| p.action == "copy").map(|p| p.size).sum()
+        plan.iter()
+            .filter(|p| p.action == "copy")
+            .map(|p| p.size)
+            .sum()
     } else {
         c.bytes
     };
@@ -440,13 +454,26 @@ async fn decide(
         .map_err(st)?;
     let mut total = 0u64;
     let mut files = 0u64;
+    let mut learned = Vec::new();
     for ((s, d), k) in batch.into_iter().zip(known) {
         let unchanged = match (&d, &k) {
             (Some(d), Some(k)) => {
-                k.src_etag == s.etag
+                let same = k.src_etag == s.token()
                     && k.src_size == s.size
-                    && k.dst_etag == d.etag
                     && k.dst_size == d.size
+                    && (k.dst_etag.is_empty() || k.dst_etag == d.token());
+                // The destination's listing token is learned on the first
+                // run after the copy (a copy cannot know it).
+                if same && k.dst_etag.is_empty() {
+                    learned.push((
+                        s.key.clone(),
+                        ObjectState {
+                            dst_etag: d.token(),
+                            ..k.clone()
+                        },
+                    ));
+                }
+                same
             }
             (Some(d), None) => {
                 // Equal sizes and equal plain (single-part) etags.
@@ -470,6 +497,9 @@ async fn decide(
             tasks.send(Task::Copy(s)).await.ok();
         }
     }
+    if !learned.is_empty() && !ctx.opts.dry_run {
+        ctx.state.put(&learned).map_err(st)?;
+    }
     ctx.progress.add_total(files, total);
     Ok(())
 }
@@ -487,11 +517,7 @@ async fn run_task(ctx: &Ctx, t: Task) -> Outcome {
             loop {
                 attempt += 1;
                 match copy_one(ctx, &entry, attempt == 1).await {
-                    Ok((dst_etag, dst_size, server_side, verified, read_etag)) => {
-                        let mut entry = entry;
-                        if !read_etag.is_empty() {
-                            entry.etag = read_etag;
-                        }
+                    Ok((dst_etag, dst_size, server_side, verified, _read_etag)) => {
                         return Outcome::Copied {
                             entry,
                             dst_etag,
@@ -520,38 +546,44 @@ async fn copy_one(
     if ctx.server_side && e.size <= 5 * 1024 * 1024 * 1024 {
         let s3 = src.as_s3().expect("server-side needs S3");
         let etag = if strict { e.etag.as_str() } else { "" };
-        dst.copy_from(s3, &e.key, etag, e.size).await.map_err(|err| {
-            if err.to_string().contains("PreconditionFailed") {
-                Error::Changed(e.key.clone())
-            } else {
-                err
-            }
-        })?;
-        let (size, etag) = dst.head(&e.key).await?;
+        dst.copy_from(s3, &e.key, etag, e.size)
+            .await
+            .map_err(|err| {
+                if err.to_string().contains("PreconditionFailed") {
+                    Error::Changed(e.key.clone())
+                } else {
+                    err
+                }
+            })?;
         let verified = if ctx.opts.verify {
+            let (size, _) = dst.head(&e.key).await?;
             Some(size == e.size && hash_of(src, &e.key).await? == hash_of(dst, &e.key).await?)
         } else {
             None
         };
-        return Ok((etag, size, true, verified, String::new()));
+        return Ok((String::new(), e.size, true, verified, String::new()));
     }
 
     // The first attempt insists on the listed version; a retry after a
     // change takes whatever is there now.
-    let etag = strict.then_some(e.etag.as_str());
+    let etag = (strict && !src.is_local()).then_some(e.etag.as_str());
     let mut dl = src.get(&e.key, etag, ctx.opts.tags).await?;
     if !ctx.opts.storage_class {
         dl.meta.storage_class = None;
     }
     let size = dl.size;
     let read_etag = dl.etag.clone();
-    let mut up = dst.begin(&e.key, &dl.meta, size, ctx.opts.part_size).await?;
+    let mut up = dst
+        .begin(&e.key, &dl.meta, size, ctx.opts.part_size)
+        .await?;
     if let Some((k, id)) = up.multipart_id() {
         ctx.state.add_upload(k, id).map_err(st)?;
     }
     let mut hasher = blake3::Hasher::new();
     let r = stream_into(ctx, &mut dl, &mut up, &mut hasher).await;
-    let mpu = up.multipart_id().map(|(k, id)| (k.to_string(), id.to_string()));
+    let mpu = up
+        .multipart_id()
+        .map(|(k, id)| (k.to_string(), id.to_string()));
     let r = match r {
         Ok(n) if n == size => up.complete(dst).await,
         Ok(n) => {
@@ -567,13 +599,14 @@ async fn copy_one(
         ctx.state.remove_upload(&k, &id).map_err(st)?;
     }
     r?;
-    let (dst_size, dst_etag) = dst.head(&e.key).await?;
     let verified = if ctx.opts.verify {
+        let (dst_size, _) = dst.head(&e.key).await?;
         Some(dst_size == size && hash_of(dst, &e.key).await? == hasher.finalize())
     } else {
         None
     };
-    Ok((dst_etag, dst_size, false, verified, read_etag))
+    // The destination's token is learned from its listing next time.
+    Ok((String::new(), size, false, verified, read_etag))
 }
 
 /// Moves the download into the upload in parts; returns the bytes moved.
@@ -588,7 +621,9 @@ async fn stream_into(
     let mut total = 0u64;
     let mut inflight = futures::stream::FuturesOrdered::new();
     let mut done_parts: Vec<(i32, aws_sdk_s3::types::CompletedPart)> = Vec::new();
-    let multi = up.multipart_id().map(|(k, id)| (k.to_string(), id.to_string()));
+    let multi = up
+        .multipart_id()
+        .map(|(k, id)| (k.to_string(), id.to_string()));
     let mut n = 0i32;
     loop {
         let piece = dl.next().await?;

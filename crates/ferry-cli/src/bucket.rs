@@ -78,7 +78,12 @@ pub async fn run(g: &Global, cmd: BucketCmd) -> Result<u8> {
     print(g, &s, || {
         let mut out = String::new();
         for p in &s.plan {
-            out.push_str(&format!("would {} {} ({})\n", p.action, p.key, human_bytes(p.size)));
+            out.push_str(&format!(
+                "would {} {} ({})\n",
+                p.action,
+                p.key,
+                human_bytes(p.size)
+            ));
         }
         for f in &s.failed {
             out.push_str(&format!("failed: {}: {}\n", f.key, f.error));
@@ -126,7 +131,11 @@ pub async fn run(g: &Global, cmd: BucketCmd) -> Result<u8> {
             "error: {} object(s) failed or differ: {}{}",
             s.mismatched.len() + s.failed.len(),
             keys.join(", "),
-            if s.mismatched.len() + s.failed.len() > 10 { ", ..." } else { "" }
+            if s.mismatched.len() + s.failed.len() > 10 {
+                ", ..."
+            } else {
+                ""
+            }
         );
         return Ok(1);
     }

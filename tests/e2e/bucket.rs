@@ -1,0 +1,521 @@
+//! `ferry bucket sync` between two S3-compatible servers on loopback (two
+//! "clouds" with their own endpoints), within one server, and to a local
+//! directory.
+
+use std::collections::BTreeMap;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use aws_sdk_s3::Client;
+use aws_sdk_s3::primitives::ByteStream;
+
+use crate::common::*;
+
+fn client(s3: &S3Server) -> Client {
+    let conf = aws_sdk_s3::config::Builder::new()
+        .behavior_version(aws_sdk_s3::config::BehaviorVersion::latest())
+        .region(aws_sdk_s3::config::Region::new("us-east-1"))
+        .endpoint_url(&s3.endpoint)
+        .credentials_provider(aws_sdk_s3::config::Credentials::new(
+            S3_KEY, S3_SECRET, None, None, "test",
+        ))
+        .force_path_style(true)
+        .request_checksum_calculation(aws_sdk_s3::config::RequestChecksumCalculation::WhenRequired)
+        .response_checksum_validation(aws_sdk_s3::config::ResponseChecksumValidation::WhenRequired)
+        .build();
+    Client::from_conf(conf)
+}
+
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+struct Obj {
+    body: Vec<u8>,
+    content_type: Option<String>,
+    user: BTreeMap<String, String>,
+}
+
+/// Every object under `prefix`, with its bytes and metadata.
+fn read_all(c: &Client, bucket: &str, prefix: &str) -> BTreeMap<String, Obj> {
+    rt().block_on(async {
+        let mut out = BTreeMap::new();
+        let mut token = None;
+        loop {
+            let r = c
+                .list_objects_v2()
+                .bucket(bucket)
+                .prefix(prefix)
+                .set_continuation_token(token)
+                .send()
+                .await
+                .unwrap();
+            for o in r.contents() {
+                let k = o.key().unwrap();
+                let g = c.get_object().bucket(bucket).key(k).send().await.unwrap();
+                let (ct, user) = (
+                    g.content_type().map(String::from),
+                    g.metadata()
+                        .map(|m| m.iter().map(|(a, b)| (a.clone(), b.clone())).collect())
+                        .unwrap_or_default(),
+                );
+                let body = g.body.collect().await.unwrap().into_bytes().to_vec();
+                out.insert(
+                    k.strip_prefix(prefix).unwrap().to_string(),
+                    Obj {
+                        body,
+                        content_type: ct,
+                        user,
+                    },
+                );
+            }
+            match r.next_continuation_token() {
+                Some(t) => token = Some(t.to_string()),
+                None => return out,
+            }
+        }
+    })
+}
+
+fn put(
+    c: &Client,
+    bucket: &str,
+    key: &str,
+    body: Vec<u8>,
+    ct: Option<&str>,
+    user: &[(&str, &str)],
+) {
+    rt().block_on(async {
+        let mut r = c
+            .put_object()
+            .bucket(bucket)
+            .key(key)
+            .body(ByteStream::from(body))
+            .set_content_type(ct.map(String::from));
+        for (k, v) in user {
+            r = r.metadata(*k, *v);
+        }
+        r.send()
+            .await
+            .unwrap_or_else(|e| panic!("put {key}: {e:?}"));
+    })
+}
+
+/// Keys a migration must carry exactly.
+fn awkward_keys() -> Vec<String> {
+    let mut v: Vec<String> = [
+        "plain.txt",
+        "with space.txt",
+        "unicode/日本語-ü.txt",
+        "plus+sign.txt",
+        "per%cent.txt",
+        "x..y/dots.txt",
+        "deep/a/b/c/d/e.txt",
+        "empty.bin",
+        "marker/",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    // A 1,000-byte key (components short enough for a filesystem server).
+    let long = (0..11)
+        .map(|i| format!("{i}{}", "k".repeat(98)))
+        .collect::<Vec<_>>()
+        .join("/");
+    v.push(long[..1000].to_string());
+    v
+}
+
+fn sync_json(env: &Env, args: &[&str]) -> serde_json::Value {
+    let mut a = vec!["bucket", "sync"];
+    a.extend_from_slice(args);
+    env.json(&a)
+}
+
+#[test]
+fn bucket_sync_between_two_clouds_is_incremental_exact_and_keeps_metadata() {
+    let mut env = Env::new();
+    let (a, b) = (
+        S3Server::start(&env.path("cloud-a")),
+        S3Server::start(&env.path("cloud-b")),
+    );
+    a.create_bucket("src-bucket");
+    b.create_bucket("dst-bucket");
+    let (ca, cb) = (client(&a), client(&b));
+    // Each cloud its own remote; credentials by variable name.
+    let cfg = env.path("ferry.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[remotes.cloud-a]\nendpoint = \"{}\"\naccess_key_id_env = \"A_ID\"\nsecret_access_key_env = \"A_SECRET\"\n\
+             [remotes.cloud-b]\nendpoint = \"{}\"\ncredentials_file = \"{}\"\n",
+            a.endpoint,
+            b.endpoint,
+            env.path("b-creds").display()
+        ),
+    )
+    .unwrap();
+    std::fs::write(env.path("b-creds"), format!("{S3_KEY}\n{S3_SECRET}\n")).unwrap();
+    env.vars.push(("A_ID".into(), S3_KEY.into()));
+    env.vars.push(("A_SECRET".into(), S3_SECRET.into()));
+    env.vars.push((
+        "XDG_CONFIG_HOME".into(),
+        env.path("xdg").display().to_string(),
+    ));
+    let cfg = cfg.to_str().unwrap().to_string();
+
+    let keys = awkward_keys();
+    for (i, k) in keys.iter().enumerate() {
+        let body = if k.ends_with('/') || k == "empty.bin" {
+            vec![]
+        } else {
+            noise(1000 + i * 37, i as u64)
+        };
+        put(
+            &ca,
+            "src-bucket",
+            &format!("data/{k}"),
+            body,
+            Some("text/plain; charset=utf-8"),
+            &[("owner", "team-a")],
+        );
+    }
+    // A large object: multipart with parallel parts.
+    put(
+        &ca,
+        "src-bucket",
+        "data/big/video.mp4",
+        noise(20 << 20, 77),
+        Some("video/mp4"),
+        &[("origin", "x")],
+    );
+    // What the source server holds (s3s-fs, a filesystem, cannot list a
+    // "directory" marker as an object): every one of them must arrive.
+    let n = read_all(&ca, "src-bucket", "data/").len() as u64;
+    assert!(n >= keys.len() as u64 - 1, "the test server lost keys");
+
+    let args = [
+        "cloud-a:src-bucket/data",
+        "cloud-b:dst-bucket/copy",
+        "--config",
+        &cfg,
+    ];
+    let first = sync_json(&env, &[&args[..], &["--verify"]].concat());
+    assert_eq!(first["objects_copied"], n, "{first}");
+    assert_eq!(first["objects_verified"], n, "{first}");
+    assert_eq!(first["objects_failed"], 0, "{first}");
+    let src = read_all(&ca, "src-bucket", "data/");
+    let dst = read_all(&cb, "dst-bucket", "copy/");
+    assert_eq!(
+        src.keys().collect::<Vec<_>>(),
+        dst.keys().collect::<Vec<_>>()
+    );
+    for (k, o) in &src {
+        let d = &dst[k];
+        assert!(o.body == d.body, "{k}: bytes differ");
+        assert_eq!(o.content_type, d.content_type, "{k}");
+        assert_eq!(o.user, d.user, "{k}");
+    }
+
+    // Nothing changed: nothing copied.
+    let again = sync_json(&env, &args);
+    assert_eq!(again["objects_copied"], 0, "{again}");
+    assert_eq!(again["objects_skipped"], n, "{again}");
+
+    // One rewritten (same size), one deleted, one added; dry run first.
+    put(
+        &ca,
+        "src-bucket",
+        "data/plain.txt",
+        noise(1000, 999),
+        None,
+        &[],
+    );
+    rt().block_on(
+        ca.delete_object()
+            .bucket("src-bucket")
+            .key("data/with space.txt")
+            .send(),
+    )
+    .unwrap();
+    put(
+        &ca,
+        "src-bucket",
+        "data/new.txt",
+        b"new".to_vec(),
+        None,
+        &[],
+    );
+    let dry = sync_json(&env, &[&args[..], &["--delete", "--dry-run"]].concat());
+    let mut plan: Vec<(String, String)> = dry["plan"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| {
+            (
+                p["action"].as_str().unwrap().into(),
+                p["key"].as_str().unwrap().into(),
+            )
+        })
+        .collect();
+    plan.sort();
+    assert_eq!(
+        plan,
+        [
+            ("copy", "new.txt"),
+            ("copy", "plain.txt"),
+            ("delete", "with space.txt")
+        ]
+        .map(|(a, k)| (a.to_string(), k.to_string()))
+    );
+    assert_eq!(
+        read_all(&cb, "dst-bucket", "copy/").len(),
+        src.len(),
+        "a dry run changes nothing"
+    );
+    let third = sync_json(&env, &[&args[..], &["--delete"]].concat());
+    assert_eq!(
+        (
+            third["objects_copied"].as_u64(),
+            third["objects_deleted"].as_u64()
+        ),
+        (Some(2), Some(1)),
+        "{third}"
+    );
+    let src = read_all(&ca, "src-bucket", "data/");
+    let dst = read_all(&cb, "dst-bucket", "copy/");
+    assert_eq!(
+        src.keys().collect::<Vec<_>>(),
+        dst.keys().collect::<Vec<_>>()
+    );
+    assert!(src.iter().all(|(k, o)| dst[k].body == o.body));
+
+    // Filters and --since.
+    let only = sync_json(
+        &env,
+        &[
+            "cloud-a:src-bucket/data",
+            "cloud-b:dst-bucket/txt",
+            "--config",
+            &cfg,
+            "--include",
+            "**.txt",
+            "--exclude",
+            "unicode/**",
+        ],
+    );
+    let got = read_all(&cb, "dst-bucket", "txt/");
+    assert!(
+        got.keys()
+            .all(|k| k.ends_with(".txt") && !k.starts_with("unicode/")),
+        "{:?}",
+        got.keys()
+    );
+    assert_eq!(only["objects_copied"].as_u64().unwrap(), got.len() as u64);
+    let later = sync_json(
+        &env,
+        &[
+            "cloud-a:src-bucket/data",
+            "cloud-b:dst-bucket/later",
+            "--config",
+            &cfg,
+            "--since",
+            "2999-01-01T00:00:00Z",
+        ],
+    );
+    assert_eq!(later["objects_copied"], 0, "{later}");
+
+    // Into a local directory: keys become paths, the marker a directory.
+    let local = env.path("local-copy");
+    let l = sync_json(
+        &env,
+        &[
+            "cloud-a:src-bucket/data",
+            local.to_str().unwrap(),
+            "--config",
+            &cfg,
+        ],
+    );
+    assert_eq!(l["objects_failed"], 0, "{l}");
+    if src.contains_key("marker/") {
+        assert!(local.join("marker").is_dir());
+    }
+    assert_eq!(
+        std::fs::read(local.join("unicode/日本語-ü.txt")).unwrap(),
+        src["unicode/日本語-ü.txt"].body
+    );
+    assert_eq!(
+        std::fs::read(local.join("big/video.mp4")).unwrap().len(),
+        20 << 20
+    );
+    // And back up from the directory into a third place.
+    let up = sync_json(
+        &env,
+        &[
+            local.to_str().unwrap(),
+            "cloud-b:dst-bucket/from-local",
+            "--config",
+            &cfg,
+        ],
+    );
+    assert_eq!(up["objects_failed"], 0, "{up}");
+}
+
+#[test]
+fn one_endpoint_copies_server_side_and_faults_are_clear() {
+    use std::sync::atomic::Ordering::Relaxed;
+    let mut env = Env::new();
+    let s3 = S3Server::start(&env.path("s3"));
+    s3.create_bucket("one-src");
+    s3.create_bucket("one-dst");
+    s3.env(&mut env);
+    let c = client(&s3);
+    for i in 0..20u64 {
+        put(
+            &c,
+            "one-src",
+            &format!("obj-{i:02}"),
+            noise(5000, i),
+            Some("application/json"),
+            &[("i", "x")],
+        );
+    }
+    let s = sync_json(&env, &["s3://one-src", "s3://one-dst/p", "--verify"]);
+    assert_eq!(s["objects_copied_server_side"], 20, "{s}");
+    assert_eq!(s["objects_verified"], 20, "{s}");
+    let dst = read_all(&c, "one-dst", "p/");
+    assert_eq!(dst.len(), 20);
+    assert_eq!(
+        dst["obj-03"].content_type.as_deref(),
+        Some("application/json")
+    );
+
+    // Throttled: retried with backoff, the sync completes.
+    s3.fail_puts.store(4, Relaxed);
+    let local = env.path("src-dir");
+    std::fs::create_dir_all(&local).unwrap();
+    for i in 0..10u64 {
+        std::fs::write(local.join(format!("f{i}")), noise(3000, 50 + i)).unwrap();
+    }
+    let t = sync_json(&env, &[local.to_str().unwrap(), "s3://one-dst/throttled"]);
+    assert_eq!(t["objects_copied"], 10, "{t}");
+    assert_eq!(s3.fail_puts.load(Relaxed), 0);
+
+    // Refused for good: the keys are listed, the others copied, exit 1.
+    std::fs::write(local.join("f-new"), b"new").unwrap();
+    s3.fail_puts.store(u64::MAX, Relaxed);
+    let out = env.run(&[
+        "bucket",
+        "sync",
+        local.to_str().unwrap(),
+        "s3://one-dst/throttled",
+        "--json",
+    ]);
+    s3.fail_puts.store(0, Relaxed);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["objects_failed"], 1, "{v}");
+    assert_eq!(v["failed"][0]["key"], "f-new");
+    assert!(stderr(&out).contains("f-new"), "{}", stderr(&out));
+    // The rerun copies only what failed.
+    let r = sync_json(&env, &[local.to_str().unwrap(), "s3://one-dst/throttled"]);
+    assert_eq!(r["objects_copied"], 1, "{r}");
+
+    // A missing bucket, a dead endpoint, a bad remote: one line, exit 1.
+    for (args, want) in [
+        (
+            vec!["s3://no-such-bucket", "s3://one-dst/x"],
+            "NoSuchBucket",
+        ),
+        (vec!["nowhere:bucket", "s3://one-dst/x"], "no remote named"),
+    ] {
+        let mut a = vec!["bucket", "sync"];
+        a.extend(args);
+        let out = env.run(&a);
+        assert_eq!(out.status.code(), Some(1), "{a:?}");
+        assert!(stderr(&out).contains(want), "{a:?}: {}", stderr(&out));
+        assert_eq!(stderr(&out).lines().count(), 1, "{}", stderr(&out));
+    }
+    let mut dead = Env::new();
+    dead.vars
+        .push(("AWS_ENDPOINT_URL".into(), "http://127.0.0.1:9".into()));
+    dead.vars.push(("AWS_ACCESS_KEY_ID".into(), "x".into()));
+    dead.vars.push(("AWS_SECRET_ACCESS_KEY".into(), "y".into()));
+    let out = dead.run(&[
+        "bucket",
+        "sync",
+        "s3://some-bucket",
+        local.to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(stderr(&out).lines().count(), 1, "{}", stderr(&out));
+}
+
+#[test]
+fn an_interrupted_sync_leaves_no_partial_object_and_the_rerun_cleans_up() {
+    use std::sync::atomic::Ordering::Relaxed;
+    let mut env = Env::new();
+    let s3 = S3Server::start(&env.path("s3"));
+    s3.create_bucket("resume");
+    s3.env(&mut env);
+    let src = env.path("src");
+    std::fs::create_dir_all(&src).unwrap();
+    std::fs::write(src.join("big.bin"), noise(40 << 20, 1)).unwrap();
+    for i in 0..5u64 {
+        std::fs::write(src.join(format!("small{i}")), noise(1000, i)).unwrap();
+    }
+    // Slow parts: kill -9 while the big object's parts are in flight.
+    s3.put_delay_ms.store(400, Relaxed);
+    let mut child = env
+        .cmd(&[
+            "bucket",
+            "sync",
+            src.to_str().unwrap(),
+            "s3://resume/dst",
+            "--workers",
+            "2",
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let uploads = s3.root.join("resume");
+    let start = Instant::now();
+    // Wait for the first part to land somewhere under the server's root.
+    while files_under(&s3.root).len() < 2 {
+        assert!(start.elapsed() < Duration::from_secs(30));
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    child.kill().unwrap();
+    child.wait().unwrap();
+    s3.put_delay_ms.store(0, Relaxed);
+    let c = client(&s3);
+    let visible = read_all(&c, "resume", "dst/");
+    assert!(
+        !visible.contains_key("big.bin"),
+        "a partial object is visible"
+    );
+
+    let r = sync_json(
+        &env,
+        &[src.to_str().unwrap(), "s3://resume/dst", "--verify"],
+    );
+    assert_eq!(r["objects_failed"], 0, "{r}");
+    assert!(r["stale_uploads_aborted"].as_u64().unwrap() >= 1, "{r}");
+    let visible = read_all(&c, "resume", "dst/");
+    assert_eq!(visible["big.bin"].body.len(), 40 << 20);
+    assert_eq!(visible.len(), 6);
+    // s3s-fs keeps an open upload's parts as `.upload_id-*` files (it has
+    // no ListMultipartUploads): none may be left.
+    let parts: Vec<_> = std::fs::read_dir(&s3.root)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with(".upload_id-"))
+        .collect();
+    assert!(parts.is_empty(), "parts of aborted uploads left: {parts:?}");
+    let _ = uploads;
+}
