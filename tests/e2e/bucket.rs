@@ -519,3 +519,66 @@ fn an_interrupted_sync_leaves_no_partial_object_and_the_rerun_cleans_up() {
     assert!(parts.is_empty(), "parts of aborted uploads left: {parts:?}");
     let _ = uploads;
 }
+
+#[test]
+fn an_object_rewritten_during_its_copy_is_never_copied_torn() {
+    use std::sync::atomic::Ordering::Relaxed;
+    let mut env = Env::new();
+    let (a, b) = (
+        S3Server::start(&env.path("a")),
+        S3Server::start(&env.path("b")),
+    );
+    a.create_bucket("live-src");
+    b.create_bucket("live-dst");
+    let cfg = env.path("ferry.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[remotes.a]\nendpoint = \"{}\"\naccess_key_id = \"{S3_KEY}\"\nsecret_access_key = \"{S3_SECRET}\"\n\
+             [remotes.b]\nendpoint = \"{}\"\naccess_key_id = \"{S3_KEY}\"\nsecret_access_key = \"{S3_SECRET}\"\n",
+            a.endpoint, b.endpoint
+        ),
+    )
+    .unwrap();
+    env.vars.push((
+        "XDG_CONFIG_HOME".into(),
+        env.path("xdg").display().to_string(),
+    ));
+    let (ca, cb) = (client(&a), client(&b));
+    let (old, new) = (noise(24 << 20, 1), noise(24 << 20, 2));
+    put(&ca, "live-src", "db.dump", old.clone(), None, &[]);
+    // Slow parts on the destination: the source is rewritten mid-copy.
+    b.put_delay_ms.store(300, Relaxed);
+    let cfg = cfg.to_str().unwrap().to_string();
+    let child = env
+        .cmd(&[
+            "bucket",
+            "sync",
+            "a:live-src",
+            "b:live-dst",
+            "--config",
+            &cfg,
+            "--json",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(400));
+    put(&ca, "live-src", "db.dump", new.clone(), None, &[]);
+    let out = child.wait_with_output().unwrap();
+    b.put_delay_ms.store(0, Relaxed);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let got = read_all(&cb, "live-dst", "")["db.dump"].body.clone();
+    assert!(
+        got == old || got == new,
+        "the copy is a mix of two versions"
+    );
+    // The rerun brings the newest version.
+    let r = sync_json(
+        &env,
+        &["a:live-src", "b:live-dst", "--config", &cfg, "--verify"],
+    );
+    let got = read_all(&cb, "live-dst", "")["db.dump"].body.clone();
+    assert!(got == new, "{r}");
+}

@@ -485,6 +485,7 @@ async fn restore_into(
         delete: delta.delete,
         verify: delta.verify,
         reread_target: delta.reread_target,
+        no_lock: delta.no_lock,
         ..Default::default()
     };
     let bar = Arc::new(Bar::new("restore"));

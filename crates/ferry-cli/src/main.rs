@@ -192,6 +192,9 @@ pub struct DeltaArgs {
     /// Compare existing target files by content instead of trusting what ferry remembers.
     #[arg(long)]
     pub reread_target: bool,
+    /// Take no vault lock (for read-only vault credentials; do not prune meanwhile).
+    #[arg(long)]
+    pub no_lock: bool,
 }
 
 /// Where a job runs in fleet mode.

@@ -65,6 +65,9 @@ pub struct RestoreOptions {
     pub verify: bool,
     /// Do not trust the target's memory: compare existing files by content.
     pub reread_target: bool,
+    /// Take no vault lock (a read-only vault). A prune running at the same
+    /// time may then delete what this restore is about to read.
+    pub no_lock: bool,
 }
 
 impl Default for RestoreOptions {
@@ -74,6 +77,7 @@ impl Default for RestoreOptions {
             delete: false,
             verify: false,
             reread_target: false,
+            no_lock: false,
         }
     }
 }
@@ -532,6 +536,10 @@ pub async fn restore(
     progress: Arc<dyn Progress>,
 ) -> Result<RestoreSummary> {
     let (v, c) = (vault.clone(), catalog.clone());
+    if opts.no_lock {
+        crate::sync::sync_catalog(&v, c.as_ref(), false).await?;
+        return restore_locked(vault, catalog, state, snap, target, opts, progress).await;
+    }
     crate::lock::shared(
         &v,
         c.as_ref(),
