@@ -330,6 +330,21 @@ fn bucket_sync_between_two_clouds_is_incremental_exact_and_keeps_metadata() {
 
     // Into a local directory: keys become paths, the marker a directory.
     let local = env.path("local-copy");
+    let dry = sync_json(
+        &env,
+        &[
+            "cloud-a:src-bucket/data",
+            local.to_str().unwrap(),
+            "--config",
+            &cfg,
+            "--dry-run",
+        ],
+    );
+    assert_eq!(
+        dry["plan"].as_array().unwrap().len() as u64,
+        dry["objects_listed"].as_u64().unwrap()
+    );
+    assert!(!local.exists(), "a dry run creates nothing");
     let l = sync_json(
         &env,
         &[

@@ -244,7 +244,9 @@ impl Side {
 
     /// Fails with the store's reason if the side cannot be reached (no such
     /// bucket, bad credentials, dead endpoint).
-    pub async fn probe(&self, create_local: bool) -> Result<()> {
+    /// A destination directory may be missing in a dry run (`missing_ok`):
+    /// it lists as empty.
+    pub async fn probe(&self, create_local: bool, missing_ok: bool) -> Result<()> {
         match self {
             Side::S3(s) => s
                 .client
@@ -260,6 +262,9 @@ impl Side {
                 if create_local {
                     std::fs::create_dir_all(&l.root)
                         .map_err(|e| Error::Store(format!("creating {}: {e}", l.root.display())))?;
+                }
+                if missing_ok && !l.root.exists() {
+                    return Ok(());
                 }
                 if l.root.is_dir() {
                     Ok(())
@@ -681,6 +686,9 @@ impl LocalSide {
     /// Walks in key byte order: a directory sorts as its name plus '/'.
     async fn list(&self, tx: &mpsc::Sender<Result<Entry>>) -> Result<()> {
         let root = self.root.clone();
+        if !root.exists() {
+            return Ok(()); // a dry run into a directory not made yet
+        }
         let (itx, mut irx) = mpsc::channel::<Result<Entry>>(1024);
         let walker = tokio::task::spawn_blocking(move || walk(&root, &itx));
         while let Some(e) = irx.recv().await {

@@ -186,8 +186,8 @@ pub async fn sync(
         exclude: globs(&opts.exclude)?,
         since_ns: opts.since_ns,
     };
-    src.probe(false).await?;
-    dst.probe(!opts.dry_run).await?;
+    src.probe(false, false).await?;
+    dst.probe(!opts.dry_run, opts.dry_run).await?;
     let mut summary = SyncSummary {
         source: names.0,
         destination: names.1,
