@@ -3,7 +3,6 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
-use std::time::Duration;
 
 use ferry_core::bucket_state::{ObjectState, SyncState};
 use ferry_core::catalog::{CatalogError, CatalogResult};
@@ -37,23 +36,7 @@ pub fn default_path(src: &str, dst: &str) -> PathBuf {
 
 impl SqliteSyncState {
     pub fn open(path: &Path) -> Result<Self, Error> {
-        if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir).map_err(|e| Error::Io {
-                path: path.into(),
-                reason: e.to_string(),
-            })?;
-        }
-        let sql = |source| Error::Sqlite {
-            path: path.into(),
-            source,
-        };
-        let conn = Connection::open(path).map_err(sql)?;
-        conn.busy_timeout(Duration::from_secs(60)).map_err(sql)?;
-        conn.pragma_update(None, "journal_mode", "WAL")
-            .map_err(sql)?;
-        conn.pragma_update(None, "synchronous", "NORMAL")
-            .map_err(sql)?;
-        conn.execute_batch(SCHEMA).map_err(sql)?;
+        let conn = crate::connect(path, SCHEMA)?;
         Ok(Self {
             conn: Mutex::new(conn),
         })

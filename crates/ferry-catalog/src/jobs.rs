@@ -95,15 +95,7 @@ impl JobQueue {
     /// Opens the queue in the catalog file at `path` (its own connection;
     /// WAL lets it share the file with the catalog).
     pub fn open(path: &Path) -> Result<Self, Error> {
-        let sql = |source| Error::Sqlite {
-            path: path.into(),
-            source,
-        };
-        let conn = Connection::open(path).map_err(sql)?;
-        conn.busy_timeout(Duration::from_secs(60)).map_err(sql)?;
-        conn.pragma_update(None, "journal_mode", "WAL")
-            .map_err(sql)?;
-        conn.execute_batch(SCHEMA).map_err(sql)?;
+        let conn = crate::connect(path, SCHEMA)?;
         Ok(Self {
             conn: Mutex::new(conn),
             path: path.into(),

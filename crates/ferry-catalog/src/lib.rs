@@ -73,23 +73,11 @@ impl SqliteCatalog {
     /// Returns the catalog and whether it was just created (and so must be
     /// filled from the vault).
     pub fn open(path: &Path, vault_id: &str) -> Result<(Self, bool), Error> {
-        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir).map_err(|e| Error::Io {
-                path: path.into(),
-                reason: e.to_string(),
-            })?;
-        }
+        let conn = connect(path, SCHEMA)?;
         let sql = |source| Error::Sqlite {
             path: path.into(),
             source,
         };
-        let conn = Connection::open(path).map_err(sql)?;
-        conn.busy_timeout(Duration::from_secs(60)).map_err(sql)?;
-        conn.pragma_update(None, "journal_mode", "WAL")
-            .map_err(sql)?;
-        conn.pragma_update(None, "synchronous", "NORMAL")
-            .map_err(sql)?;
-        conn.execute_batch(SCHEMA).map_err(sql)?;
         let found: Option<String> = conn
             .query_row("SELECT value FROM meta WHERE key = 'vault_id'", [], |r| {
                 r.get(0)
@@ -130,6 +118,30 @@ impl SqliteCatalog {
     fn conn(&self) -> std::sync::MutexGuard<'_, Connection> {
         self.conn.lock().unwrap_or_else(|p| p.into_inner())
     }
+}
+
+/// Opens (or creates, with its directory) a SQLite file the way every
+/// ferry database is opened: WAL (readers never wait for the writer), a
+/// long busy timeout (writers queue), and `schema` applied.
+pub(crate) fn connect(path: &Path, schema: &str) -> Result<Connection, Error> {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(|e| Error::Io {
+            path: path.into(),
+            reason: e.to_string(),
+        })?;
+    }
+    let sql = |source| Error::Sqlite {
+        path: path.into(),
+        source,
+    };
+    let conn = Connection::open(path).map_err(sql)?;
+    conn.busy_timeout(Duration::from_secs(60)).map_err(sql)?;
+    conn.pragma_update(None, "journal_mode", "WAL")
+        .map_err(sql)?;
+    conn.pragma_update(None, "synchronous", "NORMAL")
+        .map_err(sql)?;
+    conn.execute_batch(schema).map_err(sql)?;
+    Ok(conn)
 }
 
 /// Where the embedded catalog of a vault lives by default:

@@ -5,7 +5,6 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
-use std::time::Duration;
 
 use ferry_core::catalog::{CatalogError, CatalogResult};
 use ferry_core::target::{TargetFile, TargetState};
@@ -62,24 +61,14 @@ fn join(dir: &[u8], name: &[u8]) -> Vec<u8> {
 
 impl SqliteTargetState {
     pub fn open(path: &Path) -> Result<Self, crate::Error> {
-        if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir).map_err(|e| crate::Error::Io {
-                path: path.into(),
-                reason: e.to_string(),
-            })?;
-        }
+        let conn = crate::connect(
+            path,
+            "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);",
+        )?;
         let sql = |source| crate::Error::Sqlite {
             path: path.into(),
             source,
         };
-        let conn = Connection::open(path).map_err(sql)?;
-        conn.busy_timeout(Duration::from_secs(60)).map_err(sql)?;
-        conn.pragma_update(None, "journal_mode", "WAL")
-            .map_err(sql)?;
-        conn.execute_batch(
-            "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);",
-        )
-        .map_err(sql)?;
         let layout: Option<String> = conn
             .query_row("SELECT value FROM meta WHERE key = 'layout'", [], |r| {
                 r.get(0)
