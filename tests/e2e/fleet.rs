@@ -24,6 +24,18 @@ impl Drop for Proc {
     }
 }
 
+/// The URL a coordinator prints on its first stdout line.
+fn coordinator_url(child: &mut Child, scheme: &str) -> String {
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    line.split_whitespace()
+        .find(|w| w.starts_with(scheme))
+        .unwrap_or_else(|| panic!("no {scheme} URL in {line:?}"))
+        .to_string()
+}
+
 struct Fleet {
     env: Env,
     s3: S3Server,
@@ -80,15 +92,7 @@ impl Fleet {
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit());
         let mut child = c.spawn().unwrap();
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
-        let url = line
-            .split_whitespace()
-            .find(|w| w.starts_with("http://"))
-            .unwrap_or_else(|| panic!("no URL in {line:?}"))
-            .to_string();
+        let url = coordinator_url(&mut child, "http://");
         self.port = url.rsplit(':').next().unwrap().parse().unwrap();
         self.url = url;
         self.coordinator = Some(Proc(child));
@@ -538,15 +542,7 @@ fn a_tls_coordinator_is_reached_with_its_ca_and_refused_without() {
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit());
     let mut child = Proc(c.spawn().unwrap());
-    let mut line = String::new();
-    BufReader::new(child.0.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let url = line
-        .split_whitespace()
-        .find(|w| w.starts_with("https://"))
-        .unwrap_or_else(|| panic!("no https URL in {line:?}"))
-        .to_string();
+    let url = coordinator_url(&mut child.0, "https://");
 
     let root = env.path("node");
     std::fs::create_dir_all(&root).unwrap();

@@ -23,11 +23,16 @@ use crate::{DeltaArgs, Global, RemoteArgs};
 /// How long client calls keep retrying a coordinator that is restarting.
 const PATIENCE: Duration = Duration::from_secs(300);
 
-fn connect_options(g: &Global, url: &str) -> Result<ConnectOptions> {
-    let token = match &g.token_file {
+/// The shared token: from --token-file (or FERRY_TOKEN_FILE), else FERRY_TOKEN.
+fn token(g: &Global) -> Result<Option<String>> {
+    Ok(match &g.token_file {
         Some(f) => Some(ferry_fleet::conn::read_token(f)?),
         None => std::env::var("FERRY_TOKEN").ok().filter(|t| !t.is_empty()),
-    };
+    })
+}
+
+fn connect_options(g: &Global, url: &str) -> Result<ConnectOptions> {
+    let token = token(g)?;
     Ok(ConnectOptions {
         url: url.to_string(),
         token,
@@ -254,10 +259,7 @@ pub async fn coordinator(
     tls_key: Option<PathBuf>,
     lease_seconds: u64,
 ) -> Result<u8> {
-    let token = match &g.token_file {
-        Some(f) => Some(ferry_fleet::conn::read_token(f)?),
-        None => std::env::var("FERRY_TOKEN").ok().filter(|t| !t.is_empty()),
-    };
+    let token = token(g)?;
     let tls = match (&tls_cert, &tls_key) {
         (Some(c), Some(k)) => Some((
             std::fs::read(c).with_context(|| format!("reading {}", c.display()))?,
