@@ -278,12 +278,13 @@ impl Side {
         }
     }
 
-    /// Streams every entry under the side's prefix, in key byte order,
-    /// into `tx` (bounded: the listing never runs far ahead of the sync).
-    pub async fn list(&self, tx: mpsc::Sender<Result<Entry>>) {
+    /// Streams every entry under the side's prefix within `range`, in key
+    /// byte order, into `tx` (bounded: the listing never runs far ahead of
+    /// the sync).
+    pub async fn list(&self, range: &KeyRange, tx: mpsc::Sender<Result<Entry>>) {
         let r = match self {
-            Side::S3(s) => s.list(&tx).await,
-            Side::Local(l) => l.list(&tx).await,
+            Side::S3(s) => s.list(range, &tx).await,
+            Side::Local(l) => l.list(range, &tx).await,
         };
         if let Err(e) = r {
             let _ = tx.send(Err(e)).await;
@@ -563,14 +564,16 @@ impl S3Side {
         ))
     }
 
-    async fn list(&self, tx: &mpsc::Sender<Result<Entry>>) -> Result<()> {
+    async fn list(&self, range: &KeyRange, tx: &mpsc::Sender<Result<Entry>>) -> Result<()> {
         let mut token: Option<String> = None;
+        let start_after = range.after.as_ref().map(|a| self.full(a));
         loop {
             let r = self
                 .client
                 .list_objects_v2()
                 .bucket(&self.bucket)
                 .prefix(&self.prefix)
+                .set_start_after(start_after.clone())
                 .set_continuation_token(token.clone())
                 .send()
                 .await
@@ -580,8 +583,11 @@ impl S3Side {
                 let Some(key) = full.strip_prefix(&self.prefix) else {
                     continue;
                 };
-                if key.is_empty() {
+                if key.is_empty() || !range.after_start(key) {
                     continue; // the prefix's own marker
+                }
+                if range.past_end(key) {
+                    return Ok(());
                 }
                 let e = Entry {
                     key: key.to_string(),
@@ -684,13 +690,14 @@ impl LocalSide {
     }
 
     /// Walks in key byte order: a directory sorts as its name plus '/'.
-    async fn list(&self, tx: &mpsc::Sender<Result<Entry>>) -> Result<()> {
+    async fn list(&self, range: &KeyRange, tx: &mpsc::Sender<Result<Entry>>) -> Result<()> {
         let root = self.root.clone();
         if !root.exists() {
             return Ok(()); // a dry run into a directory not made yet
         }
         let (itx, mut irx) = mpsc::channel::<Result<Entry>>(1024);
-        let walker = tokio::task::spawn_blocking(move || walk(&root, &itx));
+        let range = range.clone();
+        let walker = tokio::task::spawn_blocking(move || walk(&root, &range, &itx));
         while let Some(e) = irx.recv().await {
             if tx.send(e).await.is_err() {
                 break;
@@ -703,11 +710,20 @@ impl LocalSide {
     }
 }
 
-fn walk(root: &Path, tx: &mpsc::Sender<Result<Entry>>) -> Result<()> {
+fn walk(root: &Path, range: &KeyRange, tx: &mpsc::Sender<Result<Entry>>) -> Result<()> {
     use std::os::unix::fs::MetadataExt;
     // Stack of (directory, key prefix); entries pushed in reverse order.
     let mut stack: Vec<(PathBuf, String, bool)> = vec![(root.to_path_buf(), String::new(), true)];
     while let Some((path, key, is_dir)) = stack.pop() {
+        if range.past_end(&key) {
+            return Ok(()); // in key order: everything after is past it too
+        }
+        if is_dir && !key.is_empty() && !range.may_hold_under(&key) {
+            continue;
+        }
+        if !is_dir && !range.after_start(&key) {
+            continue;
+        }
         if !is_dir {
             let md = std::fs::symlink_metadata(&path)
                 .map_err(|e| Error::Store(format!("{}: {e}", path.display())))?;
@@ -760,6 +776,44 @@ fn walk(root: &Path, tx: &mpsc::Sender<Result<Entry>>) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// A slice of the key space: the keys after `after` up to and including
+/// `until` (open ends when `None`). A distributed sync hands one range to
+/// each task; ranges that meet end to end cover every key exactly once.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct KeyRange {
+    pub after: Option<String>,
+    pub until: Option<String>,
+}
+
+impl KeyRange {
+    pub fn after_start(&self, key: &str) -> bool {
+        self.after
+            .as_ref()
+            .is_none_or(|a| key.as_bytes() > a.as_bytes())
+    }
+
+    pub fn past_end(&self, key: &str) -> bool {
+        self.until
+            .as_ref()
+            .is_some_and(|u| key.as_bytes() > u.as_bytes())
+    }
+
+    pub fn contains(&self, key: &str) -> bool {
+        self.after_start(key) && !self.past_end(key)
+    }
+
+    /// Whether any key starting with `dir` (a directory's key, ending in
+    /// '/') can fall after the range's start. Every such key is greater
+    /// than `dir`; if `after` is at or beyond `dir` without starting with
+    /// it, `after` is greater than all of them.
+    pub fn may_hold_under(&self, dir: &str) -> bool {
+        match &self.after {
+            None => true,
+            Some(a) => a.as_bytes() < dir.as_bytes() || a.starts_with(dir),
+        }
+    }
 }
 
 /// A write in progress.
@@ -928,7 +982,7 @@ mod tests {
             root: d.path().into(),
         });
         let (tx, mut rx) = mpsc::channel(4);
-        tokio::spawn(async move { side.list(tx).await });
+        tokio::spawn(async move { side.list(&KeyRange::default(), tx).await });
         let mut keys = Vec::new();
         while let Some(e) = rx.recv().await {
             keys.push(e.unwrap().key);
@@ -937,5 +991,51 @@ mod tests {
         sorted.sort();
         assert_eq!(keys, sorted);
         assert_eq!(keys, ["a-c", "a/a/z", "a/b", "a0", "b"]);
+    }
+
+    #[tokio::test]
+    async fn ranges_that_meet_end_to_end_list_every_key_once() {
+        let d = tempfile::tempdir().unwrap();
+        let all = ["a-c", "a/a/z", "a/b", "a/c/d", "a0", "b", "c/x/y"];
+        for p in all {
+            let p = d.path().join(p);
+            std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+            std::fs::write(p, b"x").unwrap();
+        }
+        let side = std::sync::Arc::new(Side::Local(LocalSide {
+            root: d.path().into(),
+        }));
+        let list = |r: KeyRange| {
+            let side = side.clone();
+            async move {
+                let (tx, mut rx) = mpsc::channel(4);
+                tokio::spawn(async move { side.list(&r, tx).await });
+                let mut keys = Vec::new();
+                while let Some(e) = rx.recv().await {
+                    keys.push(e.unwrap().key);
+                }
+                keys
+            }
+        };
+        let cuts = [None, Some("a/a/z"), Some("a/bb"), Some("a0"), None];
+        let mut joined = Vec::new();
+        for w in cuts.windows(2) {
+            let r = KeyRange {
+                after: w[0].map(String::from),
+                until: w[1].map(String::from),
+            };
+            let keys = list(r.clone()).await;
+            assert!(keys.iter().all(|k| r.contains(k)), "{r:?}: {keys:?}");
+            joined.extend(keys);
+        }
+        assert_eq!(joined, all);
+        // A cut inside a directory that sorts before it skips the directory.
+        let r = KeyRange {
+            after: Some("a0".into()),
+            until: None,
+        };
+        assert!(!r.may_hold_under("a/"));
+        assert!(r.may_hold_under("b/"));
+        assert_eq!(list(r).await, ["b", "c/x/y"]);
     }
 }

@@ -23,7 +23,7 @@ use serde::Serialize;
 use tokio::sync::mpsc;
 
 use crate::limit::Limiter;
-use crate::store::{Entry, Side, Upload};
+use crate::store::{Entry, KeyRange, Side, Upload};
 use crate::{Error, Result};
 
 pub const PARTS_IN_FLIGHT: usize = 4;
@@ -44,6 +44,8 @@ pub struct SyncOptions {
     pub tags: bool,
     /// Keep the source's storage class (default: the destination's default).
     pub storage_class: bool,
+    /// Only this slice of the key space (one task of a distributed sync).
+    pub range: KeyRange,
 }
 
 impl Default for SyncOptions {
@@ -60,6 +62,7 @@ impl Default for SyncOptions {
             part_size: 8 << 20,
             tags: false,
             storage_class: false,
+            range: KeyRange::default(),
         }
     }
 }
@@ -197,7 +200,9 @@ pub async fn sync(
 
     // Uploads an interrupted run left open: abort them, nothing is kept.
     if !opts.dry_run {
-        for (key, id) in state.uploads().map_err(st)? {
+        // Only this range's: other ranges may be copying right now.
+        let uploads = state.uploads().map_err(st)?;
+        for (key, id) in uploads.into_iter().filter(|(k, _)| opts.range.contains(k)) {
             dst.abort_upload(&key, &id).await?;
             state.remove_upload(&key, &id).map_err(st)?;
             summary.stale_uploads_aborted += 1;
@@ -222,8 +227,9 @@ pub async fn sync(
     let (stx, mut srx) = mpsc::channel::<Result<Entry>>(1000);
     let (dtx, mut drx) = mpsc::channel::<Result<Entry>>(1000);
     let (s2, d2) = (src.clone(), dst.clone());
-    let lister_s = tokio::spawn(async move { s2.list(stx).await });
-    let lister_d = tokio::spawn(async move { d2.list(dtx).await });
+    let (r1, r2) = (opts.range.clone(), opts.range.clone());
+    let lister_s = tokio::spawn(async move { s2.list(&r1, stx).await });
+    let lister_d = tokio::spawn(async move { d2.list(&r2, dtx).await });
 
     let workers = opts.workers.max(1);
     let (task_tx, task_rx) = async_channel(workers * 4);
