@@ -108,6 +108,7 @@ fn main() {
         vault_location: loc.to_string(),
         vault_id: vault.id().into(),
         keys: vault.master_keys().clone(),
+        bucket_state_dir: path.with_extension("buckets"),
     };
     let listener = rt.block_on(bind(&opts)).unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());

@@ -11,7 +11,7 @@ use aws_sdk_s3::primitives::ByteStream;
 
 use crate::common::*;
 
-fn client(s3: &S3Server) -> Client {
+pub(crate) fn client(s3: &S3Server) -> Client {
     let conf = aws_sdk_s3::config::Builder::new()
         .behavior_version(aws_sdk_s3::config::BehaviorVersion::latest())
         .region(aws_sdk_s3::config::Region::new("us-east-1"))
@@ -33,14 +33,14 @@ fn rt() -> tokio::runtime::Runtime {
         .unwrap()
 }
 
-struct Obj {
-    body: Vec<u8>,
+pub(crate) struct Obj {
+    pub(crate) body: Vec<u8>,
     content_type: Option<String>,
     user: BTreeMap<String, String>,
 }
 
 /// Every object under `prefix`, with its bytes and metadata.
-fn read_all(c: &Client, bucket: &str, prefix: &str) -> BTreeMap<String, Obj> {
+pub(crate) fn read_all(c: &Client, bucket: &str, prefix: &str) -> BTreeMap<String, Obj> {
     rt().block_on(async {
         let mut out = BTreeMap::new();
         let mut token = None;
@@ -80,7 +80,7 @@ fn read_all(c: &Client, bucket: &str, prefix: &str) -> BTreeMap<String, Obj> {
     })
 }
 
-fn put(
+pub(crate) fn put(
     c: &Client,
     bucket: &str,
     key: &str,

@@ -213,6 +213,8 @@ pub struct S3Server {
     pub put_delay_ms: std::sync::Arc<std::sync::atomic::AtomicU64>,
     /// The next this many PUTs are refused with 503 SlowDown (throttling).
     pub fail_puts: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    /// PUTs served (not refused) so far.
+    pub puts: std::sync::Arc<std::sync::atomic::AtomicU64>,
 }
 
 pub const S3_KEY: &str = "ferrytest";
@@ -232,6 +234,8 @@ impl S3Server {
         let delay = put_delay_ms.clone();
         let fail_puts = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
         let fail = fail_puts.clone();
+        let puts = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let served = puts.clone();
         std::thread::spawn(move || {
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)
@@ -247,7 +251,8 @@ impl S3Server {
                 let http = ConnBuilder::new(TokioExecutor::new());
                 let slow = hyper::service::service_fn(
                     move |req: hyper::Request<hyper::body::Incoming>| {
-                        let (service, delay, fail) = (service.clone(), delay.clone(), fail.clone());
+                        let (service, delay, fail, served) =
+                            (service.clone(), delay.clone(), fail.clone(), served.clone());
                         async move {
                             use std::sync::atomic::Ordering::Relaxed;
                             if req.method() == hyper::Method::PUT {
@@ -269,6 +274,7 @@ impl S3Server {
                                         ))
                                         .unwrap());
                                 }
+                                served.fetch_add(1, Relaxed);
                             }
                             service.call(req.map(s3s::Body::from)).await
                         }
@@ -291,6 +297,7 @@ impl S3Server {
             root: root.to_path_buf(),
             put_delay_ms,
             fail_puts,
+            puts,
         }
     }
 

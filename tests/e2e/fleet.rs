@@ -9,10 +9,10 @@ use std::time::{Duration, Instant};
 use crate::common::*;
 
 /// A child process killed (SIGKILL) when dropped.
-struct Proc(Child);
+pub(crate) struct Proc(Child);
 
 impl Proc {
-    fn kill9(&mut self) {
+    pub(crate) fn kill9(&mut self) {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
@@ -36,10 +36,10 @@ fn coordinator_url(child: &mut Child, scheme: &str) -> String {
         .to_string()
 }
 
-struct Fleet {
-    env: Env,
+pub(crate) struct Fleet {
+    pub(crate) env: Env,
     s3: S3Server,
-    url: String,
+    pub(crate) url: String,
     port: u16,
     token_file: PathBuf,
     coordinator: Option<Proc>,
@@ -51,7 +51,7 @@ const LEASE: &str = "3";
 impl Fleet {
     /// An S3 vault (1 MiB packs, so that jobs write many), a token, and a
     /// coordinator on a free loopback port.
-    fn start() -> Self {
+    pub(crate) fn start() -> Self {
         let mut env = Env::new();
         let s3 = S3Server::start(&env.path("s3"));
         s3.create_bucket("vault");
@@ -100,9 +100,14 @@ impl Fleet {
 
     /// An agent with its own state directory and no passphrase: it gets
     /// the keys from the coordinator.
-    fn start_agent(&mut self, name: &str, root: &Path) {
+    pub(crate) fn start_agent(&mut self, name: &str, root: &Path) {
+        self.start_agent_with(name, root, &[]);
+    }
+
+    pub(crate) fn start_agent_with(&mut self, name: &str, root: &Path, extra: &[&str]) {
         std::fs::create_dir_all(root).unwrap();
         let mut c = self.env.cmd(&["agent", "--name", name]);
+        c.args(extra);
         c.arg("--root")
             .arg(root)
             .args(["--coordinator", &self.url, "--token-file"])
@@ -115,7 +120,7 @@ impl Fleet {
         self.wait_online(name);
     }
 
-    fn agent_mut(&mut self, name: &str) -> &mut Proc {
+    pub(crate) fn agent_mut(&mut self, name: &str) -> &mut Proc {
         &mut self.agents.iter_mut().find(|(n, _)| n == name).unwrap().1
     }
 
@@ -140,7 +145,7 @@ impl Fleet {
     }
 
     /// `ferry ARGS --coordinator URL --token-file F`.
-    fn cmd(&self, args: &[&str]) -> std::process::Command {
+    pub(crate) fn cmd(&self, args: &[&str]) -> std::process::Command {
         let mut c = self.env.cmd(args);
         c.args(["--coordinator", &self.url, "--token-file"])
             .arg(&self.token_file)
@@ -148,11 +153,11 @@ impl Fleet {
         c
     }
 
-    fn run(&self, args: &[&str]) -> std::process::Output {
+    pub(crate) fn run(&self, args: &[&str]) -> std::process::Output {
         self.cmd(args).output().unwrap()
     }
 
-    fn json(&self, args: &[&str]) -> serde_json::Value {
+    pub(crate) fn json(&self, args: &[&str]) -> serde_json::Value {
         let out = self.cmd(args).arg("--json").output().unwrap();
         assert!(out.status.success(), "ferry {args:?}: {}", stderr(&out));
         serde_json::from_slice(&out.stdout).unwrap()

@@ -7,6 +7,7 @@ mod bucket;
 mod common;
 mod delta;
 mod fleet;
+mod fleet_bucket;
 mod local;
 mod maintenance;
 mod s3;

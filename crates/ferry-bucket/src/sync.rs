@@ -115,6 +115,12 @@ pub fn parse_since(s: &str) -> Result<i64> {
         })
 }
 
+/// Checks include/exclude patterns without running anything (a job that
+/// runs elsewhere should fail here, not on every agent).
+pub fn check_patterns(patterns: &[String]) -> Result<()> {
+    globs(patterns).map(|_| ())
+}
+
 struct Filter {
     include: Option<GlobSet>,
     exclude: Option<GlobSet>,

@@ -7,41 +7,106 @@ use ferry_bucket::config::Config;
 use ferry_bucket::location::Location;
 use ferry_bucket::sync::SyncOptions;
 use ferry_catalog::bucket::SqliteSyncState;
+use ferry_fleet::spec::{BucketJob, JobSpec};
+use serde::Serialize;
+use serde_json::Value;
 
 use crate::commands::print;
 use crate::ui::{Bar, human_bytes};
 use crate::{BucketCmd, Global};
 
 pub async fn run(g: &Global, cmd: BucketCmd) -> Result<u8> {
-    let BucketCmd::Sync {
-        src,
-        dst,
-        workers,
-        since,
-        include,
-        exclude,
-        delete,
-        verify,
-        dry_run,
-        bandwidth,
-        tags,
-        storage_class,
-        config,
-    } = cmd;
-    if g.coordinator.is_some() {
-        bail!(
-            "bucket sync over agents (--coordinator) is not available yet; run it on one machine"
-        );
+    match cmd {
+        BucketCmd::Report { job, limit } => report(g, job, limit).await,
+        BucketCmd::Rerun { job, wait } => rerun(g, job, wait).await,
+        BucketCmd::Sync {
+            src,
+            dst,
+            workers,
+            since,
+            include,
+            exclude,
+            delete,
+            verify,
+            dry_run,
+            bandwidth,
+            tags,
+            storage_class,
+            config,
+            wait,
+            task_objects,
+            task_bytes,
+        } => {
+            if workers == 0 {
+                bail!("--workers must be at least 1");
+            }
+            let cfg = Config::load(config.as_deref())?;
+            let (sl, dl) = (Location::parse(&src, &cfg)?, Location::parse(&dst, &cfg)?);
+            let since_ns = since
+                .as_deref()
+                .map(ferry_bucket::sync::parse_since)
+                .transpose()?;
+            ferry_bucket::sync::check_patterns(&include)?;
+            ferry_bucket::sync::check_patterns(&exclude)?;
+            if g.coordinator.is_some() {
+                if dry_run {
+                    bail!("--dry-run plans on this machine: drop --coordinator");
+                }
+                for l in [&sl, &dl] {
+                    if let Location::Local(p) = l
+                        && !p.is_absolute()
+                    {
+                        bail!(
+                            "{}: give an absolute path (the tasks run on the agents' nodes)",
+                            p.display()
+                        );
+                    }
+                }
+                let job = BucketJob {
+                    source: src,
+                    destination: dst,
+                    workers,
+                    since_ns,
+                    include,
+                    exclude,
+                    delete,
+                    verify,
+                    bandwidth,
+                    part_size: SyncOptions::default().part_size,
+                    tags,
+                    storage_class,
+                    task_objects: task_objects.max(1),
+                    task_bytes: task_bytes.max(1),
+                };
+                return distributed(g, job, wait).await;
+            }
+            let opts = SyncOptions {
+                workers,
+                since_ns,
+                include,
+                exclude,
+                delete,
+                verify,
+                dry_run,
+                bandwidth,
+                tags,
+                storage_class,
+                ..Default::default()
+            };
+            local(g, &cfg, sl, dl, opts).await
+        }
     }
-    if workers == 0 {
-        bail!("--workers must be at least 1");
-    }
-    let cfg = Config::load(config.as_deref())?;
-    let (sl, dl) = (Location::parse(&src, &cfg)?, Location::parse(&dst, &cfg)?);
-    let since_ns = since
-        .as_deref()
-        .map(ferry_bucket::sync::parse_since)
-        .transpose()?;
+}
+
+async fn local(
+    g: &Global,
+    cfg: &Config,
+    sl: Location,
+    dl: Location,
+    opts: SyncOptions,
+) -> Result<u8> {
+    let dry_run = opts.dry_run;
+    let cfg = cfg.clone();
     let (src_side, dst_side) = (
         ferry_bucket::store::open(&sl, &cfg).await?,
         ferry_bucket::store::open(&dl, &cfg).await?,
@@ -50,19 +115,6 @@ pub async fn run(g: &Global, cmd: BucketCmd) -> Result<u8> {
         &sl.to_string(),
         &dl.to_string(),
     ))?;
-    let opts = SyncOptions {
-        workers,
-        since_ns,
-        include,
-        exclude,
-        delete,
-        verify,
-        dry_run,
-        bandwidth,
-        tags,
-        storage_class,
-        ..Default::default()
-    };
     let bar = Arc::new(Bar::new("bucket sync"));
     let r = ferry_bucket::sync::sync(
         Arc::new(src_side),
@@ -140,4 +192,180 @@ pub async fn run(g: &Global, cmd: BucketCmd) -> Result<u8> {
         return Ok(1);
     }
     Ok(0)
+}
+
+/// Submits the sync as a distributed job; with `wait`, follows it.
+async fn distributed(g: &Global, job: BucketJob, wait: bool) -> Result<u8> {
+    let client = crate::fleet::fleet_client(g)?;
+    let info = client.submit("", &JobSpec::BucketSync(job)).await?;
+    if !wait {
+        #[derive(Serialize)]
+        struct Out<'a> {
+            job: u64,
+            kind: &'a str,
+            state: &'a str,
+        }
+        print(
+            g,
+            &Out {
+                job: info.id,
+                kind: &info.kind,
+                state: &info.state,
+            },
+            || {
+                format!(
+                    "job {} (bucket sync) queued for any agent; `ferry bucket report {}` follows it",
+                    info.id, info.id
+                )
+            },
+        )?;
+        return Ok(0);
+    }
+    crate::fleet::follow(&client, &info).await?;
+    report(g, info.id, 1000).await
+}
+
+async fn rerun(g: &Global, job: u64, wait: bool) -> Result<u8> {
+    let client = crate::fleet::fleet_client(g)?;
+    let before = client.report(job, 0).await?;
+    let failed = before.tasks_failed;
+    let info = client.rerun(job).await?;
+    if !wait {
+        #[derive(Serialize)]
+        struct Out<'a> {
+            job: u64,
+            tasks_queued: u64,
+            state: &'a str,
+        }
+        print(
+            g,
+            &Out {
+                job,
+                tasks_queued: failed,
+                state: &info.state,
+            },
+            || format!("job {job}: {failed} failed task(s) queued again"),
+        )?;
+        return Ok(0);
+    }
+    crate::fleet::follow(&client, &info).await?;
+    report(g, job, 1000).await
+}
+
+/// `ferry bucket report JOB`: exit 0 when the job is done with nothing
+/// failed, 1 when it failed, 2 while it still runs.
+async fn report(g: &Global, job: u64, limit: u32) -> Result<u8> {
+    let client = crate::fleet::fleet_client(g)?;
+    let r = client.report(job, limit).await?;
+    let info = r.job.clone().unwrap_or_default();
+    let totals: serde_json::Map<String, Value> =
+        serde_json::from_str(&r.totals_json).unwrap_or_default();
+    let num = |k: &str| totals.get(k).and_then(Value::as_u64).unwrap_or(0);
+    let spec = match serde_json::from_str::<JobSpec>(&info.spec_json) {
+        Ok(JobSpec::BucketSync(b)) => Some(b),
+        _ => None,
+    };
+    #[derive(Serialize)]
+    struct Tasks {
+        queued: u64,
+        running: u64,
+        done: u64,
+        failed: u64,
+    }
+    #[derive(Serialize)]
+    struct Failure<'a> {
+        key: &'a str,
+        error: &'a str,
+    }
+    #[derive(Serialize)]
+    struct Out<'a> {
+        job: u64,
+        state: &'a str,
+        source: &'a str,
+        destination: &'a str,
+        tasks: Tasks,
+        objects_listed: u64,
+        objects_copied: u64,
+        objects_skipped: u64,
+        objects_deleted: u64,
+        objects_failed: u64,
+        bytes_copied: u64,
+        duration_s: u64,
+        failed: Vec<Failure<'a>>,
+    }
+    let end = if info.finished > 0 {
+        info.finished
+    } else {
+        (ferry_catalog::jobs::now_ms() / 1000).max(info.created)
+    };
+    let out = Out {
+        job,
+        state: &info.state,
+        source: spec.as_ref().map(|s| s.source.as_str()).unwrap_or(""),
+        destination: spec.as_ref().map(|s| s.destination.as_str()).unwrap_or(""),
+        tasks: Tasks {
+            queued: r.tasks_queued,
+            running: r.tasks_running,
+            done: r.tasks_done,
+            failed: r.tasks_failed,
+        },
+        objects_listed: num("objects_listed"),
+        objects_copied: num("objects_copied"),
+        objects_skipped: num("objects_skipped"),
+        objects_deleted: num("objects_deleted"),
+        objects_failed: r.keys_failed,
+        bytes_copied: num("bytes_copied"),
+        duration_s: (end - info.created).max(0) as u64,
+        failed: r
+            .failures
+            .iter()
+            .map(|f| Failure {
+                key: &f.key,
+                error: &f.error,
+            })
+            .collect(),
+    };
+    print(g, &out, || {
+        let mut s = format!(
+            "job {job} ({} -> {}): {}\ntasks: {} done, {} running, {} queued, {} failed\n\
+             listed {}, copied {} ({}), skipped {}, deleted {}, failed {} in {}s",
+            out.source,
+            out.destination,
+            out.state,
+            out.tasks.done,
+            out.tasks.running,
+            out.tasks.queued,
+            out.tasks.failed,
+            out.objects_listed,
+            out.objects_copied,
+            human_bytes(out.bytes_copied),
+            out.objects_skipped,
+            out.objects_deleted,
+            out.objects_failed,
+            out.duration_s
+        );
+        if !info.error.is_empty() {
+            s.push_str(&format!("\n{}", info.error));
+        }
+        for f in &out.failed {
+            s.push_str(&format!("\nfailed: {}: {}", f.key, f.error));
+        }
+        if r.keys_failed > out.failed.len() as u64 {
+            s.push_str(&format!(
+                "\n... and {} more (--limit)",
+                r.keys_failed - out.failed.len() as u64
+            ));
+        }
+        if info.state == "failed" {
+            s.push_str(&format!(
+                "\n`ferry bucket rerun {job}` runs the failed tasks again"
+            ));
+        }
+        s
+    })?;
+    Ok(match info.state.as_str() {
+        "done" => 0,
+        "failed" => 1,
+        _ => 2,
+    })
 }

@@ -297,7 +297,11 @@ pub async fn run(cli: Cli) -> Result<u8> {
             tls_key,
             lease_seconds,
         } => crate::fleet::coordinator(g, listen, tls_cert, tls_key, lease_seconds).await,
-        Command::Agent { name, roots } => crate::fleet::agent(g, name, roots).await,
+        Command::Agent {
+            name,
+            roots,
+            config,
+        } => crate::fleet::agent(g, name, roots, config).await,
         Command::Agents => crate::fleet::agents(g).await,
         Command::Bucket(cmd) => crate::bucket::run(g, cmd).await,
         Command::Jobs { id } => crate::fleet::jobs(g, id).await,

@@ -40,7 +40,7 @@ fn connect_options(g: &Global, url: &str) -> Result<ConnectOptions> {
     })
 }
 
-fn fleet_client(g: &Global) -> Result<FleetClient> {
+pub fn fleet_client(g: &Global) -> Result<FleetClient> {
     let url = g.coordinator.as_deref().ok_or_else(|| {
         anyhow!("no coordinator given: pass --coordinator URL or set FERRY_COORDINATOR")
     })?;
@@ -107,7 +107,7 @@ pub async fn run_job(
 }
 
 /// Waits for a job with a progress bar.
-async fn follow(client: &FleetClient, job: &JobInfo) -> Result<JobInfo> {
+pub async fn follow(client: &FleetClient, job: &JobInfo) -> Result<JobInfo> {
     let bar = Bar::new(&format!("{} on {}", job.kind, job.agent));
     let r = client
         .wait(job.id, |p| bar.set(p.bytes, p.total_bytes))
@@ -156,7 +156,8 @@ fn human_result(job: &JobInfo, v: &Value) -> String {
         },
         _ => {
             let target = serde_json::from_str::<JobSpec>(&job.spec_json)
-                .map(|s| s.path().to_path_buf())
+                .ok()
+                .and_then(|s| s.path().map(Path::to_path_buf))
                 .unwrap_or_default();
             match serde_json::from_value(v.clone()) {
                 Ok(s) => head + &restore_text(&s, &target),
@@ -284,6 +285,7 @@ pub async fn coordinator(
         vault_location: loc.to_string(),
         vault_id: vault.id().to_string(),
         keys: vault.master_keys().clone(),
+        bucket_state_dir: path.with_extension("buckets"),
     };
     let listener = ferry_fleet::coordinator::bind(&opts).await?;
     let addr = listener.local_addr().context("listening socket")?;
@@ -305,7 +307,12 @@ pub async fn coordinator(
     Ok(0)
 }
 
-pub async fn agent(g: &Global, name: String, roots: Vec<PathBuf>) -> Result<u8> {
+pub async fn agent(
+    g: &Global,
+    name: String,
+    roots: Vec<PathBuf>,
+    config: Option<PathBuf>,
+) -> Result<u8> {
     let url = g
         .coordinator
         .as_deref()
@@ -316,6 +323,7 @@ pub async fn agent(g: &Global, name: String, roots: Vec<PathBuf>) -> Result<u8> 
         roots,
         vault: g.vault.clone(),
         patience: PATIENCE,
+        bucket_config: ferry_bucket::config::Config::load(config.as_deref())?,
     };
     let agent = ferry_fleet::agent::Agent::new(opts)?;
     agent.run(shutdown_signal()).await?;
@@ -451,9 +459,14 @@ pub async fn jobs(g: &Global, id: Option<u64>) -> Result<u8> {
                 .unwrap_or(0);
             let detail = match j.state.as_str() {
                 "failed" => j.error.clone(),
-                _ => serde_json::from_str::<JobSpec>(&j.spec_json)
-                    .map(|s| s.path().display().to_string())
-                    .unwrap_or_default(),
+                _ => match serde_json::from_str::<JobSpec>(&j.spec_json) {
+                    Ok(JobSpec::BucketSync(b)) => format!("{} -> {}", b.source, b.destination),
+                    Ok(s) => s
+                        .path()
+                        .map(|p| p.display().to_string())
+                        .unwrap_or_default(),
+                    Err(_) => String::new(),
+                },
             };
             s.push_str(&format!(
                 "\n{:<6} {:<9} {:<16} {:<8} {:<21} {:>10}  {}",

@@ -167,6 +167,9 @@ pub enum Command {
         /// A directory the agent may read or write; repeat for several.
         #[arg(long = "root", value_name = "PATH", required = true)]
         roots: Vec<PathBuf>,
+        /// Named remotes for bucket tasks (default: $XDG_CONFIG_HOME/ferry/config.toml).
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
     },
     /// Bucket migration.
     #[command(subcommand)]
@@ -282,6 +285,29 @@ pub enum BucketCmd {
         /// Named remotes (default: $XDG_CONFIG_HOME/ferry/config.toml).
         #[arg(long, value_name = "FILE")]
         config: Option<PathBuf>,
+        /// With --coordinator: follow the job until it ends; exit with its status.
+        #[arg(long)]
+        wait: bool,
+        /// With --coordinator: a task covers at most this many objects...
+        #[arg(long, default_value_t = 1000, value_name = "N")]
+        task_objects: u64,
+        /// ...or this many bytes (e.g. 1G), whichever comes first.
+        #[arg(long, default_value = "1G", value_name = "SIZE", value_parser = ui::parse_size)]
+        task_bytes: u64,
+    },
+    /// A distributed bucket sync's tasks, totals and failed keys.
+    Report {
+        job: u64,
+        /// List at most this many failed keys.
+        #[arg(long, default_value_t = 1000, value_name = "N")]
+        limit: u32,
+    },
+    /// Run a distributed bucket sync's failed tasks again (done ones stay done).
+    Rerun {
+        job: u64,
+        /// Follow the job until it ends; exit with its status.
+        #[arg(long)]
+        wait: bool,
     },
 }
 

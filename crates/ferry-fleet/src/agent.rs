@@ -35,6 +35,9 @@ pub struct AgentOptions {
     /// How long catalog calls and reports keep retrying an unreachable
     /// coordinator before the job fails.
     pub patience: Duration,
+    /// Named remotes for bucket tasks (this node's endpoints and
+    /// credentials).
+    pub bucket_config: ferry_bucket::config::Config,
 }
 
 /// Resolves `path` (which may not exist yet) and checks that it lies under
@@ -284,14 +287,42 @@ impl Agent {
     ) -> Result<(i32, Value)> {
         let spec: JobSpec = serde_json::from_str(&job.spec_json)
             .map_err(|e| Error::Invalid(format!("job {}: bad spec: {e}", job.id)))?;
-        let path = confine(&self.roots, spec.path()).map_err(|e| {
-            Error::Invalid(format!(
-                "agent {} refuses job {}: {e}",
-                self.opts.name, job.id
-            ))
-        })?;
+        let path = match spec.path() {
+            Some(p) => confine(&self.roots, p).map_err(|e| {
+                Error::Invalid(format!(
+                    "agent {} refuses job {}: {e}",
+                    self.opts.name, job.id
+                ))
+            })?,
+            None => PathBuf::new(),
+        };
         let json = |v: serde_json::Result<Value>| v.unwrap_or(Value::Null);
+        let roots = self.roots.clone();
+        let confine_local = move |p: &Path| confine(&roots, p);
+        let bucket = crate::bucket::BucketContext {
+            client: &self.client,
+            url: &self.opts.connect.url,
+            agent: &self.opts.name,
+            config: &self.opts.bucket_config,
+            confine: &confine_local,
+            patience: self.opts.patience,
+        };
         match spec {
+            JobSpec::BucketSplit {
+                job: b,
+                after,
+                complete,
+            } => Ok((
+                0,
+                crate::bucket::split(&bucket, job.id, b, after, complete).await?,
+            )),
+            JobSpec::BucketRange { job: b, range } => {
+                crate::bucket::range(&bucket, catalog, b, range, progress).await
+            }
+            JobSpec::BucketSync(_) => Err(Error::Invalid(format!(
+                "job {}: a bucket sync is run by its tasks, not by one agent",
+                job.id
+            ))),
             JobSpec::Snapshot {
                 volume,
                 reread,

@@ -76,6 +76,26 @@ impl FleetClient {
         }
     }
 
+    /// Queues a distributed job's failed tasks again.
+    pub async fn rerun(&self, id: u64) -> Result<proto::JobInfo> {
+        let c = self.client.clone();
+        with_retry(&self.url, "Rerun", QUICK, || {
+            let mut c = c.clone();
+            async move { c.rerun(proto::JobRef { id }).await }
+        })
+        .await
+    }
+
+    /// A distributed job's tasks, totals and (at most `limit`) failed keys.
+    pub async fn report(&self, id: u64, limit: u32) -> Result<proto::ReportReply> {
+        let c = self.client.clone();
+        with_retry(&self.url, "Report", QUICK, || {
+            let mut c = c.clone();
+            async move { c.report(proto::ReportRequest { id, limit }).await }
+        })
+        .await
+    }
+
     pub async fn jobs(&self) -> Result<Vec<proto::JobInfo>> {
         let c = self.client.clone();
         let r = with_retry(&self.url, "ListJobs", QUICK, || {

@@ -8,8 +8,12 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use std::collections::HashMap;
+
 use ferry_catalog::SqliteCatalog;
+use ferry_catalog::bucket::SqliteSyncState;
 use ferry_catalog::jobs::{AgentRow, JobQueue, JobRow, now_ms};
+use ferry_core::bucket_state::{ObjectState, SyncState};
 use ferry_core::catalog::Catalog;
 use ferry_core::keys::MasterKeys;
 use tokio::sync::Notify;
@@ -35,12 +39,17 @@ pub struct CoordinatorOptions {
     pub vault_location: String,
     pub vault_id: String,
     pub keys: MasterKeys,
+    /// Where the state of distributed bucket syncs is kept (one SQLite
+    /// file per source/destination pair), next to the catalog.
+    pub bucket_state_dir: std::path::PathBuf,
 }
 
 struct State {
     catalog: Arc<SqliteCatalog>,
     queue: Arc<JobQueue>,
     opts: CoordinatorOptions,
+    /// Open bucket sync states, by pair.
+    bucket_states: std::sync::Mutex<HashMap<String, Arc<SqliteSyncState>>>,
     /// Woken when a job is submitted, so waiting leases return at once.
     submitted: Notify,
 }
@@ -105,6 +114,54 @@ impl Service {
     }
     fn queue(&self) -> Arc<JobQueue> {
         self.0.queue.clone()
+    }
+
+    fn bucket_state(&self, pair: &str) -> Result<Arc<SqliteSyncState>, Status> {
+        let mut m = self
+            .0
+            .bucket_states
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if let Some(s) = m.get(pair) {
+            return Ok(s.clone());
+        }
+        let h = blake3::hash(pair.as_bytes()).to_hex();
+        let path = self
+            .0
+            .opts
+            .bucket_state_dir
+            .join(format!("{}.sqlite", &h[..32]));
+        let s = Arc::new(SqliteSyncState::open(&path).map_err(failed)?);
+        m.insert(pair.to_string(), s.clone());
+        Ok(s)
+    }
+
+    /// A job as users see it: a distributed job's progress is its tasks'.
+    fn info(&self, j: JobRow) -> Result<proto::JobInfo, Status> {
+        let distributed = j.kind == "bucket_sync";
+        let id = j.id;
+        let mut info = job_info(j);
+        if distributed && info.state == "running" {
+            let c = self.queue().children(id).map_err(failed)?;
+            let num = |m: &serde_json::Map<String, serde_json::Value>, k: &str| {
+                m.get(k).and_then(|v| v.as_u64()).unwrap_or(0)
+            };
+            let running = c
+                .totals
+                .get("progress")
+                .and_then(|p| p.as_object())
+                .cloned()
+                .unwrap_or_default();
+            let p = crate::spec::JobProgress {
+                files: num(&c.totals, "objects_copied") + num(&running, "files"),
+                bytes: num(&c.totals, "bytes_copied") + num(&running, "bytes"),
+                total_files: 0,
+                total_bytes: 0,
+                warnings: c.failures,
+            };
+            info.progress_json = serde_json::to_string(&p).unwrap_or_default();
+        }
+        Ok(info)
     }
 }
 
@@ -378,7 +435,6 @@ impl Coordinator for Service {
         req: Request<proto::SubmitRequest>,
     ) -> Result<Response<proto::JobInfo>, Status> {
         let r = req.into_inner();
-        check_agent_name(&r.agent)?;
         let spec: JobSpec = serde_json::from_str(&r.spec_json)
             .map_err(|e| invalid(format!("bad job spec: {e}")))?;
         if spec.kind() != r.kind {
@@ -388,10 +444,42 @@ impl Coordinator for Service {
                 spec.kind()
             )));
         }
-        if !spec.path().is_absolute() {
+        match &spec {
+            JobSpec::BucketSync(b) => {
+                if !r.agent.is_empty() {
+                    return Err(invalid(
+                        "a bucket sync runs on every agent that takes its tasks: name no agent",
+                    ));
+                }
+                let split = JobSpec::BucketSplit {
+                    job: b.clone(),
+                    after: None,
+                    complete: false,
+                };
+                let (q, spec_json, split_json) = (
+                    self.queue(),
+                    serde_json::to_string(&spec).map_err(failed)?,
+                    serde_json::to_string(&split).map_err(failed)?,
+                );
+                let job = blocking(move || {
+                    q.submit_distributed("bucket_sync", &spec_json, "bucket_split", &split_json)
+                        .map_err(failed)
+                })
+                .await?;
+                tracing::info!(job = job.id, kind = %job.kind, "distributed job submitted");
+                self.0.submitted.notify_waiters();
+                return Ok(Response::new(job_info(job)));
+            }
+            JobSpec::BucketSplit { .. } | JobSpec::BucketRange { .. } => {
+                return Err(invalid("tasks are made by the coordinator, not submitted"));
+            }
+            _ => {}
+        }
+        check_agent_name(&r.agent)?;
+        if let Some(p) = spec.path().filter(|p| !p.is_absolute()) {
             return Err(invalid(format!(
                 "{}: a job's path must be absolute (it is a path on the agent's node)",
-                spec.path().display()
+                p.display()
             )));
         }
         let q = self.queue();
@@ -418,15 +506,190 @@ impl Coordinator for Service {
         let id = req.into_inner().id;
         let q = self.queue();
         let job = blocking(move || q.job(id).map_err(failed)).await?;
-        job.map(|j| Response::new(job_info(j)))
-            .ok_or_else(|| Status::not_found(format!("no job {id}")))
+        match job {
+            Some(j) => Ok(Response::new(self.info(j)?)),
+            None => Err(Status::not_found(format!("no job {id}"))),
+        }
+    }
+
+    async fn add_tasks(
+        &self,
+        req: Request<proto::AddTasksRequest>,
+    ) -> Result<Response<proto::AddTasksReply>, Status> {
+        let r = req.into_inner();
+        for s in &r.specs_json {
+            match serde_json::from_str::<JobSpec>(s) {
+                Ok(JobSpec::BucketRange { .. }) if r.kind == "bucket_range" => {}
+                _ => return Err(invalid("AddTasks takes bucket_range tasks only")),
+            }
+        }
+        if !matches!(
+            serde_json::from_str::<JobSpec>(&r.cursor_spec_json),
+            Ok(JobSpec::BucketSplit { .. })
+        ) {
+            return Err(invalid("AddTasks: the cursor must be a bucket_split spec"));
+        }
+        let q = self.queue();
+        let n = r.specs_json.len();
+        let accepted = blocking(move || {
+            q.add_tasks(&r.agent, r.job, &r.kind, &r.specs_json, &r.cursor_spec_json)
+                .map_err(failed)
+        })
+        .await?;
+        if accepted && n > 0 {
+            self.0.submitted.notify_waiters();
+        }
+        Ok(Response::new(proto::AddTasksReply { accepted }))
+    }
+
+    async fn bucket_state(
+        &self,
+        req: Request<proto::BucketStateRequest>,
+    ) -> Result<Response<proto::BucketStateReply>, Status> {
+        let r = req.into_inner();
+        let state = self.bucket_state(&r.pair)?;
+        let op = proto::StateOp::try_from(r.op).map_err(|_| invalid("unknown state op"))?;
+        let reply = blocking(move || {
+            let mut reply = proto::BucketStateReply::default();
+            let upload = || r.upload.clone().ok_or_else(|| invalid("no upload given"));
+            match op {
+                proto::StateOp::StateGet => {
+                    let got = state.get(&r.keys).map_err(failed)?;
+                    reply.items = r
+                        .keys
+                        .iter()
+                        .zip(got)
+                        .map(|(k, s)| match s {
+                            Some(s) => proto::ObjectState {
+                                key: k.clone(),
+                                found: true,
+                                src_etag: s.src_etag,
+                                src_size: s.src_size,
+                                dst_etag: s.dst_etag,
+                                dst_size: s.dst_size,
+                            },
+                            None => proto::ObjectState {
+                                key: k.clone(),
+                                ..Default::default()
+                            },
+                        })
+                        .collect();
+                }
+                proto::StateOp::StatePut => {
+                    let items: Vec<(String, ObjectState)> = r
+                        .items
+                        .into_iter()
+                        .map(|i| {
+                            (
+                                i.key,
+                                ObjectState {
+                                    src_etag: i.src_etag,
+                                    src_size: i.src_size,
+                                    dst_etag: i.dst_etag,
+                                    dst_size: i.dst_size,
+                                },
+                            )
+                        })
+                        .collect();
+                    state.put(&items).map_err(failed)?;
+                }
+                proto::StateOp::StateRemove => state.remove(&r.keys).map_err(failed)?,
+                proto::StateOp::StateUploads => {
+                    reply.uploads = state
+                        .uploads()
+                        .map_err(failed)?
+                        .into_iter()
+                        .map(|(key, id)| proto::Upload { key, id })
+                        .collect();
+                }
+                proto::StateOp::StateAddUpload => {
+                    let u = upload()?;
+                    state.add_upload(&u.key, &u.id).map_err(failed)?;
+                }
+                proto::StateOp::StateRemoveUpload => {
+                    let u = upload()?;
+                    state.remove_upload(&u.key, &u.id).map_err(failed)?;
+                }
+            }
+            Ok(reply)
+        })
+        .await?;
+        Ok(Response::new(reply))
+    }
+
+    async fn rerun(&self, req: Request<proto::JobRef>) -> Result<Response<proto::JobInfo>, Status> {
+        let id = req.into_inner().id;
+        let q = self.queue();
+        let (job, n) = blocking(move || {
+            let j = q
+                .job(id)
+                .map_err(failed)?
+                .ok_or_else(|| Status::not_found(format!("no job {id}")))?;
+            if j.kind != "bucket_sync" {
+                return Err(invalid(format!(
+                    "job {id} is a {}: only distributed jobs are rerun; submit it again",
+                    j.kind
+                )));
+            }
+            let n = q.rerun(id).map_err(failed)?;
+            Ok((q.job(id).map_err(failed)?.unwrap_or(j), n))
+        })
+        .await?;
+        tracing::info!(job = id, tasks = n, "job rerun");
+        if n > 0 {
+            self.0.submitted.notify_waiters();
+        }
+        Ok(Response::new(self.info(job)?))
+    }
+
+    async fn report(
+        &self,
+        req: Request<proto::ReportRequest>,
+    ) -> Result<Response<proto::ReportReply>, Status> {
+        let r = req.into_inner();
+        let q = self.queue();
+        let (job, c, failures) = blocking(move || {
+            let j = q
+                .job(r.id)
+                .map_err(failed)?
+                .ok_or_else(|| Status::not_found(format!("no job {}", r.id)))?;
+            if j.kind != "bucket_sync" {
+                return Err(invalid(format!(
+                    "job {} is a {}, not a bucket sync: `ferry jobs {}` shows it",
+                    r.id, j.kind, r.id
+                )));
+            }
+            let c = q.children(r.id).map_err(failed)?;
+            let f = q.failures(r.id, r.limit as usize).map_err(failed)?;
+            Ok((j, c, f))
+        })
+        .await?;
+        Ok(Response::new(proto::ReportReply {
+            job: Some(self.info(job)?),
+            tasks_queued: c.queued,
+            tasks_running: c.running,
+            tasks_done: c.done,
+            tasks_failed: c.failed,
+            totals_json: serde_json::Value::Object(c.totals).to_string(),
+            keys_failed: c.failures,
+            failures: failures
+                .into_iter()
+                .map(|f| proto::KeyFailure {
+                    key: f.key,
+                    error: f.error,
+                })
+                .collect(),
+        }))
     }
 
     async fn list_jobs(&self, _req: Request<Empty>) -> Result<Response<proto::JobList>, Status> {
         let q = self.queue();
         let jobs = blocking(move || q.jobs(1000).map_err(failed)).await?;
         Ok(Response::new(proto::JobList {
-            jobs: jobs.into_iter().map(job_info).collect(),
+            jobs: jobs
+                .into_iter()
+                .map(|j| self.info(j))
+                .collect::<Result<_, _>>()?,
         }))
     }
 
@@ -527,6 +790,7 @@ pub async fn serve(
         catalog,
         queue: queue.clone(),
         opts,
+        bucket_states: Default::default(),
         submitted: Notify::new(),
     });
     let reaper = {

@@ -7,6 +7,7 @@
 //! over gRPC, against [`coordinator`], which serves the SQLite catalog).
 
 pub mod agent;
+pub mod bucket;
 pub mod client;
 pub mod conn;
 mod convert;

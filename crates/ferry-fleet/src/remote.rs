@@ -60,7 +60,7 @@ impl RemoteCatalog {
         self.rpcs.load(Ordering::Relaxed)
     }
 
-    fn call<T, F, Fut>(&self, name: &'static str, f: F) -> CatalogResult<T>
+    pub(crate) fn call<T, F, Fut>(&self, name: &'static str, f: F) -> CatalogResult<T>
     where
         T: Send + 'static,
         F: Fn(Client) -> Fut + Send + Sync + 'static,

@@ -4,6 +4,8 @@
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use ferry_bucket::store::KeyRange;
+use ferry_bucket::sync::SyncOptions;
 use serde::{Deserialize, Serialize};
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -28,6 +30,71 @@ pub enum JobSpec {
         #[serde(default)]
         reread_target: bool,
     },
+    /// A distributed bucket sync: the parent, which no agent runs.
+    BucketSync(BucketJob),
+    /// Its first task: list the source and cut the key space into ranges,
+    /// from `after` on (the cursor, moved as ranges are added).
+    BucketSplit {
+        job: BucketJob,
+        after: Option<String>,
+        /// The last range is added: nothing left to split.
+        #[serde(default)]
+        complete: bool,
+    },
+    /// One range of the key space, synced by whichever agent takes it.
+    BucketRange { job: BucketJob, range: KeyRange },
+}
+
+/// What a distributed bucket sync copies, and how. Locations are resolved
+/// on each agent with the agent's own remotes and credentials.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BucketJob {
+    pub source: String,
+    pub destination: String,
+    pub workers: usize,
+    pub since_ns: Option<i64>,
+    #[serde(default)]
+    pub include: Vec<String>,
+    #[serde(default)]
+    pub exclude: Vec<String>,
+    #[serde(default)]
+    pub delete: bool,
+    #[serde(default)]
+    pub verify: bool,
+    /// Bytes per second, per agent.
+    pub bandwidth: Option<u64>,
+    pub part_size: u64,
+    #[serde(default)]
+    pub tags: bool,
+    #[serde(default)]
+    pub storage_class: bool,
+    /// A range ends after this many objects or bytes, whichever first.
+    pub task_objects: u64,
+    pub task_bytes: u64,
+}
+
+impl BucketJob {
+    pub fn options(&self, range: KeyRange) -> SyncOptions {
+        SyncOptions {
+            workers: self.workers.max(1),
+            since_ns: self.since_ns,
+            include: self.include.clone(),
+            exclude: self.exclude.clone(),
+            delete: self.delete,
+            verify: self.verify,
+            dry_run: false,
+            bandwidth: self.bandwidth,
+            part_size: self.part_size,
+            tags: self.tags,
+            storage_class: self.storage_class,
+            range,
+        }
+    }
+
+    /// Names the pair whose sync state the coordinator keeps.
+    pub fn pair(&self) -> String {
+        format!("{}\n{}", self.source, self.destination)
+    }
 }
 
 impl JobSpec {
@@ -35,14 +102,19 @@ impl JobSpec {
         match self {
             JobSpec::Snapshot { .. } => "snapshot",
             JobSpec::Restore { .. } => "restore",
+            JobSpec::BucketSync(_) => "bucket_sync",
+            JobSpec::BucketSplit { .. } => "bucket_split",
+            JobSpec::BucketRange { .. } => "bucket_range",
         }
     }
 
-    /// The local path the job reads or writes on its agent.
-    pub fn path(&self) -> &std::path::Path {
+    /// The local path the job reads or writes on its agent, for jobs that
+    /// name one.
+    pub fn path(&self) -> Option<&std::path::Path> {
         match self {
-            JobSpec::Snapshot { source, .. } => source,
-            JobSpec::Restore { target, .. } => target,
+            JobSpec::Snapshot { source, .. } => Some(source),
+            JobSpec::Restore { target, .. } => Some(target),
+            _ => None,
         }
     }
 }
@@ -117,7 +189,7 @@ mod tests {
         assert_eq!(serde_json::from_str::<JobSpec>(&j).unwrap(), s);
         let minimal: JobSpec =
             serde_json::from_str(r#"{"kind":"snapshot","source":"/d","volume":"v"}"#).unwrap();
-        assert_eq!(minimal.path(), std::path::Path::new("/d"));
+        assert_eq!(minimal.path(), Some(std::path::Path::new("/d")));
         assert!(serde_json::from_str::<JobSpec>(r#"{"kind":"format","source":"/"}"#).is_err());
     }
 }
