@@ -11,6 +11,7 @@
 pub mod config;
 pub mod limit;
 pub mod location;
+pub mod objects;
 pub mod store;
 pub mod sync;
 

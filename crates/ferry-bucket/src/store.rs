@@ -336,6 +336,52 @@ impl Side {
         }
     }
 
+    /// An object as a listing shows it (listings and HEAD may disagree
+    /// on etags: some stores list none), or None if it is not there.
+    pub async fn listed(&self, key: &str) -> Result<Option<Entry>> {
+        match self {
+            Side::S3(s) => {
+                let full = s.full(key);
+                let r = s
+                    .client
+                    .list_objects_v2()
+                    .bucket(&s.bucket)
+                    .prefix(&full)
+                    .max_keys(1)
+                    .send()
+                    .await
+                    .map_err(|e| s3_err("list", &full, e))?;
+                Ok(r.contents()
+                    .iter()
+                    .find(|o| o.key() == Some(full.as_str()))
+                    .map(|o| Entry {
+                        key: key.to_string(),
+                        size: o.size().unwrap_or(0).max(0) as u64,
+                        etag: unquote(o.e_tag().unwrap_or("")),
+                        modified_ns: o
+                            .last_modified()
+                            .map(|t| t.as_nanos().clamp(0, i64::MAX as i128) as i64)
+                            .unwrap_or(0),
+                    }))
+            }
+            Side::Local(l) => {
+                use std::os::unix::fs::MetadataExt;
+                let p = l.path(key)?;
+                match tokio::fs::symlink_metadata(&p).await {
+                    Ok(md) if md.is_file() => Ok(Some(Entry {
+                        key: key.to_string(),
+                        size: md.len(),
+                        etag: local_etag(&md),
+                        modified_ns: md.mtime() * 1_000_000_000 + md.mtime_nsec(),
+                    })),
+                    Ok(_) => Ok(None),
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+                    Err(e) => Err(Error::Transfer(format!("{}: {e}", p.display()))),
+                }
+            }
+        }
+    }
+
     /// Size and etag of an object as stored now (for --verify).
     pub async fn head(&self, key: &str) -> Result<(u64, String)> {
         match self {

@@ -5,6 +5,7 @@ use std::sync::Arc;
 use anyhow::{Result, bail};
 use ferry_bucket::config::Config;
 use ferry_bucket::location::Location;
+use ferry_bucket::objects::BucketObjects;
 use ferry_bucket::sync::SyncOptions;
 use ferry_catalog::bucket::SqliteSyncState;
 use ferry_fleet::spec::{BucketJob, JobSpec};
@@ -368,4 +369,147 @@ async fn report(g: &Global, job: u64, limit: u32) -> Result<u8> {
         "failed" => 1,
         _ => 2,
     })
+}
+
+/// A bucket named by `arg` (`s3://...`, or `REMOTE:...` with a remote of
+/// the config file), as a snapshot source or restore target; `None` for a
+/// local path.
+pub async fn objects_at(
+    arg: &std::path::Path,
+    config: Option<&std::path::Path>,
+) -> Result<Option<BucketObjects>> {
+    let Some(s) = arg.to_str() else {
+        return Ok(None);
+    };
+    // A remote's name has no '/': `./a:b` and `/x:y` stay paths.
+    let remote = s
+        .split_once(':')
+        .map(|(name, _)| name)
+        .filter(|n| !n.is_empty() && !n.contains('/'));
+    if !s.starts_with("s3://") && remote.is_none() {
+        return Ok(None);
+    }
+    let cfg = Config::load(config)?;
+    if !s.starts_with("s3://") && !remote.is_some_and(|n| cfg.remotes.contains_key(n)) {
+        return Ok(None);
+    }
+    let loc = Location::parse(s, &cfg)?;
+    let side = ferry_bucket::store::open(&loc, &cfg).await?;
+    side.probe(false, false).await?;
+    Ok(Some(BucketObjects::new(
+        side,
+        loc.to_string(),
+        tokio::runtime::Handle::current(),
+    )))
+}
+
+/// `ferry snapshot BUCKET --volume NAME`.
+pub async fn snapshot(
+    g: &Global,
+    objects: BucketObjects,
+    volume: String,
+    reread: bool,
+) -> Result<u8> {
+    let (vault, catalog) = crate::commands::open(None, g).await?;
+    let bar = Arc::new(Bar::new("snapshot"));
+    let mut opts = ferry_core::snapshot::SnapshotOptions::new(volume);
+    opts.reread = reread;
+    let r = ferry_core::snapshot::snapshot_objects(
+        vault,
+        catalog,
+        Arc::new(objects),
+        &opts,
+        bar.clone(),
+    )
+    .await;
+    bar.finish();
+    let s = r?;
+    print(g, &s, || crate::commands::snapshot_text(&s))?;
+    if s.incomplete {
+        eprintln!(
+            "warning: snapshot {} is incomplete: {} objects could not be read or named",
+            &s.snapshot_id[..8],
+            s.warnings
+        );
+        return Ok(3);
+    }
+    Ok(0)
+}
+
+/// `ferry restore NAME BUCKET`.
+pub async fn restore(
+    g: &Global,
+    snapshot: &str,
+    objects: BucketObjects,
+    delta: &crate::DeltaArgs,
+) -> Result<u8> {
+    use ferry_core::objects::ObjectSink;
+    if delta.reread_target {
+        bail!("--reread-target is for directories; a bucket's objects are compared by their etags");
+    }
+    let (vault, catalog) = crate::commands::open(None, g).await?;
+    let snap = ferry_core::sync::find_snapshot(catalog.as_ref(), snapshot)?;
+    let target = ObjectSink::name(&objects);
+    let state = SqliteSyncState::open(&ferry_catalog::bucket::default_path(
+        "restore",
+        &format!("{}\n{target}", vault.id()),
+    ))?;
+    let opts = ferry_core::restore::objects::ObjectRestoreOptions {
+        delete: delta.delete,
+        verify: delta.verify,
+        no_lock: delta.no_lock,
+        ..Default::default()
+    };
+    let bar = Arc::new(Bar::new("restore"));
+    let r = ferry_core::restore::objects::restore_objects(
+        vault,
+        catalog,
+        &snap,
+        Arc::new(objects),
+        Arc::new(state),
+        &opts,
+        bar.clone(),
+    )
+    .await;
+    bar.finish();
+    let s = r?;
+    print(g, &s, || {
+        let mut out = String::new();
+        for (k, e) in &s.failed {
+            out.push_str(&format!("failed: {k}: {e}\n"));
+        }
+        for k in &s.mismatched {
+            out.push_str(&format!("differs after writing: {k}\n"));
+        }
+        out.push_str(&format!(
+            "restored {} into {}: {} objects, {} unchanged, {} written ({}), {} deleted{}{} in {:.1}s",
+            &s.snapshot_id[..8],
+            s.target,
+            s.files,
+            s.files_unchanged,
+            s.files_written,
+            human_bytes(s.bytes_written),
+            s.files_deleted,
+            if s.files_extra > 0 {
+                format!(", {} extra left (--delete removes them)", s.files_extra)
+            } else {
+                String::new()
+            },
+            if s.skipped > 0 {
+                format!(", {} entries a bucket cannot hold skipped", s.skipped)
+            } else {
+                String::new()
+            },
+            s.duration_s
+        ));
+        out
+    })?;
+    if !s.failed.is_empty() || !s.mismatched.is_empty() {
+        eprintln!(
+            "error: {} object(s) failed or differ",
+            s.failed.len() + s.mismatched.len()
+        );
+        return Ok(1);
+    }
+    Ok(0)
 }

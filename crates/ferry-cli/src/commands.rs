@@ -131,8 +131,17 @@ pub async fn run(cli: Cli) -> Result<u8> {
             volume,
             reread,
             block,
+            config,
             remote,
         } => {
+            if let Some(objects) = crate::bucket::objects_at(&source, config.as_deref()).await? {
+                if g.coordinator.is_some() || block {
+                    bail!(
+                        "a bucket is snapshotted on this machine, as a tree of objects: drop --coordinator and --block"
+                    );
+                }
+                return crate::bucket::snapshot(g, objects, volume, reread).await;
+            }
             if let Some(client) = crate::fleet::client(g, &remote)? {
                 let spec = ferry_fleet::spec::JobSpec::Snapshot {
                     source: crate::fleet::absolute(&source)?,
@@ -198,8 +207,15 @@ pub async fn run(cli: Cli) -> Result<u8> {
             snapshot,
             target,
             delta,
+            config,
             remote,
         } => {
+            if let Some(objects) = crate::bucket::objects_at(&target, config.as_deref()).await? {
+                if g.coordinator.is_some() {
+                    bail!("a restore into a bucket runs on this machine: drop --coordinator");
+                }
+                return crate::bucket::restore(g, &snapshot, objects, &delta).await;
+            }
             if let Some(client) = crate::fleet::client(g, &remote)? {
                 let spec = ferry_fleet::spec::JobSpec::Restore {
                     snapshot,

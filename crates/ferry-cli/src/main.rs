@@ -63,7 +63,7 @@ pub enum Command {
     Vault(VaultCmd),
     /// Save a directory as a new snapshot of a volume.
     Snapshot {
-        /// The directory to save (a volume's contents).
+        /// The directory to save (a volume's contents), or a bucket: s3://bucket/prefix or REMOTE:bucket/prefix.
         source: PathBuf,
         /// The volume's name; snapshots of one volume form its history.
         #[arg(long)]
@@ -74,6 +74,9 @@ pub enum Command {
         /// SOURCE is a disk image file to save as a raw block volume (block devices are detected).
         #[arg(long)]
         block: bool,
+        /// Named remotes for a bucket SOURCE (default: $XDG_CONFIG_HOME/ferry/config.toml).
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
         #[command(flatten)]
         remote: RemoteArgs,
     },
@@ -86,10 +89,13 @@ pub enum Command {
     Restore {
         /// NAME (latest snapshot of the volume) or NAME@ID (an id prefix).
         snapshot: String,
-        /// The target directory (created if missing).
+        /// The target directory (created if missing), or a bucket: s3://bucket/prefix or REMOTE:bucket/prefix.
         target: PathBuf,
         #[command(flatten)]
         delta: DeltaArgs,
+        /// Named remotes for a bucket TARGET (default: $XDG_CONFIG_HOME/ferry/config.toml).
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
         #[command(flatten)]
         remote: RemoteArgs,
     },

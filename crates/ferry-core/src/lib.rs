@@ -26,6 +26,7 @@ pub mod id;
 pub mod keys;
 pub mod lock;
 pub mod manifest;
+pub mod objects;
 pub mod pack;
 pub mod progress;
 pub mod prune;

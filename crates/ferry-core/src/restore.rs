@@ -31,6 +31,8 @@
 //! plain path component, and directories are created, never followed
 //! through symlinks.
 
+pub mod objects;
+
 use std::collections::{HashMap, HashSet};
 use std::fs::{File, Metadata, OpenOptions};
 use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt, PermissionsExt};

@@ -36,9 +36,12 @@ use crate::config::ChunkerParams;
 use crate::error::{Error, Result};
 use crate::id::{BlobId, BlobKind, IdHasher, random_hex_id};
 use crate::manifest::{ChunkRef, IndexObject, Name, Node, NodeKind, SnapshotRecord, Tree, Xattr};
+use crate::objects::ObjectSource;
 use crate::pack::{FinishedPack, PackRecord, PackWriter};
 use crate::progress::Progress;
-use crate::source::{self, EntryType};
+use crate::source::{self, EntryType, Meta};
+
+mod objects;
 use crate::vault::Vault;
 
 #[derive(Clone, Debug)]
@@ -184,13 +187,13 @@ struct Job {
 enum Item {
     EnterDir {
         name: Name,
-        md: Metadata,
+        md: Meta,
         xattrs: Vec<Xattr>,
     },
     LeaveDir,
     FileStart {
         name: Name,
-        md: Metadata,
+        md: Meta,
         xattrs: Vec<Xattr>,
     },
     Chunk(Receiver<ChunkRef>),
@@ -209,6 +212,18 @@ fn stopped() -> Error {
     Error::Internal("pipeline stopped".into())
 }
 
+/// What a snapshot reads.
+enum Input {
+    /// A directory, or a block device or image file (`block`).
+    Path {
+        path: PathBuf,
+        root_md: Metadata,
+        block: bool,
+    },
+    /// A bucket (or prefix): keys become paths.
+    Objects(Arc<dyn ObjectSource>),
+}
+
 /// Saves `source` into the vault as a new snapshot of `opts.volume`.
 pub async fn snapshot(
     vault: Arc<Vault>,
@@ -217,25 +232,6 @@ pub async fn snapshot(
     opts: &SnapshotOptions,
     progress: Arc<dyn Progress>,
 ) -> Result<SnapshotSummary> {
-    let (v, c) = (vault.clone(), catalog.clone());
-    crate::lock::shared(
-        &v,
-        c.as_ref(),
-        "snapshot",
-        crate::lock::SHARED_WAIT,
-        snapshot_locked(vault, catalog, source, opts, progress),
-    )
-    .await
-}
-
-async fn snapshot_locked(
-    vault: Arc<Vault>,
-    catalog: Arc<dyn Catalog>,
-    source: &Path,
-    opts: &SnapshotOptions,
-    progress: Arc<dyn Progress>,
-) -> Result<SnapshotSummary> {
-    let started = Instant::now();
     let root_md = std::fs::metadata(source).map_err(|e| Error::io(source, e))?;
     let block = {
         use std::os::unix::fs::FileTypeExt;
@@ -247,6 +243,54 @@ async fn snapshot_locked(
             source.display()
         )));
     }
+    let input = Input::Path {
+        path: source.to_path_buf(),
+        root_md,
+        block,
+    };
+    locked(vault, catalog, input, opts, progress).await
+}
+
+/// Saves the objects of `source` (a bucket or prefix) into the vault as a
+/// new snapshot of `opts.volume`, with the incremental rule of
+/// [`crate::objects`].
+pub async fn snapshot_objects(
+    vault: Arc<Vault>,
+    catalog: Arc<dyn Catalog>,
+    source: Arc<dyn ObjectSource>,
+    opts: &SnapshotOptions,
+    progress: Arc<dyn Progress>,
+) -> Result<SnapshotSummary> {
+    locked(vault, catalog, Input::Objects(source), opts, progress).await
+}
+
+async fn locked(
+    vault: Arc<Vault>,
+    catalog: Arc<dyn Catalog>,
+    input: Input,
+    opts: &SnapshotOptions,
+    progress: Arc<dyn Progress>,
+) -> Result<SnapshotSummary> {
+    let (v, c) = (vault.clone(), catalog.clone());
+    crate::lock::shared(
+        &v,
+        c.as_ref(),
+        "snapshot",
+        crate::lock::SHARED_WAIT,
+        snapshot_locked(vault, catalog, input, opts, progress),
+    )
+    .await
+}
+
+async fn snapshot_locked(
+    vault: Arc<Vault>,
+    catalog: Arc<dyn Catalog>,
+    input: Input,
+    opts: &SnapshotOptions,
+    progress: Arc<dyn Progress>,
+) -> Result<SnapshotSummary> {
+    let started = Instant::now();
+    let block = matches!(input, Input::Path { block: true, .. });
     if opts.volume.is_empty() || opts.volume.contains('@') {
         return Err(Error::Invalid(format!(
             "bad volume name {:?} (non-empty, no '@')",
@@ -263,14 +307,16 @@ async fn snapshot_locked(
     let workers = opts.workers.max(1);
 
     let scan_stop = Arc::new(AtomicBool::new(false));
-    if progress.wants_totals() {
+    if progress.wants_totals()
+        && let Input::Path { path, .. } = &input
+    {
         if block {
             use std::io::{Seek, SeekFrom};
-            if let Ok(n) = File::open(source).and_then(|mut f| f.seek(SeekFrom::End(0))) {
+            if let Ok(n) = File::open(path).and_then(|mut f| f.seek(SeekFrom::End(0))) {
                 progress.add_total(1, n);
             }
         } else {
-            spawn_scanner(source.to_path_buf(), progress.clone(), scan_stop.clone());
+            spawn_scanner(path.clone(), progress.clone(), scan_stop.clone());
         }
     }
 
@@ -326,7 +372,10 @@ async fn snapshot_locked(
 
     let reader = {
         let (src, stats, progress, chunker) = (
-            source.to_path_buf(),
+            match &input {
+                Input::Path { path, .. } => Ok(path.clone()),
+                Input::Objects(o) => Err(o.clone()),
+            },
             stats.clone(),
             progress.clone(),
             cfg.chunker,
@@ -340,9 +389,9 @@ async fn snapshot_locked(
             }),
             _ => None,
         };
-        std::thread::spawn(move || {
-            read_source(
-                &src,
+        std::thread::spawn(move || match src {
+            Ok(path) => read_source(
+                &path,
                 chunker,
                 previous,
                 &items_tx,
@@ -351,7 +400,16 @@ async fn snapshot_locked(
                 progress.as_ref(),
                 Some(pool_tx),
                 block,
-            )
+            ),
+            Err(objects) => objects::read_objects(
+                objects.as_ref(),
+                chunker,
+                previous,
+                &items_tx,
+                &jobs_tx,
+                &stats,
+                progress.as_ref(),
+            ),
         })
     };
 
@@ -447,11 +505,22 @@ async fn snapshot_locked(
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap_or_default();
+    let (root_meta, root_xattrs, source_name) = match &input {
+        Input::Path { path, root_md, .. } => (
+            Meta::from(root_md),
+            source::read_xattrs(path).unwrap_or_default(),
+            std::fs::canonicalize(path)
+                .unwrap_or(path.clone())
+                .display()
+                .to_string(),
+        ),
+        Input::Objects(o) => (crate::objects::DIR_META, vec![], o.name()),
+    };
     let root_node = source::node_from(
         Name(b".".to_vec()),
-        &root_md,
+        &root_meta,
         NodeKind::Dir { subtree: out.root },
-        source::read_xattrs(source).unwrap_or_default(),
+        root_xattrs,
     );
     let record = SnapshotRecord {
         id: random_hex_id(),
@@ -462,10 +531,7 @@ async fn snapshot_locked(
         root_node,
         parent: parent.map(|p| p.id),
         host: opts.host.clone(),
-        source: std::fs::canonicalize(source)
-            .unwrap_or(source.to_path_buf())
-            .display()
-            .to_string(),
+        source: source_name,
         files: out.files,
         dirs: out.dirs,
         bytes: out.bytes,
@@ -556,18 +622,6 @@ impl Previous {
 /// A file is unchanged when size, mtime, ctime, inode and mode are: then its
 /// chunk list is reused without reading it (ctime catches a file whose
 /// mtime was set back).
-fn unchanged(old: &Node, md: &Metadata) -> Option<Vec<ChunkRef>> {
-    let NodeKind::File { size, chunks } = &old.kind else {
-        return None;
-    };
-    let same = *size == md.len()
-        && old.mtime_ns == md.mtime() * 1_000_000_000 + md.mtime_nsec()
-        && old.ctime_ns == md.ctime() * 1_000_000_000 + md.ctime_nsec()
-        && old.inode == md.ino()
-        && old.mode == md.mode() & 0o7777;
-    same.then(|| chunks.clone())
-}
-
 #[allow(clippy::too_many_arguments)]
 fn read_source(
     root: &Path,
@@ -592,7 +646,7 @@ fn read_source(
     let md = std::fs::symlink_metadata(root).map_err(|e| Error::io(root, e))?;
     r.send(Item::EnterDir {
         name: Name(b".".to_vec()),
-        md,
+        md: Meta::from(&md),
         xattrs: vec![],
     })?;
     if block {
@@ -602,7 +656,7 @@ fn read_source(
         let sig = (md.len(), md.mtime(), md.mtime_nsec());
         r.send(Item::FileStart {
             name: Name(BLOCK_ENTRY.to_vec()),
-            md,
+            md: Meta::from(&md),
             xattrs: vec![],
         })?;
         let error = chunk_file(
@@ -700,13 +754,17 @@ impl Reader<'_> {
                         (Some(p), Some(NodeKind::Dir { subtree })) => p.tree(subtree),
                         _ => None,
                     };
-                    self.send(Item::EnterDir { name, md, xattrs })?;
+                    self.send(Item::EnterDir {
+                        name,
+                        md: Meta::from(&md),
+                        xattrs,
+                    })?;
                     self.dir(&path, &child_rel, previous, sub.as_ref())?;
                     self.send(Item::LeaveDir)?;
                 }
                 EntryType::File => {
                     let old = old_node(&name);
-                    let reuse = old.and_then(|n| unchanged(n, &md));
+                    let reuse = old.and_then(|n| source::unchanged(n, &Meta::from(&md)));
                     let hint = match old.map(|n| &n.kind) {
                         Some(NodeKind::File { chunks, .. }) if reuse.is_none() => {
                             Some(chunks.clone())
@@ -721,7 +779,7 @@ impl Reader<'_> {
                         let xattrs = self.xattrs(&path);
                         self.send(Item::Leaf(source::node_from(
                             name,
-                            &md,
+                            &Meta::from(&md),
                             NodeKind::Symlink { target },
                             xattrs,
                         )))?;
@@ -751,7 +809,7 @@ impl Reader<'_> {
             if let Some(first) = self.links.get(&key) {
                 let node = source::node_from(
                     name,
-                    &md,
+                    &Meta::from(&md),
                     NodeKind::Hardlink {
                         target: Name(first.clone()),
                     },
@@ -766,7 +824,12 @@ impl Reader<'_> {
             }
             let xattrs = self.xattrs(path);
             let size = md.len();
-            let node = source::node_from(name, &md, NodeKind::File { size, chunks }, xattrs);
+            let node = source::node_from(
+                name,
+                &Meta::from(&md),
+                NodeKind::File { size, chunks },
+                xattrs,
+            );
             self.stats.unchanged.fetch_add(1, Ordering::Relaxed);
             self.progress.advance(size);
             self.progress.file_done();
@@ -784,7 +847,11 @@ impl Reader<'_> {
         }
         let xattrs = self.xattrs(path);
         let sig = (md.len(), md.mtime(), md.mtime_nsec());
-        self.send(Item::FileStart { name, md, xattrs })?;
+        self.send(Item::FileStart {
+            name,
+            md: Meta::from(&md),
+            xattrs,
+        })?;
         if let Some(pool) = self.pool.as_ref().filter(|_| sig.0 >= LARGE_FILE) {
             // Chunked on a pool thread, in parallel with the files after it;
             // the collector still takes its chunks in order.
@@ -1049,10 +1116,30 @@ fn chunk_file(
     jobs: &crossbeam_channel::Sender<Job>,
     stats: &Stats,
     progress: &dyn Progress,
+    emit: impl FnMut(Receiver<ChunkRef>) -> Result<()>,
+) -> Result<Option<String>> {
+    let error = chunk_reader(file, &path.display(), chunker, jobs, stats, progress, emit)?;
+    if error.is_none() {
+        end_of_read(path, sig, stats, progress);
+    } else {
+        progress.file_done();
+    }
+    Ok(error)
+}
+
+/// Chunks a stream, as [`chunk_file`] does a file; `what` names it in
+/// warnings.
+fn chunk_reader(
+    reader: impl std::io::Read,
+    what: &dyn std::fmt::Display,
+    chunker: &ChunkerParams,
+    jobs: &crossbeam_channel::Sender<Job>,
+    stats: &Stats,
+    progress: &dyn Progress,
     mut emit: impl FnMut(Receiver<ChunkRef>) -> Result<()>,
 ) -> Result<Option<String>> {
     let mut error = None;
-    for chunk in Chunker::new(BufReader::with_capacity(1 << 20, file), chunker) {
+    for chunk in Chunker::new(BufReader::with_capacity(1 << 20, reader), chunker) {
         match chunk {
             Ok(data) => {
                 let n = data.len() as u64;
@@ -1068,20 +1155,11 @@ fn chunk_file(
                 progress.advance(n);
             }
             Err(e) => {
-                warn(
-                    stats,
-                    progress,
-                    format!("{}: read error: {e}", path.display()),
-                );
+                warn(stats, progress, format!("{what}: read error: {e}"));
                 error = Some(e.to_string());
                 break;
             }
         }
-    }
-    if error.is_none() {
-        end_of_read(path, sig, stats, progress);
-    } else {
-        progress.file_done();
     }
     Ok(error)
 }
@@ -1145,14 +1223,14 @@ struct Collected {
 
 struct OpenDir {
     name: Name,
-    md: Metadata,
+    md: Meta,
     xattrs: Vec<Xattr>,
     entries: Vec<Node>,
 }
 
 struct OpenFile {
     name: Name,
-    md: Metadata,
+    md: Meta,
     xattrs: Vec<Xattr>,
     chunks: Vec<ChunkRef>,
 }
@@ -1230,7 +1308,11 @@ fn collect(
                 let d = stack
                     .pop()
                     .ok_or_else(|| Error::Internal("unbalanced directories".into()))?;
-                let tree = Tree { entries: d.entries };
+                // In name order (an object listing is in key order,
+                // where `a/x` sorts after `a-b`).
+                let mut entries = d.entries;
+                entries.sort_by(|a, b| a.name.cmp(&b.name));
+                let tree = Tree { entries };
                 let blob = tree.encode();
                 let id = ids.id(&blob);
                 if dedup.claim(id)? {

@@ -39,19 +39,60 @@ pub fn entry_type(md: &Metadata) -> EntryType {
     }
 }
 
+/// What a snapshot records of an entry besides its content: from `lstat`
+/// for a file, or made up from an object's listing (see `objects`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Meta {
+    pub size: u64,
+    pub mode: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub mtime_ns: i64,
+    pub ctime_ns: i64,
+    pub inode: u64,
+}
+
+impl From<&Metadata> for Meta {
+    fn from(md: &Metadata) -> Self {
+        Meta {
+            size: md.len(),
+            mode: md.mode() & 0o7777,
+            uid: md.uid(),
+            gid: md.gid(),
+            mtime_ns: md.mtime() * 1_000_000_000 + md.mtime_nsec(),
+            ctime_ns: md.ctime() * 1_000_000_000 + md.ctime_nsec(),
+            inode: md.ino(),
+        }
+    }
+}
+
 /// A node with metadata filled in and the given kind.
-pub fn node_from(name: Name, md: &Metadata, kind: NodeKind, xattrs: Vec<Xattr>) -> Node {
+pub fn node_from(name: Name, md: &Meta, kind: NodeKind, xattrs: Vec<Xattr>) -> Node {
     Node {
         name,
         kind,
-        mode: md.mode() & 0o7777,
-        uid: md.uid(),
-        gid: md.gid(),
-        mtime_ns: md.mtime() * 1_000_000_000 + md.mtime_nsec(),
-        ctime_ns: md.ctime() * 1_000_000_000 + md.ctime_nsec(),
-        inode: md.ino(),
+        mode: md.mode,
+        uid: md.uid,
+        gid: md.gid,
+        mtime_ns: md.mtime_ns,
+        ctime_ns: md.ctime_ns,
+        inode: md.inode,
         xattrs,
     }
+}
+
+/// Whether a file node still describes an entry with this metadata: then
+/// its chunk list is reused and the entry is not read.
+pub fn unchanged(old: &Node, md: &Meta) -> Option<Vec<crate::manifest::ChunkRef>> {
+    let NodeKind::File { size, chunks } = &old.kind else {
+        return None;
+    };
+    let same = *size == md.size
+        && old.mtime_ns == md.mtime_ns
+        && old.ctime_ns == md.ctime_ns
+        && old.inode == md.inode
+        && old.mode == md.mode;
+    same.then(|| chunks.clone())
 }
 
 /// Extended attributes of `path` (not following symlinks); empty where the
