@@ -802,7 +802,7 @@ pub async fn serve(
                 let q = q.clone();
                 match tokio::task::spawn_blocking(move || q.expire()).await {
                     Ok(Ok(ids)) if !ids.is_empty() => {
-                        tracing::warn!(?ids, "jobs failed: their agents' leases expired")
+                        tracing::warn!(?ids, "leases expired: jobs failed, distributed tasks queued again")
                     }
                     Ok(Err(e)) => tracing::warn!("expiring leases: {e}"),
                     _ => {}
