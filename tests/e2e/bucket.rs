@@ -808,3 +808,133 @@ fn a_bucket_goes_through_the_vault_incrementally_with_its_metadata() {
     assert_eq!(out.status.code(), Some(1));
     assert!(stderr(&out).contains("--block"), "{}", stderr(&out));
 }
+
+fn moto_client(endpoint: &str) -> Client {
+    let conf = aws_sdk_s3::config::Builder::new()
+        .behavior_version(aws_sdk_s3::config::BehaviorVersion::latest())
+        .region(aws_sdk_s3::config::Region::new("us-east-1"))
+        .endpoint_url(endpoint)
+        .credentials_provider(aws_sdk_s3::config::Credentials::new(
+            "moto", "moto", None, None, "test",
+        ))
+        .force_path_style(true)
+        .build();
+    Client::from_conf(conf)
+}
+
+/// Against moto, which keeps tags and storage classes, lists etags and
+/// stores "directory" markers: all of them travel, both when ferry streams
+/// the bytes (`--bandwidth` forces it) and when the store copies them
+/// server-side (one endpoint).
+#[test]
+fn tags_storage_classes_and_markers_survive_on_a_store_that_has_them() {
+    let mut env = Env::new();
+    let moto = Moto::start();
+    for (k, v) in [
+        ("AWS_ENDPOINT_URL", moto.endpoint.as_str()),
+        ("AWS_ACCESS_KEY_ID", "moto"),
+        ("AWS_SECRET_ACCESS_KEY", "moto"),
+        ("AWS_REGION", "us-east-1"),
+    ] {
+        env.vars.push((k.into(), v.into()));
+    }
+    let c = moto_client(&moto.endpoint);
+    rt().block_on(async {
+        for b in ["src-bucket", "dst-stream", "dst-server"] {
+            c.create_bucket().bucket(b).send().await.unwrap();
+        }
+        c.put_object()
+            .bucket("src-bucket")
+            .key("data/report.csv")
+            .body(ByteStream::from(noise(70_000, 5)))
+            .content_type("text/csv")
+            .metadata("owner", "team-a")
+            .tagging("team=a&env=prod")
+            .storage_class(aws_sdk_s3::types::StorageClass::StandardIa)
+            .send()
+            .await
+            .unwrap();
+        c.put_object()
+            .bucket("src-bucket")
+            .key("data/folder/")
+            .body(ByteStream::from(Vec::new()))
+            .send()
+            .await
+            .unwrap();
+        c.put_object()
+            .bucket("src-bucket")
+            .key("data/folder/inside.txt")
+            .body(ByteStream::from(b"inside".to_vec()))
+            .send()
+            .await
+            .unwrap();
+    });
+    for (dst, extra) in [("dst-stream", vec!["--bandwidth", "1G"]), ("dst-server", vec![])] {
+        let target = format!("s3://{dst}/copy");
+        let mut args = vec![
+            "s3://src-bucket/data",
+            target.as_str(),
+            "--tags",
+            "--storage-class",
+        ];
+        args.extend(extra.iter().copied());
+        let v = sync_json(&env, &args);
+        assert_eq!(v["objects_copied"], 3, "{dst}: {v}");
+        if dst == "dst-server" {
+            assert_eq!(v["objects_copied_server_side"], 3, "{v}");
+        } else {
+            assert_eq!(v["objects_copied_server_side"], 0, "{v}");
+        }
+        rt().block_on(async {
+            let h = c
+                .head_object()
+                .bucket(dst)
+                .key("copy/report.csv")
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(h.content_type(), Some("text/csv"), "{dst}");
+            assert_eq!(
+                h.metadata().and_then(|m| m.get("owner")).map(String::as_str),
+                Some("team-a"),
+                "{dst}"
+            );
+            assert_eq!(
+                h.storage_class(),
+                Some(&aws_sdk_s3::types::StorageClass::StandardIa),
+                "{dst}"
+            );
+            let t = c
+                .get_object_tagging()
+                .bucket(dst)
+                .key("copy/report.csv")
+                .send()
+                .await
+                .unwrap();
+            let mut tags: Vec<(String, String)> = t
+                .tag_set()
+                .iter()
+                .map(|t| (t.key().to_string(), t.value().to_string()))
+                .collect();
+            tags.sort();
+            assert_eq!(
+                tags,
+                [("env".into(), "prod".into()), ("team".into(), "a".into())],
+                "{dst}"
+            );
+            // The marker is an object of its own.
+            let m = c
+                .head_object()
+                .bucket(dst)
+                .key("copy/folder/")
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(m.content_length(), Some(0), "{dst}");
+        });
+        // Listing etags are plain here: the rerun needs no state to skip.
+        let again = sync_json(&env, &args);
+        assert_eq!(again["objects_copied"], 0, "{dst}: {again}");
+        assert_eq!(again["objects_skipped"], 3, "{dst}: {again}");
+    }
+}

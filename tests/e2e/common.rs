@@ -317,3 +317,51 @@ impl S3Server {
         }
     }
 }
+
+/// moto (`moto_server`, an independent S3 implementation in Python, pip
+/// install 'moto[server]'), for what s3s-fs lacks: tagging, storage
+/// classes, etags in listings, "directory" marker objects. Killed on drop.
+pub struct Moto {
+    pub endpoint: String,
+    child: std::process::Child,
+}
+
+impl Moto {
+    pub fn start() -> Self {
+        let port = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap().port()
+        };
+        let child = Command::new("moto_server")
+            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!(
+                    "cannot start moto_server ({e}): install it with pip install 'moto[server]' \
+                     (.ci/run does)"
+                )
+            });
+        let m = Moto {
+            endpoint: format!("http://127.0.0.1:{port}"),
+            child,
+        };
+        let start = std::time::Instant::now();
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                start.elapsed() < std::time::Duration::from_secs(30),
+                "moto_server did not come up"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        m
+    }
+}
+
+impl Drop for Moto {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

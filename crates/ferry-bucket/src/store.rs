@@ -456,7 +456,16 @@ impl Side {
     }
 
     /// Server-side copy from `src` (same endpoint and credentials).
-    pub async fn copy_from(&self, src: &S3Side, key: &str, etag: &str, size: u64) -> Result<()> {
+    /// With `storage_class`, the copy gets the source's class (read with a
+    /// HEAD: a copy otherwise lands in the default class).
+    pub async fn copy_from(
+        &self,
+        src: &S3Side,
+        key: &str,
+        etag: &str,
+        size: u64,
+        storage_class: bool,
+    ) -> Result<()> {
         let Side::S3(d) = self else {
             return Err(Error::Transfer("server-side copy needs two buckets".into()));
         };
@@ -476,6 +485,19 @@ impl Side {
             .tagging_directive(aws_sdk_s3::types::TaggingDirective::Copy);
         if !etag.is_empty() {
             req = req.copy_source_if_match(format!("\"{etag}\""));
+        }
+        if storage_class {
+            let h = src
+                .client
+                .head_object()
+                .bucket(&src.bucket)
+                .key(src.full(key))
+                .send()
+                .await
+                .map_err(|e| s3_err("head", &src.full(key), e))?;
+            if let Some(c) = h.storage_class() {
+                req = req.storage_class(c.clone());
+            }
         }
         req.send()
             .await

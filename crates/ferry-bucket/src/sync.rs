@@ -558,7 +558,7 @@ async fn copy_one(
     if ctx.server_side && e.size <= 5 * 1024 * 1024 * 1024 {
         let s3 = src.as_s3().expect("server-side needs S3");
         let etag = if strict { e.etag.as_str() } else { "" };
-        dst.copy_from(s3, &e.key, etag, e.size)
+        dst.copy_from(s3, &e.key, etag, e.size, ctx.opts.storage_class)
             .await
             .map_err(|err| {
                 if err.to_string().contains("PreconditionFailed") {
