@@ -85,7 +85,7 @@ pub enum Command {
         /// Only this volume.
         volume: Option<String>,
     },
-    /// Restore a snapshot into a directory (empty, or holding an earlier restore).
+    /// Restore a snapshot into a directory or a bucket (empty, or holding an earlier restore).
     Restore {
         /// NAME (latest snapshot of the volume) or NAME@ID (an id prefix).
         snapshot: String,
@@ -303,6 +303,7 @@ pub enum BucketCmd {
     },
     /// A distributed bucket sync's tasks, totals and failed keys.
     Report {
+        /// The job id `bucket sync --coordinator` printed.
         job: u64,
         /// List at most this many failed keys.
         #[arg(long, default_value_t = 1000, value_name = "N")]
@@ -310,6 +311,7 @@ pub enum BucketCmd {
     },
     /// Run a distributed bucket sync's failed tasks again (done ones stay done).
     Rerun {
+        /// The job id `bucket sync --coordinator` printed.
         job: u64,
         /// Follow the job until it ends; exit with its status.
         #[arg(long)]
