@@ -869,7 +869,10 @@ fn tags_storage_classes_and_markers_survive_on_a_store_that_has_them() {
             .await
             .unwrap();
     });
-    for (dst, extra) in [("dst-stream", vec!["--bandwidth", "1G"]), ("dst-server", vec![])] {
+    for (dst, extra) in [
+        ("dst-stream", vec!["--bandwidth", "1G"]),
+        ("dst-server", vec![]),
+    ] {
         let target = format!("s3://{dst}/copy");
         let mut args = vec![
             "s3://src-bucket/data",
@@ -895,7 +898,9 @@ fn tags_storage_classes_and_markers_survive_on_a_store_that_has_them() {
                 .unwrap();
             assert_eq!(h.content_type(), Some("text/csv"), "{dst}");
             assert_eq!(
-                h.metadata().and_then(|m| m.get("owner")).map(String::as_str),
+                h.metadata()
+                    .and_then(|m| m.get("owner"))
+                    .map(String::as_str),
                 Some("team-a"),
                 "{dst}"
             );

@@ -44,6 +44,8 @@ pub(crate) struct Fleet {
     token_file: PathBuf,
     coordinator: Option<Proc>,
     agents: Vec<(String, Proc)>,
+    /// More arguments for every start of the coordinator.
+    coordinator_args: Vec<String>,
 }
 
 const LEASE: &str = "3";
@@ -52,6 +54,11 @@ impl Fleet {
     /// An S3 vault (1 MiB packs, so that jobs write many), a token, and a
     /// coordinator on a free loopback port.
     pub(crate) fn start() -> Self {
+        Self::start_with(&[])
+    }
+
+    /// As [`Fleet::start`], the coordinator with more arguments.
+    pub(crate) fn start_with(coordinator_args: &[&str]) -> Self {
         let mut env = Env::new();
         let s3 = S3Server::start(&env.path("s3"));
         s3.create_bucket("vault");
@@ -68,7 +75,9 @@ impl Fleet {
             token_file,
             coordinator: None,
             agents: Vec::new(),
+            coordinator_args: Vec::new(),
         };
+        f.coordinator_args = coordinator_args.iter().map(|a| a.to_string()).collect();
         f.start_coordinator();
         f
     }
@@ -87,7 +96,8 @@ impl Fleet {
             "--lease-seconds",
             LEASE,
         ]);
-        c.arg("--token-file")
+        c.args(&self.coordinator_args)
+            .arg("--token-file")
             .arg(&self.token_file)
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit());
@@ -595,4 +605,128 @@ fn a_tls_coordinator_is_reached_with_its_ca_and_refused_without() {
     assert_eq!(out.status.code(), Some(1));
     assert_eq!(stderr(&out).lines().count(), 1, "{}", stderr(&out));
     drop(child);
+}
+
+fn free_addr() -> String {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap().to_string()
+}
+
+/// GET http://ADDR/metrics, the body.
+fn scrape(addr: &str) -> String {
+    use std::io::{Read, Write};
+    let start = Instant::now();
+    loop {
+        if let Ok(mut s) = std::net::TcpStream::connect(addr) {
+            write!(
+                s,
+                "GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+            )
+            .unwrap();
+            let mut out = String::new();
+            s.read_to_string(&mut out).unwrap();
+            return out
+                .split_once("\r\n\r\n")
+                .map(|(_, b)| b.to_string())
+                .unwrap_or_default();
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "no metrics on {addr}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// The value of a sample (`name` with its labels, as exposed), 0 if absent.
+fn sample(body: &str, name: &str) -> f64 {
+    body.lines()
+        .filter(|l| !l.starts_with('#'))
+        .find_map(|l| {
+            let (n, v) = l.rsplit_once(' ')?;
+            (n == name).then(|| v.parse().ok()).flatten()
+        })
+        .unwrap_or(0.0)
+}
+
+#[test]
+fn metrics_move_while_a_job_runs() {
+    let coord_metrics = free_addr();
+    let mut f = Fleet::start_with(&["--metrics-addr", &coord_metrics]);
+    let root = f.env.path("node1");
+    let src = root.join("vol");
+    std::fs::create_dir_all(&src).unwrap();
+    for i in 0..8 {
+        std::fs::write(src.join(format!("f{i}")), noise(1 << 20, i)).unwrap();
+    }
+    let agent_metrics = free_addr();
+    f.start_agent_with(
+        "node1",
+        &root,
+        &["--metrics-addr", &agent_metrics, "--log-format", "json"],
+    );
+    // Slow pack uploads: the job lasts long enough to be watched.
+    f.s3.put_delay_ms
+        .store(300, std::sync::atomic::Ordering::SeqCst);
+    let job = f.json(&["snapshot", s(&src), "--volume", "vol", "--agent", "node1"]);
+    let id = job["job"].as_u64().unwrap();
+    let mut seen = Vec::new();
+    let start = Instant::now();
+    loop {
+        let j = f.json(&["jobs", &id.to_string()]);
+        let state = j["jobs"][0]["state"].as_str().unwrap().to_string();
+        let body = scrape(&agent_metrics);
+        seen.push(sample(&body, "ferry_bytes_read_total"));
+        if state == "done" || state == "failed" {
+            assert_eq!(state, "done", "{j}");
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(60), "job never ended");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // Read while running, and moving: some scrape saw part of the volume.
+    assert!(
+        seen.iter().any(|v| *v > 0.0 && *v < (8 << 20) as f64),
+        "no scrape saw the job under way: {seen:?}"
+    );
+    let body = scrape(&agent_metrics);
+    assert_eq!(
+        sample(&body, "ferry_bytes_read_total"),
+        (8 << 20) as f64,
+        "{body}"
+    );
+    assert!(sample(&body, "ferry_packs_uploaded_total") >= 1.0, "{body}");
+    assert!(sample(&body, "ferry_chunks_new_total") >= 1.0, "{body}");
+    assert!(
+        sample(&body, "ferry_vault_request_seconds_count{op=\"put\"}") >= 1.0,
+        "{body}"
+    );
+    assert_eq!(sample(&body, "ferry_dedup_ratio"), 0.0, "all new: {body}");
+    let body = scrape(&coord_metrics);
+    assert_eq!(
+        sample(
+            &body,
+            "ferry_jobs_finished_total{kind=\"snapshot\",state=\"done\"}"
+        ),
+        1.0,
+        "{body}"
+    );
+    assert!(body.contains("ferry_job_duration_seconds"), "{body}");
+
+    // --log-format json: every log line is one JSON object.
+    let mut c = f.cmd(&["agent", "--name", "node2", "--log-format", "json"]);
+    c.arg("--root")
+        .arg(&root)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    let mut child = Proc(c.spawn().unwrap());
+    let mut line = String::new();
+    BufReader::new(child.0.stderr.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    child.kill9();
+    let v: serde_json::Value =
+        serde_json::from_str(&line).unwrap_or_else(|e| panic!("not JSON ({e}): {line:?}"));
+    assert_eq!(v["level"], "INFO", "{v}");
+    assert!(v["fields"]["message"].is_string(), "{v}");
 }

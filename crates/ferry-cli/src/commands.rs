@@ -132,8 +132,16 @@ pub async fn run(cli: Cli) -> Result<u8> {
             reread,
             block,
             config,
-            remote,
+            kube,
+            mut remote,
         } => {
+            let (mut source, mut block) = (source, block);
+            if let Some((ns, claim)) = crate::kube::claim_of(&source)? {
+                let p = crate::kube::place(g, &kube, &ns, &claim).await?;
+                source = p.path;
+                block |= p.block;
+                remote.agent.get_or_insert(p.node);
+            }
             if let Some(objects) = crate::bucket::objects_at(&source, config.as_deref()).await? {
                 if g.coordinator.is_some() || block {
                     bail!(
@@ -208,8 +216,15 @@ pub async fn run(cli: Cli) -> Result<u8> {
             target,
             delta,
             config,
-            remote,
+            kube,
+            mut remote,
         } => {
+            let mut target = target;
+            if let Some((ns, claim)) = crate::kube::claim_of(&target)? {
+                let p = crate::kube::place(g, &kube, &ns, &claim).await?;
+                target = p.path;
+                remote.agent.get_or_insert(p.node);
+            }
             if let Some(objects) = crate::bucket::objects_at(&target, config.as_deref()).await? {
                 if g.coordinator.is_some() {
                     bail!("a restore into a bucket runs on this machine: drop --coordinator");
@@ -312,13 +327,27 @@ pub async fn run(cli: Cli) -> Result<u8> {
             tls_cert,
             tls_key,
             lease_seconds,
-        } => crate::fleet::coordinator(g, listen, tls_cert, tls_key, lease_seconds).await,
+            metrics_addr,
+        } => {
+            crate::ui::serve_metrics(metrics_addr)?;
+            crate::fleet::coordinator(g, listen, tls_cert, tls_key, lease_seconds).await
+        }
         Command::Agent {
             name,
             roots,
             config,
-        } => crate::fleet::agent(g, name, roots, config).await,
+            metrics_addr,
+        } => {
+            crate::ui::serve_metrics(metrics_addr)?;
+            crate::fleet::agent(g, name, roots, config).await
+        }
         Command::Agents => crate::fleet::agents(g).await,
+        Command::Plan {
+            namespace,
+            selector,
+            storage_class_map,
+            kube,
+        } => crate::kube::plan(g, &kube, namespace, selector, storage_class_map).await,
         Command::Bucket(cmd) => crate::bucket::run(g, cmd).await,
         Command::Jobs { id } => crate::fleet::jobs(g, id).await,
         Command::Forget {

@@ -8,6 +8,7 @@
 mod bucket;
 mod commands;
 mod fleet;
+mod kube;
 mod ui;
 
 use std::path::PathBuf;
@@ -54,6 +55,15 @@ pub struct Global {
     /// More log output on stderr (-v info, -vv debug).
     #[arg(short, long, global = true, action = clap::ArgAction::Count)]
     pub verbose: u8,
+    /// Log lines as text or as JSON objects (for log collectors).
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(Subcommand)]
@@ -63,7 +73,7 @@ pub enum Command {
     Vault(VaultCmd),
     /// Save a directory as a new snapshot of a volume.
     Snapshot {
-        /// The directory to save (a volume's contents), or a bucket: s3://bucket/prefix or REMOTE:bucket/prefix.
+        /// The directory to save (a volume's contents), a bucket (s3://bucket/prefix, REMOTE:bucket/prefix) or a claim (pvc:NAMESPACE/CLAIM).
         source: PathBuf,
         /// The volume's name; snapshots of one volume form its history.
         #[arg(long)]
@@ -78,6 +88,8 @@ pub enum Command {
         #[arg(long, value_name = "FILE")]
         config: Option<PathBuf>,
         #[command(flatten)]
+        kube: KubeArgs,
+        #[command(flatten)]
         remote: RemoteArgs,
     },
     /// List snapshots, of one volume or all.
@@ -89,13 +101,15 @@ pub enum Command {
     Restore {
         /// NAME (latest snapshot of the volume) or NAME@ID (an id prefix).
         snapshot: String,
-        /// The target directory (created if missing), or a bucket: s3://bucket/prefix or REMOTE:bucket/prefix.
+        /// The target directory (created if missing), a bucket (s3://bucket/prefix, REMOTE:bucket/prefix) or a claim (pvc:NAMESPACE/CLAIM).
         target: PathBuf,
         #[command(flatten)]
         delta: DeltaArgs,
         /// Named remotes for a bucket TARGET (default: $XDG_CONFIG_HOME/ferry/config.toml).
         #[arg(long, value_name = "FILE")]
         config: Option<PathBuf>,
+        #[command(flatten)]
+        kube: KubeArgs,
         #[command(flatten)]
         remote: RemoteArgs,
     },
@@ -164,6 +178,9 @@ pub enum Command {
         /// Seconds a job stays an agent's without a heartbeat.
         #[arg(long, default_value_t = 30)]
         lease_seconds: u64,
+        /// Serve Prometheus metrics on http://ADDR/metrics.
+        #[arg(long, value_name = "ADDR")]
+        metrics_addr: Option<std::net::SocketAddr>,
     },
     /// Run jobs from a coordinator next to the data (fleet mode).
     Agent {
@@ -176,10 +193,27 @@ pub enum Command {
         /// Named remotes for bucket tasks (default: $XDG_CONFIG_HOME/ferry/config.toml).
         #[arg(long, value_name = "FILE")]
         config: Option<PathBuf>,
+        /// Serve Prometheus metrics on http://ADDR/metrics.
+        #[arg(long, value_name = "ADDR")]
+        metrics_addr: Option<std::net::SocketAddr>,
     },
     /// Bucket migration.
     #[command(subcommand)]
     Bucket(BucketCmd),
+    /// The claims of a namespace to move: sizes, storage classes, nodes.
+    Plan {
+        /// The namespace (default: the kubeconfig context's).
+        #[arg(long, short)]
+        namespace: Option<String>,
+        /// Only claims with these labels (a label selector, e.g. app=db).
+        #[arg(long, short = 'l')]
+        selector: Option<String>,
+        /// The target cluster's class for a source class: OLD=NEW (repeatable).
+        #[arg(long, value_name = "OLD=NEW")]
+        storage_class_map: Vec<String>,
+        #[command(flatten)]
+        kube: KubeArgs,
+    },
     /// List the coordinator's agents.
     Agents,
     /// List the coordinator's jobs, or show one.
@@ -204,6 +238,17 @@ pub struct DeltaArgs {
     /// Take no vault lock (for read-only vault credentials; do not prune meanwhile).
     #[arg(long)]
     pub no_lock: bool,
+}
+
+/// How `pvc:` arguments reach the cluster.
+#[derive(Args, Clone)]
+pub struct KubeArgs {
+    /// The cluster's kubeconfig (default: KUBECONFIG, ~/.kube/config, or the pod's service account).
+    #[arg(long, value_name = "FILE")]
+    pub kubeconfig: Option<PathBuf>,
+    /// The kubelet's root directory on the nodes.
+    #[arg(long, value_name = "DIR", default_value = "/var/lib/kubelet")]
+    pub kubelet_dir: PathBuf,
 }
 
 /// Where a job runs in fleet mode.
@@ -331,7 +376,11 @@ fn main() -> ExitCode {
         cli.command,
         Command::Coordinator { .. } | Command::Agent { .. }
     );
-    ui::init_tracing(cli.global.verbose, daemon);
+    ui::init_tracing(
+        cli.global.verbose,
+        daemon,
+        cli.global.log_format == LogFormat::Json,
+    );
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

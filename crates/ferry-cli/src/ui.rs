@@ -9,7 +9,7 @@ use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 /// Logs on stderr. Daemons (coordinator, agent) log at info by default,
 /// commands only errors. The HTTP/2 and gRPC layers stay at info at most,
 /// so no request header (the token) is ever logged.
-pub fn init_tracing(verbose: u8, daemon: bool) {
+pub fn init_tracing(verbose: u8, daemon: bool, json: bool) {
     let level = match verbose + u8::from(daemon) {
         0 => "error",
         1 => "info,h2=warn,hyper=warn,tower=warn,tonic=warn",
@@ -17,11 +17,28 @@ pub fn init_tracing(verbose: u8, daemon: bool) {
     };
     let filter = tracing_subscriber::EnvFilter::try_from_env("FERRY_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
-    tracing_subscriber::fmt()
+    let b = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .init();
+        .with_writer(std::io::stderr);
+    if json {
+        b.json().init();
+    } else {
+        b.with_ansi(std::io::stderr().is_terminal()).init();
+    }
+}
+
+/// Serves Prometheus metrics on `addr` (`/metrics`), for daemons.
+pub fn serve_metrics(addr: Option<std::net::SocketAddr>) -> anyhow::Result<()> {
+    let Some(addr) = addr else {
+        return Ok(());
+    };
+    metrics_exporter_prometheus::PrometheusBuilder::new()
+        .with_http_listener(addr)
+        .install()
+        .map_err(|e| anyhow::anyhow!("serving metrics on {addr}: {e}"))?;
+    ferry_core::telemetry::describe();
+    tracing::info!(%addr, "metrics on http://{addr}/metrics");
+    Ok(())
 }
 
 /// The error and its causes on one line, without repeating a cause that

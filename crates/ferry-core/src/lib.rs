@@ -35,6 +35,7 @@ pub mod snapshot;
 pub mod source;
 pub mod sync;
 pub mod target;
+pub mod telemetry;
 pub mod vault;
 
 pub use error::{Error, Result};

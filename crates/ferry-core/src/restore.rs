@@ -948,6 +948,7 @@ async fn restore_pack(
             Ok(sc) => {
                 out.bytes_written += sc.written;
                 progress.advance(sc.written);
+                crate::telemetry::bytes_written(sc.written);
                 let mut files: Vec<u32> = sc.failed_files.iter().map(|(f, _)| *f).collect();
                 let bad: Vec<PackEntry> = sc
                     .failed_blobs

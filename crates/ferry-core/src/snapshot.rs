@@ -545,6 +545,10 @@ async fn snapshot_locked(
     seen.push(name);
     catalog.add_snapshot(&record)?;
     catalog.mark_seen(&seen)?;
+    crate::telemetry::snapshot_done(
+        stats.bytes_scanned.load(Ordering::Relaxed),
+        stats.bytes_new.load(Ordering::Relaxed),
+    );
 
     Ok(SnapshotSummary {
         snapshot_id: record.id,
@@ -998,6 +1002,7 @@ fn chunk_file_hinted(
         .map_err(|_| stopped())?;
         emit(rx)?;
         stats.bytes_scanned.fetch_add(n, Ordering::Relaxed);
+        crate::telemetry::bytes_read(n);
         progress.advance(n);
         Ok(())
     };
@@ -1152,6 +1157,7 @@ fn chunk_reader(
                 .map_err(|_| stopped())?;
                 emit(rx)?;
                 stats.bytes_scanned.fetch_add(n, Ordering::Relaxed);
+                crate::telemetry::bytes_read(n);
                 progress.advance(n);
             }
             Err(e) => {
@@ -1199,6 +1205,7 @@ fn work(
                 pack.add(BlobKind::Data, id, &job.data, level);
                 stats.bytes_new.fetch_add(len as u64, Ordering::Relaxed);
                 stats.chunks_new.fetch_add(1, Ordering::Relaxed);
+                crate::telemetry::new_chunk(len as u64);
                 if pack.is_full() {
                     let full = std::mem::replace(&mut pack, PackWriter::new(key, pack_size));
                     packs.blocking_send(full.finish()).map_err(|_| stopped())?;
@@ -1414,6 +1421,7 @@ async fn upload(
         catalog.add_packs(std::slice::from_ref(&rec))?;
         stats.bytes_uploaded.fetch_add(rec.size, Ordering::Relaxed);
         stats.packs.fetch_add(1, Ordering::Relaxed);
+        crate::telemetry::pack_uploaded(rec.size);
         records.push(rec);
         Ok(())
     };

@@ -342,25 +342,31 @@ impl Vault {
     /// success, not an overwrite.
     pub async fn put_pack(&self, pack: &FinishedPack) -> Result<()> {
         let path = pack_path(&pack.record.id);
-        match self
+        let started = std::time::Instant::now();
+        let r = self
             .store
             .put_opts(
                 &path,
                 PutPayload::from(pack.bytes.clone()),
                 PutOptions::from(PutMode::Create),
             )
-            .await
-        {
+            .await;
+        crate::telemetry::vault_request(
+            "put",
+            started,
+            matches!(r, Ok(_) | Err(object_store::Error::AlreadyExists { .. })),
+        );
+        match r {
             Ok(_) | Err(object_store::Error::AlreadyExists { .. }) => Ok(()),
             Err(e) => Err(self.err("write", &path, e)),
         }
     }
 
     pub async fn get_range(&self, path: &Path, range: Range<u64>) -> Result<Bytes> {
-        self.store
-            .get_range(path, range)
-            .await
-            .map_err(|e| self.err("read", path, e))
+        let started = std::time::Instant::now();
+        let r = self.store.get_range(path, range).await;
+        crate::telemetry::vault_request("get", started, r.is_ok());
+        r.map_err(|e| self.err("read", path, e))
     }
 
     pub async fn get(&self, path: &Path) -> Result<Bytes> {

@@ -264,8 +264,22 @@ impl Coordinator for Service {
         let q = self.queue();
         let (agent, job, code) = (r.agent.clone(), r.job, r.exit_code);
         let ok = blocking(move || {
-            q.finish(&r.agent, r.job, r.exit_code, &r.result_json, &r.error)
-                .map_err(failed)
+            let ok = q
+                .finish(&r.agent, r.job, r.exit_code, &r.result_json, &r.error)
+                .map_err(failed)?;
+            if ok && let Some(j) = q.job(r.job).map_err(failed)? {
+                let secs = (j.finished - j.started).max(0) as f64;
+                ferry_core::telemetry::job_finished(&j.kind, &j.state, secs);
+                if j.parent != 0
+                    && let Some(p) = q.job(j.parent).map_err(failed)?
+                    && p.state != "running"
+                {
+                    // The task settled its distributed job.
+                    let secs = (p.finished - p.started).max(0) as f64;
+                    ferry_core::telemetry::job_finished(&p.kind, &p.state, secs);
+                }
+            }
+            Ok(ok)
         })
         .await?;
         if !ok {
@@ -802,7 +816,10 @@ pub async fn serve(
                 let q = q.clone();
                 match tokio::task::spawn_blocking(move || q.expire()).await {
                     Ok(Ok(ids)) if !ids.is_empty() => {
-                        tracing::warn!(?ids, "leases expired: jobs failed, distributed tasks queued again")
+                        tracing::warn!(
+                            ?ids,
+                            "leases expired: jobs failed, distributed tasks queued again"
+                        )
                     }
                     Ok(Err(e)) => tracing::warn!("expiring leases: {e}"),
                     _ => {}

@@ -1,0 +1,354 @@
+//! Reaching the API server: a kubeconfig (`--kubeconfig`, `KUBECONFIG`,
+//! `~/.kube/config`: its current context's server, CA, and a token or a
+//! client certificate) or, inside a pod, the service account.
+
+use std::path::{Path, PathBuf};
+
+use base64::Engine;
+use serde::Deserialize;
+use serde::de::DeserializeOwned;
+
+use crate::{Error, Result};
+
+pub struct Kube {
+    server: String,
+    token: Option<String>,
+    http: reqwest::Client,
+    /// The context's namespace (`default` if none).
+    pub namespace: String,
+}
+
+/// Shows where, never the credentials.
+impl std::fmt::Debug for Kube {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Kube")
+            .field("server", &self.server)
+            .field("namespace", &self.namespace)
+            .finish_non_exhaustive()
+    }
+}
+
+#[derive(Deserialize, Default)]
+#[serde(default, rename_all = "kebab-case")]
+struct KubeConfig {
+    clusters: Vec<Named<Cluster>>,
+    users: Vec<Named<User>>,
+    contexts: Vec<Named<Context>>,
+    current_context: String,
+}
+
+#[derive(Deserialize)]
+struct Named<T> {
+    name: String,
+    #[serde(alias = "cluster", alias = "user", alias = "context")]
+    value: T,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(default, rename_all = "kebab-case")]
+struct Cluster {
+    server: String,
+    certificate_authority_data: Option<String>,
+    certificate_authority: Option<PathBuf>,
+    insecure_skip_tls_verify: bool,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(default, rename_all = "kebab-case")]
+struct User {
+    token: Option<String>,
+    #[serde(rename = "tokenFile")]
+    token_file: Option<PathBuf>,
+    client_certificate_data: Option<String>,
+    client_key_data: Option<String>,
+    client_certificate: Option<PathBuf>,
+    client_key: Option<PathBuf>,
+    exec: Option<serde_yaml_ng::Value>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(default)]
+struct Context {
+    cluster: String,
+    user: String,
+    namespace: Option<String>,
+}
+
+const SERVICE_ACCOUNT: &str = "/var/run/secrets/kubernetes.io/serviceaccount";
+
+fn cfg(e: impl std::fmt::Display) -> Error {
+    Error::Config(e.to_string())
+}
+
+fn read(p: &Path) -> Result<Vec<u8>> {
+    std::fs::read(p).map_err(|e| cfg(format!("{}: {e}", p.display())))
+}
+
+fn b64(what: &str, s: &str) -> Result<Vec<u8>> {
+    base64::engine::general_purpose::STANDARD
+        .decode(s.trim())
+        .map_err(|e| cfg(format!("{what}: not base64: {e}")))
+}
+
+impl Kube {
+    /// The kubeconfig at `path`, else `KUBECONFIG`, else `~/.kube/config`,
+    /// else the pod's service account.
+    pub fn new(path: Option<&Path>) -> Result<Self> {
+        if let Some(p) = path {
+            return Self::from_kubeconfig(p);
+        }
+        if let Some(p) = std::env::var_os("KUBECONFIG").filter(|v| !v.is_empty()) {
+            // The first file of a list.
+            let first = std::env::split_paths(&p).next().unwrap_or_default();
+            return Self::from_kubeconfig(&first);
+        }
+        if let Some(home) = std::env::var_os("HOME") {
+            let p = Path::new(&home).join(".kube/config");
+            if p.exists() {
+                return Self::from_kubeconfig(&p);
+            }
+        }
+        if std::env::var_os("KUBERNETES_SERVICE_HOST").is_some() {
+            return Self::in_cluster();
+        }
+        Err(cfg(
+            "no kubeconfig (--kubeconfig, KUBECONFIG or ~/.kube/config) and not inside a pod",
+        ))
+    }
+
+    pub fn from_kubeconfig(path: &Path) -> Result<Self> {
+        let text = read(path)?;
+        let kc: KubeConfig = serde_yaml_ng::from_slice(&text)
+            .map_err(|e| cfg(format!("{}: {e}", path.display())))?;
+        let ctx = kc
+            .contexts
+            .iter()
+            .find(|c| c.name == kc.current_context)
+            .ok_or_else(|| {
+                cfg(format!(
+                    "{}: no context {:?} (current-context)",
+                    path.display(),
+                    kc.current_context
+                ))
+            })?;
+        let cluster = kc
+            .clusters
+            .iter()
+            .find(|c| c.name == ctx.value.cluster)
+            .ok_or_else(|| {
+                cfg(format!(
+                    "{}: no cluster {:?}",
+                    path.display(),
+                    ctx.value.cluster
+                ))
+            })?;
+        let user = kc.users.iter().find(|u| u.name == ctx.value.user);
+        let base = path.parent().unwrap_or(Path::new("."));
+        let rel = |p: &PathBuf| {
+            if p.is_absolute() {
+                p.clone()
+            } else {
+                base.join(p)
+            }
+        };
+        let c = &cluster.value;
+        let ca = match (&c.certificate_authority_data, &c.certificate_authority) {
+            (Some(d), _) => Some(b64("certificate-authority-data", d)?),
+            (None, Some(p)) => Some(read(&rel(p))?),
+            _ => None,
+        };
+        let mut token = None;
+        let mut identity = None;
+        if let Some(u) = user.map(|u| &u.value) {
+            token = match (&u.token, &u.token_file) {
+                (Some(t), _) => Some(t.clone()),
+                (None, Some(p)) => {
+                    Some(String::from_utf8_lossy(&read(&rel(p))?).trim().to_string())
+                }
+                _ => None,
+            };
+            let cert = match (&u.client_certificate_data, &u.client_certificate) {
+                (Some(d), _) => Some(b64("client-certificate-data", d)?),
+                (None, Some(p)) => Some(read(&rel(p))?),
+                _ => None,
+            };
+            let key = match (&u.client_key_data, &u.client_key) {
+                (Some(d), _) => Some(b64("client-key-data", d)?),
+                (None, Some(p)) => Some(read(&rel(p))?),
+                _ => None,
+            };
+            if let (Some(mut cert), Some(key)) = (cert, key) {
+                cert.push(b'\n');
+                cert.extend_from_slice(&key);
+                identity = Some(cert);
+            }
+            if token.is_none() && identity.is_none() && u.exec.is_some() {
+                return Err(cfg(format!(
+                    "{}: user {:?} authenticates with an exec plugin, which ferry does not run; \
+                     use a kubeconfig with a token or a client certificate",
+                    path.display(),
+                    ctx.value.user
+                )));
+            }
+        }
+        Self::build(
+            &c.server,
+            ca,
+            identity,
+            token,
+            c.insecure_skip_tls_verify,
+            ctx.value.namespace.clone(),
+        )
+    }
+
+    pub fn in_cluster() -> Result<Self> {
+        let host = std::env::var("KUBERNETES_SERVICE_HOST").map_err(cfg)?;
+        let port = std::env::var("KUBERNETES_SERVICE_PORT").unwrap_or_else(|_| "443".into());
+        let host = if host.contains(':') {
+            format!("[{host}]")
+        } else {
+            host
+        };
+        let sa = Path::new(SERVICE_ACCOUNT);
+        let token = String::from_utf8_lossy(&read(&sa.join("token"))?)
+            .trim()
+            .to_string();
+        let ca = read(&sa.join("ca.crt"))?;
+        let ns = std::fs::read_to_string(sa.join("namespace")).ok();
+        Self::build(
+            &format!("https://{host}:{port}"),
+            Some(ca),
+            None,
+            Some(token),
+            false,
+            ns.map(|n| n.trim().to_string()),
+        )
+    }
+
+    fn build(
+        server: &str,
+        ca: Option<Vec<u8>>,
+        identity: Option<Vec<u8>>,
+        token: Option<String>,
+        insecure: bool,
+        namespace: Option<String>,
+    ) -> Result<Self> {
+        if server.is_empty() {
+            return Err(cfg("the cluster has no server address"));
+        }
+        let mut b = reqwest::Client::builder()
+            .timeout(std::time::Duration::from_secs(30))
+            .danger_accept_invalid_certs(insecure);
+        if let Some(ca) = ca {
+            b = b.add_root_certificate(
+                reqwest::Certificate::from_pem(&ca).map_err(|e| cfg(format!("CA: {e}")))?,
+            );
+        }
+        if let Some(id) = identity {
+            b = b.identity(
+                reqwest::Identity::from_pem(&id)
+                    .map_err(|e| cfg(format!("client certificate: {e}")))?,
+            );
+        }
+        Ok(Self {
+            server: server.trim_end_matches('/').to_string(),
+            token,
+            http: b.build().map_err(|e| cfg(format!("HTTP client: {e}")))?,
+            namespace: namespace
+                .filter(|n| !n.is_empty())
+                .unwrap_or_else(|| "default".into()),
+        })
+    }
+
+    pub fn server(&self) -> &str {
+        &self.server
+    }
+
+    /// GETs `path` (`/api/v1/...`) as JSON. A 404 is `Ok(None)`.
+    pub async fn get_opt<T: DeserializeOwned>(&self, path: &str) -> Result<Option<T>> {
+        let api = |message: String| Error::Api {
+            server: self.server.clone(),
+            path: path.to_string(),
+            message,
+        };
+        let mut req = self.http.get(format!("{}{path}", self.server));
+        if let Some(t) = &self.token {
+            req = req.bearer_auth(t);
+        }
+        let resp = req.send().await.map_err(|e| api(e.to_string()))?;
+        let status = resp.status();
+        let body = resp.bytes().await.map_err(|e| api(e.to_string()))?;
+        if status == reqwest::StatusCode::NOT_FOUND {
+            return Ok(None);
+        }
+        if !status.is_success() {
+            // A Status object's message says it best.
+            let msg = serde_json::from_slice::<serde_json::Value>(&body)
+                .ok()
+                .and_then(|v| v["message"].as_str().map(String::from))
+                .unwrap_or_else(|| String::from_utf8_lossy(&body).chars().take(200).collect());
+            return Err(api(format!("{status}: {msg}")));
+        }
+        serde_json::from_slice(&body)
+            .map(Some)
+            .map_err(|e| api(format!("unexpected answer: {e}")))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_kubeconfig_gives_server_namespace_and_credentials() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("config");
+        std::fs::write(
+            &p,
+            "apiVersion: v1\nkind: Config\ncurrent-context: target\n\
+             clusters:\n- name: c1\n  cluster:\n    server: http://127.0.0.1:6443/\n\
+             contexts:\n- name: target\n  context:\n    cluster: c1\n    user: u1\n    namespace: shop\n\
+             users:\n- name: u1\n  user:\n    tokenFile: token\n",
+        )
+        .unwrap();
+        std::fs::write(d.path().join("token"), "abc\n").unwrap();
+        let k = Kube::from_kubeconfig(&p).unwrap();
+        assert_eq!(k.server(), "http://127.0.0.1:6443");
+        assert_eq!(k.namespace, "shop");
+        assert_eq!(k.token.as_deref(), Some("abc"));
+
+        // A missing context, bad base64, an exec plugin: one clear error.
+        std::fs::write(&p, "current-context: nope\n").unwrap();
+        assert!(
+            Kube::from_kubeconfig(&p)
+                .unwrap_err()
+                .to_string()
+                .contains("no context")
+        );
+        std::fs::write(
+            &p,
+            "current-context: t\nclusters:\n- name: c\n  cluster:\n    server: https://x\n    certificate-authority-data: '%%%'\n\
+             contexts:\n- name: t\n  context:\n    cluster: c\n    user: u\n",
+        )
+        .unwrap();
+        assert!(
+            Kube::from_kubeconfig(&p)
+                .unwrap_err()
+                .to_string()
+                .contains("base64")
+        );
+        std::fs::write(
+            &p,
+            "current-context: t\nclusters:\n- name: c\n  cluster:\n    server: https://x\n\
+             contexts:\n- name: t\n  context:\n    cluster: c\n    user: u\n\
+             users:\n- name: u\n  user:\n    exec:\n      command: aws\n",
+        )
+        .unwrap();
+        assert!(
+            Kube::from_kubeconfig(&p)
+                .unwrap_err()
+                .to_string()
+                .contains("exec plugin")
+        );
+    }
+}

@@ -1,0 +1,364 @@
+//! Claims to nodes and paths: a fake Kubernetes API (a real HTTP server in
+//! the test, serving recorded API objects) for CSI, in-tree and block
+//! volumes, a kubelet directory laid out on disk, and real coordinator and
+//! agent processes.
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::path::Path;
+
+use crate::common::*;
+use crate::fleet::Fleet;
+
+/// Answers GETs from a map of path (with query) to JSON; 404 otherwise.
+struct FakeApi {
+    url: String,
+}
+
+impl FakeApi {
+    fn start(objects: BTreeMap<String, serde_json::Value>, token: &'static str) -> Self {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}", l.local_addr().unwrap());
+        std::thread::spawn(move || {
+            for conn in l.incoming() {
+                let Ok(mut s) = conn else { continue };
+                let mut r = BufReader::new(s.try_clone().unwrap());
+                let mut line = String::new();
+                if r.read_line(&mut line).is_err() {
+                    continue;
+                }
+                let path = line.split_whitespace().nth(1).unwrap_or("").to_string();
+                let mut authorized = false;
+                loop {
+                    let mut h = String::new();
+                    if r.read_line(&mut h).is_err() || h.trim().is_empty() {
+                        break;
+                    }
+                    if h.to_ascii_lowercase().starts_with("authorization:")
+                        && h.trim_end().ends_with(&format!("Bearer {token}"))
+                    {
+                        authorized = true;
+                    }
+                }
+                let (status, body) = if !authorized {
+                    (
+                        "401 Unauthorized",
+                        serde_json::json!({"kind": "Status", "message": "Unauthorized"}),
+                    )
+                } else {
+                    match objects.get(&path) {
+                        Some(v) => ("200 OK", v.clone()),
+                        None => (
+                            "404 Not Found",
+                            serde_json::json!({"kind": "Status", "message": "not found"}),
+                        ),
+                    }
+                };
+                let body = body.to_string();
+                let _ = write!(
+                    s,
+                    "HTTP/1.1 {status}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = r.read(&mut [0u8; 0]);
+            }
+        });
+        FakeApi { url }
+    }
+}
+
+fn kubeconfig(dir: &Path, name: &str, server: &str, token: &str, ns: &str) -> String {
+    let p = dir.join(name);
+    std::fs::write(
+        &p,
+        format!(
+            "apiVersion: v1\nkind: Config\ncurrent-context: ctx\n\
+             clusters:\n- name: c\n  cluster:\n    server: {server}\n\
+             contexts:\n- name: ctx\n  context:\n    cluster: c\n    user: u\n    namespace: {ns}\n\
+             users:\n- name: u\n  user:\n    token: {token}\n"
+        ),
+    )
+    .unwrap();
+    p.to_str().unwrap().to_string()
+}
+
+fn claim(ns: &str, name: &str, pv: &str, class: &str, size: &str, mode: &str) -> serde_json::Value {
+    serde_json::json!({
+        "metadata": {"name": name, "namespace": ns, "labels": {"app": "shop"}},
+        "spec": {"volumeName": pv, "storageClassName": class, "volumeMode": mode,
+                 "resources": {"requests": {"storage": size}}},
+        "status": {"phase": if pv.is_empty() { "Pending" } else { "Bound" }, "capacity": {"storage": size}}
+    })
+}
+
+fn pod(ns: &str, name: &str, uid: &str, node: &str, claims: &[&str]) -> serde_json::Value {
+    let volumes: Vec<_> = claims
+        .iter()
+        .map(|c| serde_json::json!({"name": format!("v-{c}"), "persistentVolumeClaim": {"claimName": c}}))
+        .collect();
+    serde_json::json!({
+        "metadata": {"name": name, "namespace": ns, "uid": uid},
+        "spec": {"nodeName": node, "volumes": volumes},
+        "status": {"phase": "Running"}
+    })
+}
+
+/// The source cluster (namespace `shop` on node-a) and the target (namespace
+/// `shop` on node-b), each with its API objects.
+fn source_api() -> BTreeMap<String, serde_json::Value> {
+    let mut m = BTreeMap::new();
+    let claims = [
+        claim(
+            "shop",
+            "data-db-0",
+            "pvc-111",
+            "alicloud-disk-ssd",
+            "20Gi",
+            "Filesystem",
+        ),
+        claim("shop", "logs", "pvc-222", "nfs-client", "5Gi", "Filesystem"),
+        claim(
+            "shop",
+            "raw",
+            "pvc-333",
+            "alicloud-disk-ssd",
+            "64Mi",
+            "Block",
+        ),
+        claim(
+            "shop",
+            "orphan",
+            "pvc-444",
+            "alicloud-disk-ssd",
+            "1Gi",
+            "Filesystem",
+        ),
+    ];
+    for c in &claims {
+        let name = c["metadata"]["name"].as_str().unwrap();
+        m.insert(
+            format!("/api/v1/namespaces/shop/persistentvolumeclaims/{name}"),
+            c.clone(),
+        );
+    }
+    m.insert(
+        "/api/v1/namespaces/shop/persistentvolumeclaims".into(),
+        serde_json::json!({"items": claims}),
+    );
+    m.insert(
+        "/api/v1/namespaces/shop/persistentvolumeclaims?labelSelector=app%3Dshop".into(),
+        serde_json::json!({"items": claims}),
+    );
+    m.insert(
+        "/api/v1/namespaces/shop/pods".into(),
+        serde_json::json!({"items": [
+            pod("shop", "db-0", "uid-db", "node-a", &["data-db-0", "logs", "raw"]),
+            {"metadata": {"name": "old", "uid": "uid-old"}, "spec": {"nodeName": "node-a",
+              "volumes": [{"persistentVolumeClaim": {"claimName": "orphan"}}]},
+             "status": {"phase": "Succeeded"}},
+        ]}),
+    );
+    for (pv, spec) in [
+        (
+            "pvc-111",
+            serde_json::json!({"csi": {"driver": "diskplugin.csi.alibabacloud.com", "volumeHandle": "d-1"}}),
+        ),
+        (
+            "pvc-222",
+            serde_json::json!({"nfs": {"server": "10.0.0.5", "path": "/exports/logs"}}),
+        ),
+        (
+            "pvc-333",
+            serde_json::json!({"csi": {"driver": "diskplugin.csi.alibabacloud.com", "volumeHandle": "d-3"}}),
+        ),
+        (
+            "pvc-444",
+            serde_json::json!({"csi": {"driver": "diskplugin.csi.alibabacloud.com", "volumeHandle": "d-4"}}),
+        ),
+    ] {
+        m.insert(
+            format!("/api/v1/persistentvolumes/{pv}"),
+            serde_json::json!({"metadata": {"name": pv}, "spec": spec}),
+        );
+    }
+    m
+}
+
+fn target_api() -> BTreeMap<String, serde_json::Value> {
+    let mut m = BTreeMap::new();
+    m.insert(
+        "/api/v1/namespaces/shop/persistentvolumeclaims/data-db-0".into(),
+        claim(
+            "shop",
+            "data-db-0",
+            "pvc-999",
+            "csi-disk-ssd",
+            "20Gi",
+            "Filesystem",
+        ),
+    );
+    m.insert(
+        "/api/v1/namespaces/shop/pods".into(),
+        serde_json::json!({"items": [pod("shop", "db-0", "uid-new", "node-b", &["data-db-0"])]}),
+    );
+    m.insert(
+        "/api/v1/persistentvolumes/pvc-999".into(),
+        serde_json::json!({"spec": {"csi": {"driver": "disk.csi.everest.io"}}}),
+    );
+    m
+}
+
+#[test]
+fn claims_resolve_to_their_node_and_kubelet_path_and_move_between_clusters() {
+    let mut f = Fleet::start();
+    let src_api = FakeApi::start(source_api(), "src-token");
+    let dst_api = FakeApi::start(target_api(), "dst-token");
+    let dir = f.env.path("k");
+    std::fs::create_dir_all(&dir).unwrap();
+    let src_kc = kubeconfig(&dir, "src", &src_api.url, "src-token", "shop");
+    let dst_kc = kubeconfig(&dir, "dst", &dst_api.url, "dst-token", "shop");
+    let bad_kc = kubeconfig(&dir, "bad", &src_api.url, "wrong", "shop");
+
+    // The source node's kubelet directory: a CSI volume, an in-tree NFS
+    // volume and a block device (an image file here).
+    let kubelet_a = f.env.path("node-a/kubelet");
+    let pod_a = kubelet_a.join("pods/uid-db");
+    let csi = pod_a.join("volumes/kubernetes.io~csi/pvc-111/mount");
+    make_tree(&csi);
+    let nfs = pod_a.join("volumes/kubernetes.io~nfs/pvc-222");
+    std::fs::create_dir_all(&nfs).unwrap();
+    std::fs::write(nfs.join("app.log"), noise(70_000, 3)).unwrap();
+    let dev = pod_a.join("volumeDevices/kubernetes.io~csi");
+    std::fs::create_dir_all(&dev).unwrap();
+    std::fs::write(dev.join("pvc-333"), noise(1 << 20, 4)).unwrap();
+    let kubelet_b = f.env.path("node-b/kubelet");
+    std::fs::create_dir_all(kubelet_b.join("pods/uid-new/volumes/kubernetes.io~csi/pvc-999/mount"))
+        .unwrap();
+    f.start_agent("node-a", &kubelet_a);
+    f.start_agent("node-b", &kubelet_b);
+    let ka = kubelet_a.to_str().unwrap().to_string();
+    let kb = kubelet_b.to_str().unwrap().to_string();
+
+    // The plan: every claim, its size, class, target class and node.
+    let plan = f.json(&[
+        "plan",
+        "--kubeconfig",
+        &src_kc,
+        "-l",
+        "app=shop",
+        "--storage-class-map",
+        "alicloud-disk-ssd=csi-disk-ssd",
+    ]);
+    let claims = plan["claims"].as_array().unwrap();
+    assert_eq!(claims.len(), 4, "{plan}");
+    let db = claims.iter().find(|c| c["claim"] == "data-db-0").unwrap();
+    assert_eq!(db["size_bytes"], 20u64 << 30, "{db}");
+    assert_eq!(db["target_storage_class"], "csi-disk-ssd", "{db}");
+    assert_eq!(db["node"], "node-a", "{db}");
+    let logs = claims.iter().find(|c| c["claim"] == "logs").unwrap();
+    assert_eq!(
+        logs["target_storage_class"], "nfs-client",
+        "unmapped: {logs}"
+    );
+    let orphan = claims.iter().find(|c| c["claim"] == "orphan").unwrap();
+    assert!(orphan["node"].is_null(), "{orphan}");
+    assert_eq!(
+        plan["total_bytes"],
+        (20u64 << 30) + (5 << 30) + (64 << 20) + (1 << 30)
+    );
+
+    // Snapshots by claim go to node-a's agent and find the data.
+    let snap = |claim: &str, volume: &str| {
+        f.json(&[
+            "snapshot",
+            &format!("pvc:shop/{claim}"),
+            "--volume",
+            volume,
+            "--kubeconfig",
+            &src_kc,
+            "--kubelet-dir",
+            &ka,
+            "--wait",
+        ])
+    };
+    let s = snap("data-db-0", "db");
+    assert_eq!(s["agent"], "node-a", "{s}");
+    assert!(s["files"].as_u64().unwrap() > 3, "{s}");
+    let s = snap("logs", "logs");
+    assert_eq!(s["bytes_scanned"], 70_000, "in-tree NFS: {s}");
+    let s = snap("raw", "raw");
+    assert_eq!(s["bytes_scanned"], 1 << 20, "block: {s}");
+
+    // Restored by claim on the target cluster, on node-b.
+    let r = f.json(&[
+        "restore",
+        "db",
+        "pvc:shop/data-db-0",
+        "--kubeconfig",
+        &dst_kc,
+        "--kubelet-dir",
+        &kb,
+        "--wait",
+    ]);
+    assert_eq!(r["agent"], "node-b", "{r}");
+    assert_same_tree(
+        &csi,
+        &kubelet_b.join("pods/uid-new/volumes/kubernetes.io~csi/pvc-999/mount"),
+    );
+
+    // Clear refusals: no pod mounts it; no such claim; bad token; no agent
+    // on the node; no coordinator; a malformed claim name.
+    let fail = |args: &[&str], want: &str| {
+        let out = f.run(args);
+        assert_eq!(out.status.code(), Some(1), "{args:?}");
+        let err = stderr(&out);
+        assert!(err.contains(want), "{args:?}: {err}");
+        assert_eq!(err.lines().count(), 1, "{err}");
+    };
+    let snap_args = |claim: &'static str, kc: &str| -> Vec<String> {
+        [
+            "snapshot",
+            claim,
+            "--volume",
+            "x",
+            "--kubeconfig",
+            kc,
+            "--kubelet-dir",
+            &ka,
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
+    };
+    let v = snap_args("pvc:shop/orphan", &src_kc);
+    fail(
+        &v.iter().map(String::as_str).collect::<Vec<_>>(),
+        "no running pod mounts claim shop/orphan",
+    );
+    let v = snap_args("pvc:shop/nope", &src_kc);
+    fail(
+        &v.iter().map(String::as_str).collect::<Vec<_>>(),
+        "no claim nope in namespace shop",
+    );
+    let v = snap_args("pvc:shop/data-db-0", &bad_kc);
+    fail(
+        &v.iter().map(String::as_str).collect::<Vec<_>>(),
+        "Unauthorized",
+    );
+    let v = snap_args("pvc:shop", &src_kc);
+    fail(
+        &v.iter().map(String::as_str).collect::<Vec<_>>(),
+        "pvc:NAMESPACE/CLAIM",
+    );
+    f.agent_mut("node-a").kill9();
+    let out = f.env.run(&[
+        "snapshot",
+        "pvc:shop/data-db-0",
+        "--volume",
+        "x",
+        "--kubeconfig",
+        &src_kc,
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("--coordinator"), "{}", stderr(&out));
+}
