@@ -604,28 +604,7 @@ fn an_object_rewritten_during_its_copy_is_never_copied_torn() {
 #[test]
 fn a_bucket_goes_through_the_vault_incrementally_with_its_metadata() {
     let env = Env::new();
-    let (a, b) = (
-        S3Server::start(&env.path("cloud-a")),
-        S3Server::start(&env.path("cloud-b")),
-    );
-    a.create_bucket("src-bucket");
-    b.create_bucket("dst-bucket");
-    let creds = env.path("creds");
-    std::fs::write(&creds, format!("{S3_KEY}\n{S3_SECRET}\n")).unwrap();
-    let cfg = env.path("remotes.toml");
-    std::fs::write(
-        &cfg,
-        format!(
-            "[remotes.cloud-a]\nendpoint = \"{}\"\ncredentials_file = \"{}\"\n\
-             [remotes.cloud-b]\nendpoint = \"{}\"\ncredentials_file = \"{}\"\n",
-            a.endpoint,
-            creds.display(),
-            b.endpoint,
-            creds.display()
-        ),
-    )
-    .unwrap();
-    let cfg = cfg.to_str().unwrap().to_string();
+    let (a, b, cfg) = two_clouds(env.dir.path());
     let vault = env.path("vault");
     let vault = vault.to_str().unwrap();
     let out = env.run(&["vault", "init", vault]);

@@ -365,3 +365,32 @@ impl Drop for Moto {
         let _ = self.child.wait();
     }
 }
+
+/// Two S3 servers standing for two clouds, `src-bucket` on the first and
+/// `dst-bucket` on the second, and a ferry config file naming them as the
+/// remotes `cloud-a` and `cloud-b` (credentials from a file). Returns the
+/// servers and the config file's path.
+pub fn two_clouds(dir: &Path) -> (S3Server, S3Server, String) {
+    let (a, b) = (
+        S3Server::start(&dir.join("cloud-a")),
+        S3Server::start(&dir.join("cloud-b")),
+    );
+    a.create_bucket("src-bucket");
+    b.create_bucket("dst-bucket");
+    let creds = dir.join("creds");
+    std::fs::write(&creds, format!("{S3_KEY}\n{S3_SECRET}\n")).unwrap();
+    let config = dir.join("remotes.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[remotes.cloud-a]\nendpoint = \"{}\"\ncredentials_file = \"{}\"\n\
+             [remotes.cloud-b]\nendpoint = \"{}\"\ncredentials_file = \"{}\"\n",
+            a.endpoint,
+            creds.display(),
+            b.endpoint,
+            creds.display()
+        ),
+    )
+    .unwrap();
+    (a, b, config.to_str().unwrap().to_string())
+}

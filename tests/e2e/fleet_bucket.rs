@@ -18,27 +18,7 @@ struct Clouds {
 /// Two clouds, each a remote in a config file the agents read; the source
 /// bucket holds `n` objects under `data/`.
 fn clouds(f: &Fleet, n: usize) -> Clouds {
-    let (a, b) = (
-        S3Server::start(&f.env.path("cloud-a")),
-        S3Server::start(&f.env.path("cloud-b")),
-    );
-    a.create_bucket("src-bucket");
-    b.create_bucket("dst-bucket");
-    let creds = f.env.path("creds");
-    std::fs::write(&creds, format!("{S3_KEY}\n{S3_SECRET}\n")).unwrap();
-    let config = f.env.path("remotes.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[remotes.cloud-a]\nendpoint = \"{}\"\ncredentials_file = \"{}\"\n\
-             [remotes.cloud-b]\nendpoint = \"{}\"\ncredentials_file = \"{}\"\n",
-            a.endpoint,
-            creds.display(),
-            b.endpoint,
-            creds.display()
-        ),
-    )
-    .unwrap();
+    let (a, b, config) = two_clouds(f.env.dir.path());
     let ca = client(&a);
     for i in 0..n {
         put(
@@ -50,11 +30,7 @@ fn clouds(f: &Fleet, n: usize) -> Clouds {
             &[],
         );
     }
-    Clouds {
-        a,
-        b,
-        config: config.to_str().unwrap().to_string(),
-    }
+    Clouds { a, b, config }
 }
 
 fn start_agents(f: &mut Fleet, c: &Clouds, names: &[&str]) {
@@ -215,9 +191,10 @@ fn failed_keys_are_reported_and_a_rerun_redoes_only_them() {
     let mut f = Fleet::start();
     let c = clouds(&f, 150);
     start_agents(&mut f, &c, &["node1"]);
-    // The destination refuses the next 80 writes (503 SlowDown): more than
-    // the retries of the first keys can absorb.
-    c.b.fail_puts.store(80, Ordering::SeqCst);
+    // The destination refuses the next 30 writes (503 SlowDown): more than
+    // the retries (6 attempts) of the first keys in flight (4 workers) can
+    // absorb.
+    c.b.fail_puts.store(30, Ordering::SeqCst);
     let job = submit(&f, &c, &[]);
     let r = wait_report(&f, job);
     assert_eq!(r["state"], "failed", "{r}");

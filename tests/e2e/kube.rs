@@ -228,13 +228,24 @@ fn claims_resolve_to_their_node_and_kubelet_path_and_move_between_clusters() {
     let nfs = pod_a.join("volumes/kubernetes.io~nfs/pvc-222");
     std::fs::create_dir_all(&nfs).unwrap();
     std::fs::write(nfs.join("app.log"), noise(70_000, 3)).unwrap();
+    // As the kubelet lays out a CSI block volume: the pod's entry links
+    // to the device published under plugins/ (an image file here).
     let dev = pod_a.join("volumeDevices/kubernetes.io~csi");
     std::fs::create_dir_all(&dev).unwrap();
-    std::fs::write(dev.join("pvc-333"), noise(1 << 20, 4)).unwrap();
+    let published = kubelet_a.join("plugins/kubernetes.io/csi/volumeDevices/publish/pvc-333");
+    std::fs::create_dir_all(&published).unwrap();
+    std::fs::write(published.join("uid-db"), noise(1 << 20, 4)).unwrap();
+    std::os::unix::fs::symlink(published.join("uid-db"), dev.join("pvc-333")).unwrap();
     let kubelet_b = f.env.path("node-b/kubelet");
     std::fs::create_dir_all(kubelet_b.join("pods/uid-new/volumes/kubernetes.io~csi/pvc-999/mount"))
         .unwrap();
-    f.start_agent("node-a", &kubelet_a);
+    // Roots as the DaemonSet gives them: the pod and plugin directories.
+    let plugins_a = kubelet_a.join("plugins");
+    f.start_agent_with(
+        "node-a",
+        &kubelet_a.join("pods"),
+        &["--root", plugins_a.to_str().unwrap()],
+    );
     f.start_agent("node-b", &kubelet_b);
     let ka = kubelet_a.to_str().unwrap().to_string();
     let kb = kubelet_b.to_str().unwrap().to_string();

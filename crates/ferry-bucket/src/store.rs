@@ -207,6 +207,19 @@ pub async fn open(loc: &Location, config: &Config) -> Result<Side> {
     }
 }
 
+/// A listed S3 object as an entry under `key` (relative to the prefix).
+fn listed_entry(key: &str, o: &aws_sdk_s3::types::Object) -> Entry {
+    Entry {
+        key: key.to_string(),
+        size: o.size().unwrap_or(0).max(0) as u64,
+        etag: unquote(o.e_tag().unwrap_or("")),
+        modified_ns: o
+            .last_modified()
+            .map(|t| t.as_nanos().clamp(0, i64::MAX as i128) as i64)
+            .unwrap_or(0),
+    }
+}
+
 fn unquote(s: &str) -> String {
     s.trim_matches('"').to_string()
 }
@@ -354,15 +367,7 @@ impl Side {
                 Ok(r.contents()
                     .iter()
                     .find(|o| o.key() == Some(full.as_str()))
-                    .map(|o| Entry {
-                        key: key.to_string(),
-                        size: o.size().unwrap_or(0).max(0) as u64,
-                        etag: unquote(o.e_tag().unwrap_or("")),
-                        modified_ns: o
-                            .last_modified()
-                            .map(|t| t.as_nanos().clamp(0, i64::MAX as i128) as i64)
-                            .unwrap_or(0),
-                    }))
+                    .map(|o| listed_entry(key, o)))
             }
             Side::Local(l) => {
                 use std::os::unix::fs::MetadataExt;
@@ -657,15 +662,7 @@ impl S3Side {
                 if range.past_end(key) {
                     return Ok(());
                 }
-                let e = Entry {
-                    key: key.to_string(),
-                    size: o.size().unwrap_or(0).max(0) as u64,
-                    etag: unquote(o.e_tag().unwrap_or("")),
-                    modified_ns: o
-                        .last_modified()
-                        .map(|t| t.as_nanos().clamp(0, i64::MAX as i128) as i64)
-                        .unwrap_or(0),
-                };
+                let e = listed_entry(key, o);
                 if tx.send(Ok(e)).await.is_err() {
                     return Ok(());
                 }

@@ -243,6 +243,14 @@ pub struct Tree {
 }
 
 impl Tree {
+    /// The entry named `name` (entries are sorted by name).
+    pub fn entry(&self, name: &[u8]) -> Option<&Node> {
+        self.entries
+            .binary_search_by(|n| n.name.0.as_slice().cmp(name))
+            .ok()
+            .map(|i| &self.entries[i])
+    }
+
     pub fn encode(&self) -> Vec<u8> {
         serde_json::to_vec(self).expect("a tree always serializes")
     }

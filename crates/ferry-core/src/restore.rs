@@ -310,13 +310,7 @@ impl Walker<'_> {
                 Some(id) => self.tree(&id).await.ok(),
                 None => None,
             };
-            let old_node = |name: &Name| -> Option<Node> {
-                let t = old.as_ref()?;
-                t.entries
-                    .binary_search_by(|n| n.name.cmp(name))
-                    .ok()
-                    .map(|i| t.entries[i].clone())
-            };
+            let old_node = |name: &Name| -> Option<Node> { old.as_ref()?.entry(&name.0).cloned() };
             let memory: HashMap<Vec<u8>, TargetFile> = if self.opts.reread_target {
                 HashMap::new()
             } else {

@@ -722,13 +722,7 @@ impl Reader<'_> {
         previous: Option<&Previous>,
         old: Option<&Tree>,
     ) -> Result<()> {
-        let old_node = |name: &Name| -> Option<&Node> {
-            let t = old?;
-            t.entries
-                .binary_search_by(|n| n.name.cmp(name))
-                .ok()
-                .map(|i| &t.entries[i])
-        };
+        let old_node = |name: &Name| -> Option<&Node> { old?.entry(&name.0) };
         let names = match source::sorted_names(dir) {
             Ok(n) => n,
             Err(e) => {

@@ -24,11 +24,7 @@ struct OpenDir {
 }
 
 fn old_node<'a>(old: &'a Option<Tree>, name: &str) -> Option<&'a Node> {
-    let t = old.as_ref()?;
-    t.entries
-        .binary_search_by(|n| n.name.0.as_slice().cmp(name.as_bytes()))
-        .ok()
-        .map(|i| &t.entries[i])
+    old.as_ref()?.entry(name.as_bytes())
 }
 
 #[allow(clippy::too_many_arguments)]
