@@ -667,7 +667,7 @@ fn metrics_move_while_a_job_runs() {
     );
     // Slow pack uploads: the job lasts long enough to be watched.
     f.s3.put_delay_ms
-        .store(300, std::sync::atomic::Ordering::SeqCst);
+        .store(1000, std::sync::atomic::Ordering::SeqCst);
     let job = f.json(&["snapshot", s(&src), "--volume", "vol", "--agent", "node1"]);
     let id = job["job"].as_u64().unwrap();
     let mut seen = Vec::new();
@@ -676,7 +676,11 @@ fn metrics_move_while_a_job_runs() {
         let j = f.json(&["jobs", &id.to_string()]);
         let state = j["jobs"][0]["state"].as_str().unwrap().to_string();
         let body = scrape(&agent_metrics);
-        seen.push(sample(&body, "ferry_bytes_read_total"));
+        seen.push((
+            state.clone(),
+            sample(&body, "ferry_bytes_read_total"),
+            sample(&body, "ferry_packs_uploaded_total"),
+        ));
         if state == "done" || state == "failed" {
             assert_eq!(state, "done", "{j}");
             break;
@@ -684,12 +688,15 @@ fn metrics_move_while_a_job_runs() {
         assert!(start.elapsed() < Duration::from_secs(60), "job never ended");
         std::thread::sleep(Duration::from_millis(100));
     }
-    // Read while running, and moving: some scrape saw part of the volume.
+    // Counters move while the job runs: some scrape during the job saw the
+    // volume read and the packs still going up.
+    let body = scrape(&agent_metrics);
+    let packs = sample(&body, "ferry_packs_uploaded_total");
     assert!(
-        seen.iter().any(|v| *v > 0.0 && *v < (8 << 20) as f64),
+        seen.iter()
+            .any(|(s, read, p)| s == "running" && *read > 0.0 && *p < packs),
         "no scrape saw the job under way: {seen:?}"
     );
-    let body = scrape(&agent_metrics);
     assert_eq!(
         sample(&body, "ferry_bytes_read_total"),
         (8 << 20) as f64,

@@ -198,15 +198,16 @@ impl ObjectSink for BucketObjects {
             )));
         }
         let side = &*self.side;
+        let part = crate::store::part_size_for(size, PART);
         let mut up = self
             .rt
-            .block_on(side.begin(key, &meta_of(headers), size, PART))
+            .block_on(side.begin(key, &meta_of(headers), size, part))
             .map_err(io)?;
         let mut written = 0u64;
         let r: std::io::Result<()> = (|| {
             loop {
-                let mut buf = Vec::with_capacity(PART.min(size.max(1)) as usize);
-                Read::take(&mut *body, PART).read_to_end(&mut buf)?;
+                let mut buf = Vec::with_capacity(part.min(size.max(1)) as usize);
+                Read::take(&mut *body, part).read_to_end(&mut buf)?;
                 if buf.is_empty() {
                     break;
                 }
@@ -226,7 +227,16 @@ impl ObjectSink for BucketObjects {
             self.rt.block_on(up.abort(side));
             return Err(e);
         }
-        self.rt.block_on(up.complete(side)).map_err(io)?;
+        // A failed completion must not leave the upload open (billed).
+        let open = up
+            .multipart_id()
+            .map(|(k, id)| (k.to_string(), id.to_string()));
+        if let Err(e) = self.rt.block_on(up.complete(side)) {
+            if let Some((k, id)) = open {
+                let _ = self.rt.block_on(side.abort_upload(&k, &id));
+            }
+            return Err(io(e));
+        }
         if key.ends_with('/') && side.is_local() {
             // A directory made for a marker lists as nothing.
             return Ok(String::new());

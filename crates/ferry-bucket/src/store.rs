@@ -881,6 +881,14 @@ impl KeyRange {
     }
 }
 
+/// The part size for an object of `size` bytes: `preferred`, or more so
+/// that the object fits in S3's 10,000 parts (rounded up to a MiB).
+pub fn part_size_for(size: u64, preferred: u64) -> u64 {
+    const MAX_PARTS: u64 = 10_000;
+    let needed = size.div_ceil(MAX_PARTS).div_ceil(1 << 20) << 20;
+    preferred.max(needed)
+}
+
 /// A write in progress.
 pub enum Upload {
     S3Single {
@@ -1023,6 +1031,20 @@ impl Upload {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn parts_stay_within_the_limit_of_ten_thousand() {
+        let p = 8 << 20;
+        assert_eq!(part_size_for(0, p), p);
+        assert_eq!(part_size_for(5 << 30, p), p);
+        let huge = 200u64 << 30;
+        let part = part_size_for(huge, p);
+        assert!(part > p && part.is_multiple_of(1 << 20));
+        assert!(huge.div_ceil(part) <= 10_000);
+        // 5 TiB, the largest S3 object.
+        let max = 5u64 << 40;
+        assert!(max.div_ceil(part_size_for(max, p)) <= 10_000);
+    }
 
     #[test]
     fn local_keys_that_cannot_be_paths_are_named() {

@@ -585,14 +585,13 @@ async fn copy_one(
     }
     let size = dl.size;
     let read_etag = dl.etag.clone();
-    let mut up = dst
-        .begin(&e.key, &dl.meta, size, ctx.opts.part_size)
-        .await?;
+    let part = crate::store::part_size_for(size, ctx.opts.part_size);
+    let mut up = dst.begin(&e.key, &dl.meta, size, part).await?;
     if let Some((k, id)) = up.multipart_id() {
         ctx.state.add_upload(k, id).map_err(st)?;
     }
     let mut hasher = blake3::Hasher::new();
-    let r = stream_into(ctx, &mut dl, &mut up, &mut hasher).await;
+    let r = stream_into(ctx, &mut dl, &mut up, &mut hasher, part as usize).await;
     let mpu = up
         .multipart_id()
         .map(|(k, id)| (k.to_string(), id.to_string()));
@@ -627,8 +626,8 @@ async fn stream_into(
     dl: &mut crate::store::Download,
     up: &mut Upload,
     hasher: &mut blake3::Hasher,
+    part: usize,
 ) -> Result<u64> {
-    let part = ctx.opts.part_size as usize;
     let mut buf = BytesMut::with_capacity(part.min(dl.size as usize + 1));
     let mut total = 0u64;
     let mut inflight = futures::stream::FuturesOrdered::new();

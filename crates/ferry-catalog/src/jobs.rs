@@ -35,6 +35,7 @@ CREATE TABLE IF NOT EXISTS jobs (
     parent INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs (state, agent);
+CREATE INDEX IF NOT EXISTS jobs_by_parent ON jobs (parent, state);
 CREATE TABLE IF NOT EXISTS task_failures (
     parent INTEGER NOT NULL, task INTEGER NOT NULL, key TEXT NOT NULL, error TEXT NOT NULL
 );
@@ -387,8 +388,8 @@ impl JobQueue {
                     })?;
                 if parent != 0 {
                     tx.execute(
-                        "DELETE FROM task_failures WHERE task = ?1",
-                        params![job as i64],
+                        "DELETE FROM task_failures WHERE parent = ?1 AND task = ?2",
+                        params![parent, job as i64],
                     )?;
                     let mut st = tx.prepare(
                         "INSERT INTO task_failures (parent, task, key, error) VALUES (?1, ?2, ?3, ?4)",
@@ -440,26 +441,39 @@ impl JobQueue {
     /// that task's spec with `task_spec` (its cursor, so that a reissued
     /// split resumes where this one got to), in one transaction.
     /// False if `task` is not running under `agent`.
+    ///
+    /// Idempotent: `from_spec` is the task's spec the batch was cut from;
+    /// if the stored spec is already `task_spec`, the batch was added by an
+    /// earlier try of the same call (its reply was lost) and is not added
+    /// again.
+    #[allow(clippy::too_many_arguments)]
     pub fn add_tasks(
         &self,
         agent: &str,
         task: u64,
         kind: &str,
         specs: &[String],
+        from_spec: &str,
         task_spec: &str,
     ) -> Result<bool, Error> {
         self.run(|c| {
             let tx = c.unchecked_transaction()?;
-            let parent: Option<i64> = tx
+            let row: Option<(i64, String)> = tx
                 .query_row(
-                    "SELECT parent FROM jobs WHERE id = ?1 AND agent = ?2 AND state = 'running' AND parent != 0",
+                    "SELECT parent, spec FROM jobs WHERE id = ?1 AND agent = ?2 AND state = 'running' AND parent != 0",
                     params![task as i64, agent],
-                    |r| r.get(0),
+                    |r| Ok((r.get(0)?, r.get(1)?)),
                 )
                 .optional()?;
-            let Some(parent) = parent else {
+            let Some((parent, stored)) = row else {
                 return Ok(false);
             };
+            if stored == task_spec {
+                return Ok(true);
+            }
+            if stored != from_spec {
+                return Ok(false);
+            }
             let now = now_ms() / 1000;
             {
                 let mut st = tx.prepare(
@@ -496,7 +510,10 @@ impl JobQueue {
                      progress = '', exit_code = -1, lease_until_ms = 0, finished = 0 WHERE id = ?1",
                     params![id, ANY_AGENT],
                 )?;
-                tx.execute("DELETE FROM task_failures WHERE task = ?1", params![id])?;
+                tx.execute(
+                    "DELETE FROM task_failures WHERE parent = ?1 AND task = ?2",
+                    params![parent as i64, id],
+                )?;
             }
             if !ids.is_empty() {
                 tx.execute(
@@ -650,10 +667,16 @@ fn summarize(c: &Connection, parent: i64) -> rusqlite::Result<ChildSummary> {
 /// Ends a distributed job once none of its tasks is queued or running:
 /// done if every task is, else failed; its result is the tasks' counters.
 fn settle(tx: &rusqlite::Transaction<'_>, parent: i64) -> rusqlite::Result<()> {
-    let s = summarize(tx, parent)?;
-    if s.queued + s.running > 0 {
+    // Cheap first (indexed): most finishing tasks are not the last one.
+    let active: bool = tx.query_row(
+        "SELECT EXISTS (SELECT 1 FROM jobs WHERE parent = ?1 AND state IN ('queued', 'running'))",
+        params![parent],
+        |r| r.get(0),
+    )?;
+    if active {
         return Ok(());
     }
+    let s = summarize(tx, parent)?;
     let mut result = s.totals.clone();
     result.insert("tasks".into(), (s.done + s.failed).into());
     result.insert("tasks_failed".into(), s.failed.into());
@@ -762,8 +785,15 @@ mod tests {
         let split = q.lease("b", Duration::from_secs(30)).unwrap().unwrap();
         assert_eq!((split.parent, split.agent.as_str()), (p.id, "b"));
         assert!(
-            !q.add_tasks("a", split.id, "bucket_range", &["{}".into()], "{}")
-                .unwrap()
+            !q.add_tasks(
+                "a",
+                split.id,
+                "bucket_range",
+                &["{}".into()],
+                "{\"at\":0}",
+                "{}"
+            )
+            .unwrap()
         );
         assert!(
             q.add_tasks(
@@ -771,11 +801,38 @@ mod tests {
                 split.id,
                 "bucket_range",
                 &["{\"n\":1}".into(), "{\"n\":2}".into()],
+                "{\"at\":0}",
                 "{\"at\":2}"
             )
             .unwrap()
         );
         assert_eq!(q.job(split.id).unwrap().unwrap().spec, "{\"at\":2}");
+        // The same batch again (a retried call whose reply was lost): accepted,
+        // not added twice; a batch cut from a stale cursor: refused.
+        let again = ["{\"n\":1}".to_string(), "{\"n\":2}".to_string()];
+        assert!(
+            q.add_tasks(
+                "b",
+                split.id,
+                "bucket_range",
+                &again,
+                "{\"at\":0}",
+                "{\"at\":2}"
+            )
+            .unwrap()
+        );
+        let stale = ["{\"n\":3}".to_string()];
+        assert!(
+            !q.add_tasks(
+                "b",
+                split.id,
+                "bucket_range",
+                &stale,
+                "{\"at\":1}",
+                "{\"at\":3}"
+            )
+            .unwrap()
+        );
         assert!(q.finish("b", split.id, 0, "{}", "").unwrap());
         assert_eq!(q.job(p.id).unwrap().unwrap().state, "running");
         // One task lost with its agent goes back to the queue for anyone.

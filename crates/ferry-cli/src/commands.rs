@@ -138,9 +138,9 @@ pub async fn run(cli: Cli) -> Result<u8> {
             let (mut source, mut block) = (source, block);
             if let Some((ns, claim)) = crate::kube::claim_of(&source)? {
                 let p = crate::kube::place(g, &kube, &ns, &claim).await?;
+                remote.agent = Some(crate::kube::agent_for(&p, remote.agent.take())?);
                 source = p.path;
                 block |= p.block;
-                remote.agent.get_or_insert(p.node);
             }
             if let Some(objects) = crate::bucket::objects_at(&source, config.as_deref()).await? {
                 if g.coordinator.is_some() || block {
@@ -222,8 +222,8 @@ pub async fn run(cli: Cli) -> Result<u8> {
             let mut target = target;
             if let Some((ns, claim)) = crate::kube::claim_of(&target)? {
                 let p = crate::kube::place(g, &kube, &ns, &claim).await?;
+                remote.agent = Some(crate::kube::agent_for(&p, remote.agent.take())?);
                 target = p.path;
-                remote.agent.get_or_insert(p.node);
             }
             if let Some(objects) = crate::bucket::objects_at(&target, config.as_deref()).await? {
                 if g.coordinator.is_some() {

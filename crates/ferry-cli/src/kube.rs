@@ -47,6 +47,20 @@ pub async fn place(g: &Global, k: &KubeArgs, ns: &str, claim: &str) -> Result<Pl
     Ok(p)
 }
 
+/// The agent for a claim's job: its node's (an explicit `--agent` must be
+/// that one: the path exists only on that node).
+pub fn agent_for(p: &Placement, given: Option<String>) -> Result<String> {
+    match given {
+        Some(a) if a != p.node => bail!(
+            "claim {}/{} is on node {}: --agent {a} cannot reach it (drop --agent)",
+            p.namespace,
+            p.claim,
+            p.node
+        ),
+        _ => Ok(p.node.clone()),
+    }
+}
+
 /// `ferry plan`.
 pub async fn plan(
     g: &Global,

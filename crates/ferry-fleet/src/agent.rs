@@ -314,7 +314,7 @@ impl Agent {
                 complete,
             } => Ok((
                 0,
-                crate::bucket::split(&bucket, job.id, b, after, complete).await?,
+                crate::bucket::split(&bucket, job.id, &job.spec_json, b, after, complete).await?,
             )),
             JobSpec::BucketRange { job: b, range } => {
                 crate::bucket::range(&bucket, catalog, b, range, progress).await

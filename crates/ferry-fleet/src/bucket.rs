@@ -46,11 +46,22 @@ impl RemoteSyncState {
         Self { catalog, pair }
     }
 
+    /// Blocks until the coordinator answers; inside the sync's async code
+    /// it tells the runtime first, so the other tasks (copies, heartbeats)
+    /// keep their threads.
     fn call(&self, req: proto::BucketStateRequest) -> CatalogResult<proto::BucketStateReply> {
-        self.catalog.call("BucketState", move |mut c| {
-            let req = req.clone();
-            async move { c.bucket_state(req).await }
-        })
+        let run = move || {
+            self.catalog.call("BucketState", move |mut c| {
+                let req = req.clone();
+                async move { c.bucket_state(req).await }
+            })
+        };
+        match tokio::runtime::Handle::try_current() {
+            Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+                tokio::task::block_in_place(run)
+            }
+            _ => run(),
+        }
     }
 
     fn req(&self, op: proto::StateOp) -> proto::BucketStateRequest {
@@ -165,9 +176,12 @@ async fn open_side(ctx: &BucketContext<'_>, loc: &str) -> Result<Side> {
 }
 
 /// The split: lists the source from the cursor on and adds range tasks.
+/// `spec_json` is the task's spec as leased (the cursor the first batch is
+/// cut from).
 pub async fn split(
     ctx: &BucketContext<'_>,
     task: u64,
+    spec_json: &str,
     job: BucketJob,
     after: Option<String>,
     complete: bool,
@@ -187,6 +201,7 @@ pub async fn split(
         tokio::spawn(async move { src.list(&range, tx).await })
     };
     let mut cursor = after;
+    let mut from = spec_json.to_string();
     let mut pending: Vec<String> = Vec::new();
     let (mut objects, mut bytes, mut listed, mut tasks) = (0u64, 0u64, 0u64, 0u64);
     let mut flushed = Instant::now();
@@ -210,11 +225,12 @@ pub async fn split(
         if pending.len() >= SPLIT_BATCH || (!pending.is_empty() && flushed.elapsed() > SPLIT_FLUSH)
         {
             tasks += pending.len() as u64;
-            add(
+            from = add(
                 ctx,
                 task,
                 &job,
                 std::mem::take(&mut pending),
+                &from,
                 &cursor,
                 false,
             )
@@ -228,18 +244,22 @@ pub async fn split(
     // The last range is open-ended: keys after the listing's end too.
     pending.push(range_spec(&job, cursor.clone(), None)?);
     tasks += pending.len() as u64;
-    add(ctx, task, &job, pending, &cursor, true).await?;
+    add(ctx, task, &job, pending, &from, &cursor, true).await?;
     Ok(serde_json::json!({ "split_objects": listed, "split_tasks": tasks }))
 }
 
+/// Adds a batch of ranges and moves the cursor; returns the new cursor
+/// spec (what the next batch is cut from).
+#[allow(clippy::too_many_arguments)]
 async fn add(
     ctx: &BucketContext<'_>,
     task: u64,
     job: &BucketJob,
     specs: Vec<String>,
+    from: &str,
     cursor: &Option<String>,
     complete: bool,
-) -> Result<()> {
+) -> Result<String> {
     let cursor_spec = serde_json::to_string(&JobSpec::BucketSplit {
         job: job.clone(),
         after: cursor.clone(),
@@ -251,7 +271,8 @@ async fn add(
         job: task,
         kind: "bucket_range".into(),
         specs_json: specs,
-        cursor_spec_json: cursor_spec,
+        cursor_spec_json: cursor_spec.clone(),
+        from_spec_json: from.to_string(),
     };
     let client = ctx.client.clone();
     let r = with_retry(ctx.url, "AddTasks", ctx.patience, || {
@@ -264,7 +285,7 @@ async fn add(
             "task {task} is no longer this agent's (its lease expired); stopping the split"
         )));
     }
-    Ok(())
+    Ok(cursor_spec)
 }
 
 /// One range: the single-machine sync over it. Exit code 1 when keys

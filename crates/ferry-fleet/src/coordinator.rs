@@ -136,13 +136,15 @@ impl Service {
         Ok(s)
     }
 
-    /// A job as users see it: a distributed job's progress is its tasks'.
-    fn info(&self, j: JobRow) -> Result<proto::JobInfo, Status> {
+    /// A job as users see it: a distributed job's progress is its tasks'
+    /// (summed off the async threads: a large job has many tasks).
+    async fn info(&self, j: JobRow) -> Result<proto::JobInfo, Status> {
         let distributed = j.kind == "bucket_sync";
         let id = j.id;
         let mut info = job_info(j);
         if distributed && info.state == "running" {
-            let c = self.queue().children(id).map_err(failed)?;
+            let q = self.queue();
+            let c = blocking(move || q.children(id).map_err(failed)).await?;
             let num = |m: &serde_json::Map<String, serde_json::Value>, k: &str| {
                 m.get(k).and_then(|v| v.as_u64()).unwrap_or(0)
             };
@@ -194,6 +196,10 @@ impl Coordinator for Service {
         })
         .await?;
         tracing::info!(agent = %r.agent, failed_jobs, "agent registered");
+        if failed_jobs > 0 {
+            // Some may be distributed tasks, queued again for other agents.
+            self.0.submitted.notify_waiters();
+        }
         let o = &self.0.opts;
         Ok(Response::new(proto::RegisterReply {
             vault: o.vault_location.clone(),
@@ -264,6 +270,13 @@ impl Coordinator for Service {
         let q = self.queue();
         let (agent, job, code) = (r.agent.clone(), r.job, r.exit_code);
         let ok = blocking(move || {
+            let parent_was_running = match q.job(r.job).map_err(failed)? {
+                Some(j) if j.parent != 0 => q
+                    .job(j.parent)
+                    .map_err(failed)?
+                    .is_some_and(|p| p.state == "running"),
+                _ => false,
+            };
             let ok = q
                 .finish(&r.agent, r.job, r.exit_code, &r.result_json, &r.error)
                 .map_err(failed)?;
@@ -271,6 +284,7 @@ impl Coordinator for Service {
                 let secs = (j.finished - j.started).max(0) as f64;
                 ferry_core::telemetry::job_finished(&j.kind, &j.state, secs);
                 if j.parent != 0
+                    && parent_was_running
                     && let Some(p) = q.job(j.parent).map_err(failed)?
                     && p.state != "running"
                 {
@@ -521,7 +535,7 @@ impl Coordinator for Service {
         let q = self.queue();
         let job = blocking(move || q.job(id).map_err(failed)).await?;
         match job {
-            Some(j) => Ok(Response::new(self.info(j)?)),
+            Some(j) => Ok(Response::new(self.info(j).await?)),
             None => Err(Status::not_found(format!("no job {id}"))),
         }
     }
@@ -546,8 +560,15 @@ impl Coordinator for Service {
         let q = self.queue();
         let n = r.specs_json.len();
         let accepted = blocking(move || {
-            q.add_tasks(&r.agent, r.job, &r.kind, &r.specs_json, &r.cursor_spec_json)
-                .map_err(failed)
+            q.add_tasks(
+                &r.agent,
+                r.job,
+                &r.kind,
+                &r.specs_json,
+                &r.from_spec_json,
+                &r.cursor_spec_json,
+            )
+            .map_err(failed)
         })
         .await?;
         if accepted && n > 0 {
@@ -653,7 +674,7 @@ impl Coordinator for Service {
         if n > 0 {
             self.0.submitted.notify_waiters();
         }
-        Ok(Response::new(self.info(job)?))
+        Ok(Response::new(self.info(job).await?))
     }
 
     async fn report(
@@ -679,7 +700,7 @@ impl Coordinator for Service {
         })
         .await?;
         Ok(Response::new(proto::ReportReply {
-            job: Some(self.info(job)?),
+            job: Some(self.info(job).await?),
             tasks_queued: c.queued,
             tasks_running: c.running,
             tasks_done: c.done,
@@ -699,12 +720,11 @@ impl Coordinator for Service {
     async fn list_jobs(&self, _req: Request<Empty>) -> Result<Response<proto::JobList>, Status> {
         let q = self.queue();
         let jobs = blocking(move || q.jobs(1000).map_err(failed)).await?;
-        Ok(Response::new(proto::JobList {
-            jobs: jobs
-                .into_iter()
-                .map(|j| self.info(j))
-                .collect::<Result<_, _>>()?,
-        }))
+        let mut out = Vec::with_capacity(jobs.len());
+        for j in jobs {
+            out.push(self.info(j).await?);
+        }
+        Ok(Response::new(proto::JobList { jobs: out }))
     }
 
     async fn list_agents(
@@ -808,7 +828,7 @@ pub async fn serve(
         submitted: Notify::new(),
     });
     let reaper = {
-        let q = queue.clone();
+        let (q, state) = (queue.clone(), state.clone());
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(Duration::from_secs(1));
             loop {
@@ -819,7 +839,8 @@ pub async fn serve(
                         tracing::warn!(
                             ?ids,
                             "leases expired: jobs failed, distributed tasks queued again"
-                        )
+                        );
+                        state.submitted.notify_waiters();
                     }
                     Ok(Err(e)) => tracing::warn!("expiring leases: {e}"),
                     _ => {}
