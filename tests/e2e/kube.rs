@@ -6,19 +6,35 @@
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::path::Path;
+use std::sync::{Arc, Mutex};
 
 use crate::common::*;
 use crate::fleet::Fleet;
 
 /// Answers GETs from a map of path (with query) to JSON; 404 otherwise.
+/// A POST of a pod plays the scheduler and the kubelet: the pod lands on
+/// `node`, is Pending at its first read and Running after (except one that
+/// mounts claim `stuck`, which never starts); a DELETE removes it.
 struct FakeApi {
     url: String,
+    objects: Arc<Mutex<BTreeMap<String, serde_json::Value>>>,
+    /// Pods created through the API, as they were sent.
+    created: Arc<Mutex<Vec<serde_json::Value>>>,
 }
 
+type Objects = Arc<Mutex<BTreeMap<String, serde_json::Value>>>;
+
 impl FakeApi {
-    fn start(objects: BTreeMap<String, serde_json::Value>, token: &'static str) -> Self {
+    fn start(
+        objects: BTreeMap<String, serde_json::Value>,
+        token: &'static str,
+        node: &'static str,
+    ) -> Self {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let url = format!("http://{}", l.local_addr().unwrap());
+        let objects: Objects = Arc::new(Mutex::new(objects));
+        let created = Arc::new(Mutex::new(Vec::new()));
+        let (objs, made) = (objects.clone(), created.clone());
         std::thread::spawn(move || {
             for conn in l.incoming() {
                 let Ok(mut s) = conn else { continue };
@@ -27,18 +43,29 @@ impl FakeApi {
                 if r.read_line(&mut line).is_err() {
                     continue;
                 }
-                let path = line.split_whitespace().nth(1).unwrap_or("").to_string();
+                let mut words = line.split_whitespace();
+                let method = words.next().unwrap_or("").to_string();
+                let path = words.next().unwrap_or("").to_string();
                 let mut authorized = false;
+                let mut length = 0usize;
                 loop {
                     let mut h = String::new();
                     if r.read_line(&mut h).is_err() || h.trim().is_empty() {
                         break;
                     }
-                    if h.to_ascii_lowercase().starts_with("authorization:")
+                    let lower = h.to_ascii_lowercase();
+                    if lower.starts_with("authorization:")
                         && h.trim_end().ends_with(&format!("Bearer {token}"))
                     {
                         authorized = true;
                     }
+                    if let Some(v) = lower.strip_prefix("content-length:") {
+                        length = v.trim().parse().unwrap_or(0);
+                    }
+                }
+                let mut body = vec![0u8; length];
+                if r.read_exact(&mut body).is_err() {
+                    continue;
                 }
                 let (status, body) = if !authorized {
                     (
@@ -46,12 +73,27 @@ impl FakeApi {
                         serde_json::json!({"kind": "Status", "message": "Unauthorized"}),
                     )
                 } else {
-                    match objects.get(&path) {
-                        Some(v) => ("200 OK", v.clone()),
-                        None => (
-                            "404 Not Found",
-                            serde_json::json!({"kind": "Status", "message": "not found"}),
-                        ),
+                    let mut o = objs.lock().unwrap();
+                    match method.as_str() {
+                        "POST" => {
+                            let pod: serde_json::Value = serde_json::from_slice(&body).unwrap();
+                            made.lock().unwrap().push(pod.clone());
+                            ("201 Created", create_pod(&mut o, &path, pod, node))
+                        }
+                        "DELETE" => {
+                            let at = path.split('?').next().unwrap().to_string();
+                            match delete_pod(&mut o, &at) {
+                                Some(v) => ("200 OK", v),
+                                None => not_found(),
+                            }
+                        }
+                        _ => match o.get(&path).cloned() {
+                            Some(v) => {
+                                start_pod(&mut o, &path, &v);
+                                ("200 OK", v)
+                            }
+                            None => not_found(),
+                        },
                     }
                 };
                 let body = body.to_string();
@@ -63,8 +105,88 @@ impl FakeApi {
                 let _ = r.read(&mut [0u8; 0]);
             }
         });
-        FakeApi { url }
+        FakeApi {
+            url,
+            objects,
+            created,
+        }
     }
+
+    /// The names of the pods the API lists in namespace `shop`.
+    fn pods(&self) -> Vec<String> {
+        self.objects.lock().unwrap()["/api/v1/namespaces/shop/pods"]["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| p["metadata"]["name"].as_str().unwrap().to_string())
+            .collect()
+    }
+}
+
+fn not_found() -> (&'static str, serde_json::Value) {
+    (
+        "404 Not Found",
+        serde_json::json!({"kind": "Status", "message": "not found"}),
+    )
+}
+
+/// A created pod gets a name, a uid and a node, and starts Pending.
+fn create_pod(
+    o: &mut BTreeMap<String, serde_json::Value>,
+    list: &str,
+    mut pod: serde_json::Value,
+    node: &str,
+) -> serde_json::Value {
+    let n = o.len();
+    let name = format!(
+        "{}{n}",
+        pod["metadata"]["generateName"].as_str().unwrap_or("pod-")
+    );
+    let claim = pod["spec"]["volumes"][0]["persistentVolumeClaim"]["claimName"]
+        .as_str()
+        .unwrap_or("")
+        .to_string();
+    pod["metadata"]["name"] = name.clone().into();
+    pod["metadata"]["uid"] = format!("uid-helper-{claim}").into();
+    pod["spec"]["nodeName"] = node.into();
+    pod["status"] = serde_json::json!({"phase": "Pending"});
+    o.insert(format!("{list}/{name}"), pod.clone());
+    o.get_mut(list).unwrap()["items"]
+        .as_array_mut()
+        .unwrap()
+        .push(pod.clone());
+    pod
+}
+
+/// The kubelet starts a pending pod once it has been seen pending (a pod
+/// that mounts claim `stuck` never starts).
+fn start_pod(o: &mut BTreeMap<String, serde_json::Value>, path: &str, v: &serde_json::Value) {
+    let claim = &v["spec"]["volumes"][0]["persistentVolumeClaim"]["claimName"];
+    if v["status"]["phase"] != "Pending" || claim == "stuck" {
+        return;
+    }
+    let list = path.rsplit_once('/').unwrap().0.to_string();
+    o.get_mut(path).unwrap()["status"]["phase"] = "Running".into();
+    for p in o.get_mut(&list).unwrap()["items"].as_array_mut().unwrap() {
+        if p["metadata"]["name"] == v["metadata"]["name"] {
+            p["status"]["phase"] = "Running".into();
+        }
+    }
+}
+
+fn delete_pod(
+    o: &mut BTreeMap<String, serde_json::Value>,
+    path: &str,
+) -> Option<serde_json::Value> {
+    let v = o.remove(path)?;
+    let list = path.rsplit_once('/').unwrap().0.to_string();
+    if let Some(l) = o.get_mut(&list) {
+        l["items"]
+            .as_array_mut()
+            .unwrap()
+            .retain(|p| p["metadata"]["name"] != v["metadata"]["name"]);
+    }
+    Some(v)
 }
 
 fn kubeconfig(dir: &Path, name: &str, server: &str, token: &str, ns: &str) -> String {
@@ -205,14 +327,26 @@ fn target_api() -> BTreeMap<String, serde_json::Value> {
         "/api/v1/persistentvolumes/pvc-999".into(),
         serde_json::json!({"spec": {"csi": {"driver": "disk.csi.everest.io"}}}),
     );
+    // Claims no pod mounts yet: one a helper pod can mount, one whose
+    // helper never starts.
+    for (name, pv) in [("fresh", "pvc-998"), ("stuck", "pvc-997")] {
+        m.insert(
+            format!("/api/v1/namespaces/shop/persistentvolumeclaims/{name}"),
+            claim("shop", name, pv, "csi-disk-ssd", "1Gi", "Filesystem"),
+        );
+        m.insert(
+            format!("/api/v1/persistentvolumes/{pv}"),
+            serde_json::json!({"spec": {"csi": {"driver": "disk.csi.everest.io"}}}),
+        );
+    }
     m
 }
 
 #[test]
 fn claims_resolve_to_their_node_and_kubelet_path_and_move_between_clusters() {
     let mut f = Fleet::start();
-    let src_api = FakeApi::start(source_api(), "src-token");
-    let dst_api = FakeApi::start(target_api(), "dst-token");
+    let src_api = FakeApi::start(source_api(), "src-token", "node-a");
+    let dst_api = FakeApi::start(target_api(), "dst-token", "node-b");
     let dir = f.env.path("k");
     std::fs::create_dir_all(&dir).unwrap();
     let src_kc = kubeconfig(&dir, "src", &src_api.url, "src-token", "shop");
@@ -317,6 +451,60 @@ fn claims_resolve_to_their_node_and_kubelet_path_and_move_between_clusters() {
         &kubelet_b.join("pods/uid-new/volumes/kubernetes.io~csi/pvc-999/mount"),
     );
 
+    // --mount-helper: a pod mounting the orphan claim read-only starts on
+    // node-a, the snapshot reads the volume through it (followed to its end
+    // without --wait: the pod must outlive the job), and it is deleted.
+    let orphan_dir =
+        kubelet_a.join("pods/uid-helper-orphan/volumes/kubernetes.io~csi/pvc-444/mount");
+    make_tree(&orphan_dir);
+    let s = f.json(&[
+        "snapshot",
+        "pvc:shop/orphan",
+        "--volume",
+        "orphan",
+        "--kubeconfig",
+        &src_kc,
+        "--kubelet-dir",
+        &ka,
+        "--mount-helper",
+    ]);
+    assert_eq!(s["agent"], "node-a", "{s}");
+    assert!(s["files"].as_u64().unwrap() > 3, "{s}");
+    let made = src_api.created.lock().unwrap().clone();
+    assert_eq!(made.len(), 1, "one helper pod");
+    assert_eq!(
+        made[0]["spec"]["volumes"][0]["persistentVolumeClaim"],
+        serde_json::json!({"claimName": "orphan", "readOnly": true}),
+        "{}",
+        made[0]
+    );
+    assert!(
+        !src_api.pods().iter().any(|p| p.starts_with("ferry-mount-")),
+        "helper deleted: {:?}",
+        src_api.pods()
+    );
+    // And restored into a claim no pod mounts on the target, read-write.
+    let fresh = kubelet_b.join("pods/uid-helper-fresh/volumes/kubernetes.io~csi/pvc-998/mount");
+    std::fs::create_dir_all(&fresh).unwrap();
+    let r = f.json(&[
+        "restore",
+        "orphan",
+        "pvc:shop/fresh",
+        "--kubeconfig",
+        &dst_kc,
+        "--kubelet-dir",
+        &kb,
+        "--mount-helper",
+    ]);
+    assert_eq!(r["agent"], "node-b", "{r}");
+    assert_same_tree(&orphan_dir, &fresh);
+    let made = dst_api.created.lock().unwrap().clone();
+    assert_eq!(
+        made[0]["spec"]["volumes"][0]["persistentVolumeClaim"]["readOnly"],
+        false
+    );
+    assert!(!dst_api.pods().iter().any(|p| p.starts_with("ferry-mount-")));
+
     // Clear refusals: no pod mounts it; no such claim; bad token; no agent
     // on the node; no coordinator; a malformed claim name.
     let fail = |args: &[&str], want: &str| {
@@ -344,8 +532,25 @@ fn claims_resolve_to_their_node_and_kubelet_path_and_move_between_clusters() {
     let v = snap_args("pvc:shop/orphan", &src_kc);
     fail(
         &v.iter().map(String::as_str).collect::<Vec<_>>(),
-        "no running pod mounts claim shop/orphan",
+        "no running pod mounts claim shop/orphan: pass --mount-helper",
     );
+    // A helper pod that never starts: refused after the timeout, deleted.
+    fail(
+        &[
+            "restore",
+            "orphan",
+            "pvc:shop/stuck",
+            "--kubeconfig",
+            &dst_kc,
+            "--kubelet-dir",
+            &kb,
+            "--mount-helper",
+            "--helper-timeout",
+            "1",
+        ],
+        "is not running after 1s",
+    );
+    assert!(!dst_api.pods().iter().any(|p| p.starts_with("ferry-mount-")));
     let v = snap_args("pvc:shop/nope", &src_kc);
     fail(
         &v.iter().map(String::as_str).collect::<Vec<_>>(),

@@ -133,14 +133,19 @@ pub async fn run(cli: Cli) -> Result<u8> {
             block,
             config,
             kube,
-            mut remote,
+            remote,
         } => {
-            let (mut source, mut block) = (source, block);
             if let Some((ns, claim)) = crate::kube::claim_of(&source)? {
-                let p = crate::kube::place(g, &kube, &ns, &claim).await?;
-                remote.agent = Some(crate::kube::agent_for(&p, remote.agent.take())?);
-                source = p.path;
-                block |= p.block;
+                let claimed = crate::kube::place(g, &kube, &ns, &claim, true).await?;
+                return crate::kube::run_on_node(g, claimed, remote, |p| {
+                    ferry_fleet::spec::JobSpec::Snapshot {
+                        source: p.path.clone(),
+                        volume,
+                        reread,
+                        block: block || p.block,
+                    }
+                })
+                .await;
             }
             if let Some(objects) = crate::bucket::objects_at(&source, config.as_deref()).await? {
                 if g.coordinator.is_some() || block {
@@ -217,13 +222,20 @@ pub async fn run(cli: Cli) -> Result<u8> {
             delta,
             config,
             kube,
-            mut remote,
+            remote,
         } => {
-            let mut target = target;
             if let Some((ns, claim)) = crate::kube::claim_of(&target)? {
-                let p = crate::kube::place(g, &kube, &ns, &claim).await?;
-                remote.agent = Some(crate::kube::agent_for(&p, remote.agent.take())?);
-                target = p.path;
+                let claimed = crate::kube::place(g, &kube, &ns, &claim, false).await?;
+                return crate::kube::run_on_node(g, claimed, remote, |p| {
+                    ferry_fleet::spec::JobSpec::Restore {
+                        snapshot,
+                        target: p.path.clone(),
+                        delete: delta.delete,
+                        verify: delta.verify,
+                        reread_target: delta.reread_target,
+                    }
+                })
+                .await;
             }
             if let Some(objects) = crate::bucket::objects_at(&target, config.as_deref()).await? {
                 if g.coordinator.is_some() {

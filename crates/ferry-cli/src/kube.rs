@@ -8,7 +8,7 @@ use ferry_kube::{Kube, Placement};
 
 use crate::commands::print;
 use crate::ui::human_bytes;
-use crate::{Global, KubeArgs};
+use crate::{Global, KubeArgs, RemoteArgs};
 
 /// `NAMESPACE/CLAIM` of a `pvc:` argument, or None for anything else.
 pub fn claim_of(arg: &std::path::Path) -> Result<Option<(String, String)>> {
@@ -27,29 +27,100 @@ fn kube(k: &KubeArgs) -> Result<Kube> {
     Ok(Kube::new(k.kubeconfig.as_deref())?)
 }
 
-/// Resolves the claim and checks its node has an agent.
-pub async fn place(g: &Global, k: &KubeArgs, ns: &str, claim: &str) -> Result<Placement> {
+/// A claim placed on its node, with the helper pod that mounts it (if
+/// ferry had to start one).
+pub struct Claimed {
+    pub placement: Placement,
+    helper: Option<(Kube, ferry_kube::Helper)>,
+}
+
+impl Claimed {
+    pub fn has_helper(&self) -> bool {
+        self.helper.is_some()
+    }
+
+    /// Deletes the helper pod; a failure is a warning that says how to do it
+    /// by hand (the job's own outcome is what the command reports).
+    pub async fn release(self) {
+        if let Some((kube, h)) = self.helper
+            && let Err(e) = h.stop(&kube).await
+        {
+            eprintln!(
+                "warning: helper pod {}/{} not deleted ({e}): kubectl -n {} delete pod {}",
+                h.namespace, h.name, h.namespace, h.name
+            );
+        }
+    }
+}
+
+/// Resolves the claim (starting a helper pod with `--mount-helper` when no
+/// running pod mounts it) and checks its node has an agent.
+pub async fn place(
+    g: &Global,
+    k: &KubeArgs,
+    ns: &str,
+    claim: &str,
+    read_only: bool,
+) -> Result<Claimed> {
     if g.coordinator.is_none() {
         bail!(
             "pvc:{ns}/{claim}: a claim is moved by the agent on its node: pass --coordinator URL"
         );
     }
-    let p = ferry_kube::resolve(&kube(k)?, ns, claim, &k.kubelet_dir).await?;
-    let agents = crate::fleet::fleet_client(g)?.agents().await?;
-    if !agents.iter().any(|a| a.name == p.node) {
-        bail!(
-            "claim {ns}/{claim} is on node {}, which has no agent (agents are named after their node: \
-             run the DaemonSet, or `ferry agent --name {}` there)",
-            p.node,
-            p.node
+    let kube = kube(k)?;
+    let opts = k.mount_helper.then(|| ferry_kube::HelperOptions {
+        image: k.helper_image.clone(),
+        read_only,
+        timeout: std::time::Duration::from_secs(k.helper_timeout),
+    });
+    let (p, helper) =
+        ferry_kube::resolve_mounting(&kube, ns, claim, &k.kubelet_dir, opts.as_ref()).await?;
+    let claimed = Claimed {
+        placement: p,
+        helper: helper.map(|h| (kube, h)),
+    };
+    let agents = match crate::fleet::fleet_client(g)?.agents().await {
+        Ok(a) => a,
+        Err(e) => {
+            claimed.release().await;
+            return Err(e.into());
+        }
+    };
+    let node = &claimed.placement.node;
+    if !agents.iter().any(|a| &a.name == node) {
+        let msg = format!(
+            "claim {ns}/{claim} is on node {node}, which has no agent (agents are named after their node: \
+             run the DaemonSet, or `ferry agent --name {node}` there)"
         );
+        claimed.release().await;
+        bail!(msg);
     }
-    Ok(p)
+    Ok(claimed)
 }
 
-/// The agent for a claim's job: its node's (an explicit `--agent` must be
-/// that one: the path exists only on that node).
-pub fn agent_for(p: &Placement, given: Option<String>) -> Result<String> {
+/// Runs a claim's job on its node's agent (an explicit `--agent` must be
+/// that one: the path exists only on that node), then deletes the helper
+/// pod if there is one. With a helper pod the job is always followed to its
+/// end: the pod must outlive it.
+pub async fn run_on_node(
+    g: &Global,
+    claimed: Claimed,
+    mut remote: RemoteArgs,
+    spec: impl FnOnce(&Placement) -> ferry_fleet::spec::JobSpec,
+) -> Result<u8> {
+    let r = async {
+        remote.agent = Some(agent_for(&claimed.placement, remote.agent.take())?);
+        remote.wait |= claimed.has_helper();
+        let client = crate::fleet::client(g, &remote)?
+            .ok_or_else(|| anyhow!("a claim's job needs --coordinator URL"))?;
+        crate::fleet::run_job(g, &client, &remote, spec(&claimed.placement)).await
+    }
+    .await;
+    claimed.release().await;
+    r
+}
+
+fn agent_for(p: &Placement, given: Option<String>) -> Result<String> {
     match given {
         Some(a) if a != p.node => bail!(
             "claim {}/{} is on node {}: --agent {a} cannot reach it (drop --agent)",

@@ -249,6 +249,19 @@ pub struct KubeArgs {
     /// The kubelet's root directory on the nodes.
     #[arg(long, value_name = "DIR", default_value = "/var/lib/kubelet")]
     pub kubelet_dir: PathBuf,
+    /// A claim no running pod mounts: start a pod that mounts it for the job's duration, then delete it (implies --wait).
+    #[arg(long)]
+    pub mount_helper: bool,
+    /// The helper pod's image (it only has to stay up).
+    #[arg(
+        long,
+        value_name = "IMAGE",
+        default_value = "registry.k8s.io/pause:3.10"
+    )]
+    pub helper_image: String,
+    /// How long to wait for the helper pod to run.
+    #[arg(long, value_name = "SECONDS", default_value_t = 300)]
+    pub helper_timeout: u64,
 }
 
 /// Where a job runs in fleet mode.

@@ -266,14 +266,49 @@ impl Kube {
 
     /// GETs `path` (`/api/v1/...`) as JSON. A 404 is `Ok(None)`.
     pub async fn get_opt<T: DeserializeOwned>(&self, path: &str) -> Result<Option<T>> {
+        self.call(reqwest::Method::GET, path, None).await
+    }
+
+    /// POSTs `body` to `path` (creates an object) and returns what the
+    /// server made of it.
+    pub async fn create<T: DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &serde_json::Value,
+    ) -> Result<T> {
+        self.call(reqwest::Method::POST, path, Some(body))
+            .await?
+            .ok_or_else(|| Error::NotFound(format!("{}: {path}: not found", self.server)))
+    }
+
+    /// DELETEs the object at `path`; one that is already gone is fine.
+    pub async fn delete(&self, path: &str) -> Result<()> {
+        self.call::<serde_json::Value>(reqwest::Method::DELETE, path, None)
+            .await
+            .map(drop)
+    }
+
+    /// One request with a JSON answer. A 404 is `Ok(None)`; any other
+    /// failure names the server, the path and the API's own message.
+    async fn call<T: DeserializeOwned>(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<&serde_json::Value>,
+    ) -> Result<Option<T>> {
         let api = |message: String| Error::Api {
             server: self.server.clone(),
             path: path.to_string(),
             message,
         };
-        let mut req = self.http.get(format!("{}{path}", self.server));
+        let mut req = self.http.request(method, format!("{}{path}", self.server));
         if let Some(t) = &self.token {
             req = req.bearer_auth(t);
+        }
+        if let Some(b) = body {
+            req = req
+                .header(reqwest::header::CONTENT_TYPE, "application/json")
+                .body(b.to_string());
         }
         let resp = req.send().await.map_err(|e| api(e.to_string()))?;
         let status = resp.status();

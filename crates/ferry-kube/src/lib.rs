@@ -8,10 +8,12 @@
 //! kinds of objects, and kube with k8s-openapi would double the build.
 
 pub mod client;
+pub mod helper;
 pub mod resolve;
 
 pub use client::Kube;
-pub use resolve::{Placement, PlanRow, plan, resolve};
+pub use helper::{Helper, HelperOptions};
+pub use resolve::{Placement, PlanRow, plan, resolve, resolve_mounting};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -27,6 +29,9 @@ pub enum Error {
     NotFound(String),
     #[error("{0}")]
     Unusable(String),
+    /// No running pod mounts the claim, so no node has its data laid out.
+    #[error("{0}")]
+    NotMounted(String),
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::{Error, Kube, Result};
+use crate::{Error, Helper, HelperOptions, Kube, Result};
 
 #[derive(Deserialize, Default)]
 #[serde(default)]
@@ -175,7 +175,8 @@ async fn pods_mounting(kube: &Kube, ns: &str, name: &str) -> Result<Vec<Pod>> {
 }
 
 /// Finds where the data of claim `ns/name` is: the node and the path under
-/// `kubelet_dir` (the kubelet's root directory on that node).
+/// `kubelet_dir` (the kubelet's root directory on that node). A claim that
+/// no running pod mounts is [`Error::NotMounted`].
 pub async fn resolve(kube: &Kube, ns: &str, name: &str, kubelet_dir: &Path) -> Result<Placement> {
     let c = claim(kube, ns, name).await?;
     if c.status.phase != "Bound" || c.spec.volume_name.is_empty() {
@@ -194,9 +195,9 @@ pub async fn resolve(kube: &Kube, ns: &str, name: &str, kubelet_dir: &Path) -> R
         .into_iter()
         .next()
         .ok_or_else(|| {
-            Error::Unusable(format!(
-                "no running pod mounts claim {ns}/{name}: start one that does (a helper pod \
-             running `sleep` with the claim as a volume will do), then run this again"
+            Error::NotMounted(format!(
+                "no running pod mounts claim {ns}/{name}: pass --mount-helper (ferry starts a \
+                 pod that mounts it and deletes it afterwards), or start one that does"
             ))
         })?;
     if pod.spec.node_name.is_empty() || pod.metadata.uid.is_empty() {
@@ -242,6 +243,32 @@ pub async fn resolve(kube: &Kube, ns: &str, name: &str, kubelet_dir: &Path) -> R
         block,
         path,
     })
+}
+
+/// As [`resolve`], but a claim that no running pod mounts gets a helper
+/// pod when `helper` says how (see [`crate::helper`]); the caller stops it
+/// when the job is over.
+pub async fn resolve_mounting(
+    kube: &Kube,
+    ns: &str,
+    name: &str,
+    kubelet_dir: &Path,
+    helper: Option<&HelperOptions>,
+) -> Result<(Placement, Option<Helper>)> {
+    let opts = match (resolve(kube, ns, name, kubelet_dir).await, helper) {
+        (Ok(p), _) => return Ok((p, None)),
+        (Err(Error::NotMounted(_)), Some(o)) => o,
+        (Err(e), _) => return Err(e),
+    };
+    let block = claim(kube, ns, name).await?.spec.volume_mode.as_deref() == Some("Block");
+    let h = Helper::start(kube, ns, name, block, opts).await?;
+    match resolve(kube, ns, name, kubelet_dir).await {
+        Ok(p) => Ok((p, Some(h))),
+        Err(e) => {
+            let _ = h.stop(kube).await;
+            Err(e)
+        }
+    }
 }
 
 /// One claim to move, for `ferry plan`.
