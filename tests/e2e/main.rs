@@ -12,4 +12,5 @@ mod fleet_bucket;
 mod kube;
 mod local;
 mod maintenance;
+mod migration;
 mod s3;

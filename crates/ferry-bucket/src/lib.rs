@@ -5,11 +5,10 @@
 //! opens it and streams its listing in key order, `sync` merges the two
 //! listings with what the last run recorded (`ferry_core::bucket_state`),
 //! and a pool of workers copies (streamed, multipart with parallel parts,
-//! or server-side on one endpoint), deletes and verifies. `limit` paces
-//! the bytes.
+//! or server-side on one endpoint), deletes and verifies.
+//! `ferry_core::limit` paces the bytes.
 
 pub mod config;
-pub mod limit;
 pub mod location;
 pub mod objects;
 pub mod store;

@@ -22,9 +22,9 @@ use globset::{Glob, GlobSet, GlobSetBuilder};
 use serde::Serialize;
 use tokio::sync::mpsc;
 
-use crate::limit::Limiter;
 use crate::store::{Entry, KeyRange, Side, Upload};
 use crate::{Error, Result};
+use ferry_core::limit::Limiter;
 
 pub const PARTS_IN_FLIGHT: usize = 4;
 

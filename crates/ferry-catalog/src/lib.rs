@@ -19,6 +19,7 @@ use rusqlite::{Connection, OptionalExtension, params};
 
 pub mod bucket;
 pub mod jobs;
+pub mod migration;
 pub mod target;
 
 const SCHEMA_VERSION: i64 = 1;

@@ -411,19 +411,9 @@ pub async fn snapshot(
     reread: bool,
 ) -> Result<u8> {
     let (vault, catalog) = crate::commands::open(None, g).await?;
-    let bar = Arc::new(Bar::new("snapshot"));
     let mut opts = ferry_core::snapshot::SnapshotOptions::new(volume);
     opts.reread = reread;
-    let r = ferry_core::snapshot::snapshot_objects(
-        vault,
-        catalog,
-        Arc::new(objects),
-        &opts,
-        bar.clone(),
-    )
-    .await;
-    bar.finish();
-    let s = r?;
+    let s = snapshot_into(vault, catalog, objects, &opts).await?;
     print(g, &s, || crate::commands::snapshot_text(&s))?;
     if s.incomplete {
         eprintln!(
@@ -436,6 +426,56 @@ pub async fn snapshot(
     Ok(0)
 }
 
+/// Saves a bucket as a snapshot, with a progress bar.
+pub async fn snapshot_into(
+    vault: Arc<ferry_core::vault::Vault>,
+    catalog: Arc<dyn ferry_core::catalog::Catalog>,
+    objects: BucketObjects,
+    opts: &ferry_core::snapshot::SnapshotOptions,
+) -> Result<ferry_core::snapshot::SnapshotSummary> {
+    let bar = Arc::new(Bar::new("snapshot"));
+    let r = ferry_core::snapshot::snapshot_objects(
+        vault,
+        catalog,
+        Arc::new(objects),
+        opts,
+        bar.clone(),
+    )
+    .await;
+    bar.finish();
+    Ok(r?)
+}
+
+/// Restores a snapshot into a bucket, with the target's memory and a
+/// progress bar.
+pub async fn restore_into(
+    vault: Arc<ferry_core::vault::Vault>,
+    catalog: Arc<dyn ferry_core::catalog::Catalog>,
+    snap: &ferry_core::manifest::SnapshotRecord,
+    objects: BucketObjects,
+    opts: &ferry_core::restore::objects::ObjectRestoreOptions,
+) -> Result<ferry_core::restore::objects::ObjectRestoreSummary> {
+    use ferry_core::objects::ObjectSink;
+    let target = ObjectSink::name(&objects);
+    let state = SqliteSyncState::open(&ferry_catalog::bucket::default_path(
+        "restore",
+        &format!("{}\n{target}", vault.id()),
+    ))?;
+    let bar = Arc::new(Bar::new("restore"));
+    let r = ferry_core::restore::objects::restore_objects(
+        vault,
+        catalog,
+        snap,
+        Arc::new(objects),
+        Arc::new(state),
+        opts,
+        bar.clone(),
+    )
+    .await;
+    bar.finish();
+    Ok(r?)
+}
+
 /// `ferry restore NAME BUCKET`.
 pub async fn restore(
     g: &Global,
@@ -443,36 +483,18 @@ pub async fn restore(
     objects: BucketObjects,
     delta: &crate::DeltaArgs,
 ) -> Result<u8> {
-    use ferry_core::objects::ObjectSink;
     if delta.reread_target {
         bail!("--reread-target is for directories; a bucket's objects are compared by their etags");
     }
     let (vault, catalog) = crate::commands::open(None, g).await?;
     let snap = ferry_core::sync::find_snapshot(catalog.as_ref(), snapshot)?;
-    let target = ObjectSink::name(&objects);
-    let state = SqliteSyncState::open(&ferry_catalog::bucket::default_path(
-        "restore",
-        &format!("{}\n{target}", vault.id()),
-    ))?;
     let opts = ferry_core::restore::objects::ObjectRestoreOptions {
         delete: delta.delete,
         verify: delta.verify,
         no_lock: delta.no_lock,
         ..Default::default()
     };
-    let bar = Arc::new(Bar::new("restore"));
-    let r = ferry_core::restore::objects::restore_objects(
-        vault,
-        catalog,
-        &snap,
-        Arc::new(objects),
-        Arc::new(state),
-        &opts,
-        bar.clone(),
-    )
-    .await;
-    bar.finish();
-    let s = r?;
+    let s = restore_into(vault, catalog, &snap, objects, &opts).await?;
     print(g, &s, || {
         let mut out = String::new();
         for (k, e) in &s.failed {

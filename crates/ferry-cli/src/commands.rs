@@ -361,6 +361,7 @@ pub async fn run(cli: Cli) -> Result<u8> {
             kube,
         } => crate::kube::plan(g, &kube, namespace, selector, storage_class_map).await,
         Command::Bucket(cmd) => crate::bucket::run(g, cmd).await,
+        Command::Migration(cmd) => crate::migration::run(g, cmd).await,
         Command::Jobs { id } => crate::fleet::jobs(g, id).await,
         Command::Forget {
             snapshot,
@@ -535,7 +536,7 @@ pub(crate) fn restore_text(s: &ferry_core::restore::RestoreSummary, target: &Pat
     )
 }
 
-async fn restore_into(
+pub(crate) async fn restore_into(
     vault: Arc<Vault>,
     catalog: Arc<dyn Catalog>,
     snap: &ferry_core::manifest::SnapshotRecord,
@@ -569,7 +570,7 @@ pub(crate) fn default_volume(source: &Path) -> String {
 /// The embedded default vault of `ferry sync`: a local vault under the state
 /// directory, with a random key in a 0600 file beside it (no passphrase to
 /// choose for the simplest migration).
-async fn open_default_vault(g: &Global) -> Result<(Arc<Vault>, Arc<dyn Catalog>)> {
+pub(crate) async fn open_default_vault(g: &Global) -> Result<(Arc<Vault>, Arc<dyn Catalog>)> {
     use std::os::unix::fs::OpenOptionsExt;
     let dir = ferry_catalog::state_dir();
     let vault_dir = dir.join("default-vault");

@@ -9,6 +9,7 @@ mod bucket;
 mod commands;
 mod fleet;
 mod kube;
+mod migration;
 mod ui;
 
 use std::path::PathBuf;
@@ -214,6 +215,9 @@ pub enum Command {
         #[command(flatten)]
         kube: KubeArgs,
     },
+    /// A whole migration: pre-sync rounds with a downtime estimate, cutover, report.
+    #[command(subcommand)]
+    Migration(MigrationCmd),
     /// List the coordinator's agents.
     Agents,
     /// List the coordinator's jobs, or show one.
@@ -221,6 +225,108 @@ pub enum Command {
         /// Only this job.
         id: Option<u64>,
     },
+}
+
+#[derive(Subcommand)]
+pub enum MigrationCmd {
+    /// Record a migration: sources paired in order with targets.
+    Create {
+        name: String,
+        /// A directory, block device or image, bucket (s3://b/p, REMOTE:b/p) or claim (pvc:NS/CLAIM); repeat.
+        #[arg(long = "from", value_name = "SOURCE", required = true)]
+        from: Vec<String>,
+        /// Where the source of the same rank goes; repeat.
+        #[arg(long = "to", value_name = "TARGET", required = true)]
+        to: Vec<String>,
+        /// With --coordinator: the agent that reads the sources (claims go to their node's).
+        #[arg(long, value_name = "NAME")]
+        from_agent: Option<String>,
+        /// With --coordinator: the agent that writes the targets.
+        #[arg(long, value_name = "NAME")]
+        to_agent: Option<String>,
+        /// Named remotes for bucket pairs (default: $XDG_CONFIG_HOME/ferry/config.toml).
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
+    },
+    /// Run a pre-sync round over every pair and estimate the downtime.
+    Presync {
+        name: String,
+        /// Repeat rounds until the estimate stops shrinking.
+        #[arg(long)]
+        until_converged: bool,
+        /// At most this many rounds with --until-converged.
+        #[arg(long, default_value_t = 10, value_name = "N")]
+        max_rounds: u32,
+        /// Run only inside this window: HH:MM-HH:MM in UTC, or with an offset (01:00-05:00+08:00).
+        #[arg(long, value_name = "HH:MM-HH:MM")]
+        window: Option<String>,
+        /// Cap the rate the sources are read at (e.g. 50M for 50 MiB/s).
+        #[arg(long, value_name = "RATE")]
+        bandwidth: Option<String>,
+        #[command(flatten)]
+        pairs: PairArgs,
+    },
+    /// Per pair and in total: last round, change rate, estimated final delta and downtime.
+    Status {
+        name: String,
+        #[command(flatten)]
+        pairs: PairArgs,
+    },
+    /// Quiesce, final delta of every pair, verify, resume.
+    Cutover {
+        name: String,
+        /// Run before the final delta (e.g. scale the application to zero).
+        #[arg(long, value_name = "CMD")]
+        quiesce_cmd: Option<String>,
+        /// Run on success (e.g. start the application on the target).
+        #[arg(long, value_name = "CMD")]
+        resume_cmd: Option<String>,
+        /// Run when anything fails after quiescing (e.g. restart the application on the source).
+        #[arg(long, value_name = "CMD")]
+        rollback_cmd: Option<String>,
+        /// Refuse, before quiescing, when the estimate is longer (e.g. 90s, 5m, 1h30m, or seconds: 0.5).
+        #[arg(long, value_name = "DURATION", value_parser = parse_seconds)]
+        max_downtime: Option<std::time::Duration>,
+        /// Read every target back and check it against its snapshot before resuming.
+        #[arg(long)]
+        verify: bool,
+        #[command(flatten)]
+        pairs: PairArgs,
+    },
+    /// Compare every target with its last snapshot; a signed JSON (--json) or Markdown report.
+    Report {
+        name: String,
+        /// Write the report to FILE instead of stdout.
+        #[arg(long, short, value_name = "FILE")]
+        output: Option<PathBuf>,
+        #[command(flatten)]
+        pairs: PairArgs,
+    },
+    /// Check the signature of a JSON report with the vault's key.
+    VerifyReport {
+        file: PathBuf,
+        #[command(flatten)]
+        pairs: PairArgs,
+    },
+}
+
+/// A duration as `parse_duration` takes it, or plain (fractional) seconds.
+fn parse_seconds(s: &str) -> Result<std::time::Duration, String> {
+    match s.parse::<f64>() {
+        Ok(v) if v.is_finite() && v >= 0.0 => Ok(std::time::Duration::from_secs_f64(v)),
+        Ok(_) => Err(format!("bad duration {s:?}")),
+        Err(_) => ferry_core::forget::parse_duration(s),
+    }
+}
+
+/// How the pairs of a migration are reached.
+#[derive(Args, Clone)]
+pub struct PairArgs {
+    /// Named remotes for bucket pairs (default: $XDG_CONFIG_HOME/ferry/config.toml).
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    #[command(flatten)]
+    pub kube: KubeArgs,
 }
 
 /// How a restore treats what is already in the target.
@@ -338,7 +444,7 @@ pub enum BucketCmd {
         #[arg(long)]
         dry_run: bool,
         /// At most this many bytes per second in total (e.g. 50M).
-        #[arg(long, value_name = "RATE", value_parser = ferry_bucket::limit::parse_rate)]
+        #[arg(long, value_name = "RATE", value_parser = ferry_core::limit::parse_rate)]
         bandwidth: Option<u64>,
         /// Copy object tags too.
         #[arg(long)]

@@ -708,57 +708,19 @@ async fn restore_locked(
 }
 
 /// Reads every file of the snapshot back from `target` and checks it chunk
-/// by chunk; also sizes, symlink targets and that directories exist.
-/// Returns (files verified, paths that differ).
+/// by chunk; also sizes, links and types (see [`crate::compare`]).
+/// Returns (files verified, paths that differ or are missing).
 pub async fn verify(
     vault: &Vault,
     catalog: &dyn Catalog,
     snap: &SnapshotRecord,
     target: &Path,
 ) -> Result<(u64, Vec<String>)> {
-    let mut bad = Vec::new();
-    let mut ok = 0u64;
-    let mut stack = vec![(snap.root, target.to_path_buf(), String::new())];
-    while let Some((id, dir, rel)) = stack.pop() {
-        let tree = crate::sync::load_tree(vault, catalog, &id).await?;
-        for node in tree.entries {
-            let path = join_safe(&dir, &node.name)?;
-            let r = format!("{rel}/{}", node.name.display());
-            let md = std::fs::symlink_metadata(&path).ok();
-            let good = match (&node.kind, &md) {
-                (NodeKind::Dir { subtree }, Some(m)) if m.is_dir() => {
-                    stack.push((*subtree, path.clone(), r.clone()));
-                    true
-                }
-                (NodeKind::File { size, chunks }, Some(m)) if m.is_file() && m.len() == *size => {
-                    let (p, chunks, ids) = (path.clone(), chunks.clone(), vault.ids().clone());
-                    let size = *size;
-                    let c = tokio::task::spawn_blocking(move || {
-                        changed_by_reading(&p, size, &chunks, &ids)
-                    })
-                    .await
-                    .map_err(|e| Error::Internal(e.to_string()))??;
-                    !c.0.contains(&true)
-                }
-                (NodeKind::Symlink { target: t }, Some(m)) if m.file_type().is_symlink() => {
-                    std::fs::read_link(&path)
-                        .map(|l| Name::from_os(l.as_os_str()) == *t)
-                        .unwrap_or(false)
-                }
-                (NodeKind::Hardlink { .. }, Some(m)) => m.is_file(),
-                _ => false,
-            };
-            if good {
-                if matches!(node.kind, NodeKind::File { .. }) {
-                    ok += 1;
-                }
-            } else {
-                bad.push(r);
-            }
-        }
-    }
+    let c = crate::compare::compare_dir(vault, catalog, snap, target, &Default::default()).await?;
+    let mut bad = c.missing;
+    bad.extend(c.differing);
     bad.sort();
-    Ok((ok, bad))
+    Ok((c.files_equal, bad))
 }
 
 /// What fetching and scattering did.
@@ -1155,7 +1117,7 @@ fn meta_differs(md: &Metadata, node: &Node, is_root: bool) -> bool {
         || (is_root && (md.uid() != node.uid || md.gid() != node.gid))
 }
 
-fn effective_uid() -> u32 {
+pub(crate) fn effective_uid() -> u32 {
     use std::os::unix::fs::MetadataExt;
     // /proc/self belongs to the process's effective uid: no unsafe call.
     std::fs::metadata("/proc/self")

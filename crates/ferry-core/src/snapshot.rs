@@ -57,6 +57,9 @@ pub struct SnapshotOptions {
     /// Snapshot a regular file as a raw block volume (a disk image).
     /// Block devices are always taken as block volumes.
     pub block: bool,
+    /// Read the source at most this fast (bytes per second): a pre-sync
+    /// while the application runs must not starve it.
+    pub read_limit: Option<u64>,
 }
 
 impl SnapshotOptions {
@@ -70,6 +73,7 @@ impl SnapshotOptions {
             uploads: 4,
             reread: false,
             block: false,
+            read_limit: None,
         }
     }
 }
@@ -122,6 +126,8 @@ pub struct SnapshotPhases {
 
 #[derive(Default)]
 struct Stats {
+    /// Paces `bytes_scanned` (`read_limit`).
+    limit: Option<crate::limit::Limiter>,
     bytes_scanned: AtomicU64,
     bytes_new: AtomicU64,
     bytes_uploaded: AtomicU64,
@@ -131,6 +137,17 @@ struct Stats {
     packs: AtomicU64,
     warnings: AtomicU64,
     special: AtomicU64,
+}
+
+impl Stats {
+    /// Counts `n` source bytes read, and waits if they came too fast.
+    fn read(&self, n: u64) {
+        self.bytes_scanned.fetch_add(n, Ordering::Relaxed);
+        crate::telemetry::bytes_read(n);
+        if let Some(l) = &self.limit {
+            l.take_blocking(n);
+        }
+    }
 }
 
 /// Chunks a worker looks up in the catalog at once.
@@ -298,7 +315,10 @@ async fn snapshot_locked(
         )));
     }
     let parent = crate::sync::find_snapshot(catalog.as_ref(), &opts.volume).ok();
-    let stats = Arc::new(Stats::default());
+    let stats = Arc::new(Stats {
+        limit: opts.read_limit.map(crate::limit::Limiter::new),
+        ..Default::default()
+    });
     let dedup = Arc::new(Dedup {
         catalog: catalog.clone(),
         claimed: Mutex::new(HashSet::new()),
@@ -995,8 +1015,7 @@ fn chunk_file_hinted(
         })
         .map_err(|_| stopped())?;
         emit(rx)?;
-        stats.bytes_scanned.fetch_add(n, Ordering::Relaxed);
-        crate::telemetry::bytes_read(n);
+        stats.read(n);
         progress.advance(n);
         Ok(())
     };
@@ -1150,8 +1169,7 @@ fn chunk_reader(
                 })
                 .map_err(|_| stopped())?;
                 emit(rx)?;
-                stats.bytes_scanned.fetch_add(n, Ordering::Relaxed);
-                crate::telemetry::bytes_read(n);
+                stats.read(n);
                 progress.advance(n);
             }
             Err(e) => {

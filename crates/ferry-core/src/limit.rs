@@ -1,5 +1,6 @@
 //! `--bandwidth`: one token bucket shared by every worker, so the whole
-//! sync stays under the rate whatever the concurrency.
+//! bucket sync, or a snapshot's reading of its source, stays under the
+//! rate whatever the concurrency.
 
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -20,7 +21,23 @@ impl Limiter {
 
     /// Waits until `n` more bytes fit under the rate.
     pub async fn take(&self, n: u64) {
-        let wait = {
+        let wait = self.debit(n);
+        if !wait.is_zero() {
+            tokio::time::sleep(wait).await;
+        }
+    }
+
+    /// [`Limiter::take`] for reader threads.
+    pub fn take_blocking(&self, n: u64) {
+        let wait = self.debit(n);
+        if !wait.is_zero() {
+            std::thread::sleep(wait);
+        }
+    }
+
+    /// Takes `n` tokens; how long to wait for them.
+    fn debit(&self, n: u64) -> Duration {
+        {
             let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
             let now = Instant::now();
             // Tokens refill at `rate`; a burst of at most one second.
@@ -34,9 +51,6 @@ impl Limiter {
             } else {
                 Duration::ZERO
             }
-        };
-        if !wait.is_zero() {
-            tokio::time::sleep(wait).await;
         }
     }
 }

@@ -1,0 +1,1301 @@
+//! `ferry migration`: a named migration of many source/target pairs, run
+//! as rounds of the same snapshot + delta restore as `ferry sync`, with the
+//! downtime estimate, the cutover sequence and the signed report of
+//! `ferry_core::migration`.
+//!
+//! Embedded (the vault's catalog holds the record, pairs run one after the
+//! other on this machine) or, with `--coordinator`, over agents (the
+//! coordinator's catalog holds it, every pair's jobs run at once).
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::{Context, Result, anyhow, bail};
+use ferry_core::catalog::Catalog;
+use ferry_core::compare::{CompareOptions, Comparison};
+use ferry_core::migration::{
+    self, Estimate, Migration, MigrationStore, Pair, PairKind, PairRound, Round, RoundKind, Step,
+};
+use ferry_core::vault::Vault;
+use serde::Serialize;
+use serde_json::{Value, json};
+
+use crate::commands::print;
+use crate::ui::human_bytes;
+use crate::{DeltaArgs, Global, MigrationCmd, PairArgs};
+
+/// Where the record lives and how pairs run.
+struct Env {
+    vault: Arc<Vault>,
+    catalog: Arc<dyn Catalog>,
+    store: Arc<dyn MigrationStore>,
+}
+
+impl Env {
+    async fn open(g: &Global) -> Result<Env> {
+        if g.coordinator.is_some() {
+            bail!(
+                "ferry migration runs embedded for now: drop --coordinator (pairs of claims need agents: \
+                 move them with `ferry sync --from-agent A --to-agent B` meanwhile)"
+            );
+        }
+        let (vault, catalog) = match g.vault {
+            Some(_) => crate::commands::open(None, g).await?,
+            None => crate::commands::open_default_vault(g).await?,
+        };
+        let store = ferry_catalog::migration::SqliteMigrations::open(
+            &crate::commands::catalog_path(g, &vault),
+        )?;
+        Ok(Env {
+            vault,
+            catalog,
+            store: Arc::new(store),
+        })
+    }
+
+    fn load(&self, name: &str) -> Result<(Migration, Vec<Round>)> {
+        let m = self.store.migration(name)?.ok_or_else(|| {
+            anyhow!("no migration {name:?}: create it with `ferry migration create {name} --from SOURCE --to TARGET`")
+        })?;
+        let rounds = self.store.rounds(name)?;
+        Ok((m, rounds))
+    }
+
+    /// Pairs run one after the other here.
+    fn parallel(&self) -> bool {
+        false
+    }
+}
+
+pub async fn run(g: &Global, cmd: MigrationCmd) -> Result<u8> {
+    match cmd {
+        MigrationCmd::Create {
+            name,
+            from,
+            to,
+            from_agent,
+            to_agent,
+            config,
+        } => create(g, name, from, to, from_agent, to_agent, config).await,
+        MigrationCmd::Presync {
+            name,
+            until_converged,
+            max_rounds,
+            window,
+            bandwidth,
+            pairs,
+        } => {
+            let window = window
+                .map(|w| migration::Window::parse(&w))
+                .transpose()
+                .map_err(|e| anyhow!(e))?;
+            let limit = bandwidth
+                .map(|b| ferry_core::limit::parse_rate(&b))
+                .transpose()
+                .map_err(|e| anyhow!("--bandwidth: {e}"))?;
+            let rounds = if until_converged {
+                max_rounds.max(1)
+            } else {
+                1
+            };
+            presync(g, &name, rounds, until_converged, window, limit, &pairs).await
+        }
+        MigrationCmd::Status { name, pairs: _ } => status(g, &name).await,
+        MigrationCmd::Cutover {
+            name,
+            quiesce_cmd,
+            resume_cmd,
+            rollback_cmd,
+            max_downtime,
+            verify,
+            pairs,
+        } => {
+            let c = Cutover {
+                quiesce: quiesce_cmd,
+                resume: resume_cmd,
+                rollback: rollback_cmd,
+                max_downtime_s: max_downtime.map(|d| d.as_secs_f64()),
+                verify,
+            };
+            cutover(g, &name, &c, &pairs).await
+        }
+        MigrationCmd::Report {
+            name,
+            output,
+            pairs,
+        } => report(g, &name, output, &pairs).await,
+        MigrationCmd::VerifyReport { file, pairs: _ } => verify_report(g, &file).await,
+    }
+}
+
+fn valid_name(name: &str) -> Result<()> {
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b));
+    if !ok {
+        bail!("migration name {name:?}: use 1-64 letters, digits, '.', '_' or '-'");
+    }
+    Ok(())
+}
+
+fn is_bucket(arg: &str, config: Option<&Path>) -> Result<bool> {
+    if arg.starts_with("s3://") {
+        return Ok(true);
+    }
+    // REMOTE:bucket/prefix, with REMOTE a named remote; `./a:b` and
+    // `/x:y` stay paths.
+    let Some((remote, _)) = arg.split_once(':') else {
+        return Ok(false);
+    };
+    if remote.is_empty() || remote.contains('/') {
+        return Ok(false);
+    }
+    let cfg = ferry_bucket::config::Config::load(config)?;
+    Ok(cfg.remotes.contains_key(remote))
+}
+
+/// An absolute path for a local side (so later commands work from any
+/// directory), or the argument as given for buckets and claims.
+fn absolute_local(arg: &str) -> Result<String> {
+    let p = Path::new(arg);
+    let abs = if p.is_absolute() {
+        p.to_path_buf()
+    } else {
+        std::env::current_dir()?.join(p)
+    };
+    Ok(std::fs::canonicalize(&abs)
+        .unwrap_or(abs)
+        .to_string_lossy()
+        .into_owned())
+}
+
+/// What kind of pair `source` → `target` is, checking what can be checked
+/// now: local sources exist, buckets answer.
+async fn pair_of(
+    g: &Global,
+    i: usize,
+    name: &str,
+    source: &str,
+    target: &str,
+    config: Option<&Path>,
+    agents: (&Option<String>, &Option<String>),
+) -> Result<Pair> {
+    let claim = |s: &str| s.starts_with("pvc:");
+    let mut pair = Pair {
+        source: source.to_string(),
+        target: target.to_string(),
+        volume: format!("{name}-{i}"),
+        kind: PairKind::Dir,
+        from_agent: agents.0.clone(),
+        to_agent: agents.1.clone(),
+    };
+    if claim(source) || claim(target) {
+        if g.coordinator.is_none() {
+            bail!("pair {i}: claims are moved by agents: pass --coordinator URL");
+        }
+        for s in [source, target].into_iter().filter(|s| claim(s)) {
+            crate::kube::claim_of(Path::new(s))?;
+        }
+        pair.kind = PairKind::Claim;
+        return Ok(pair);
+    }
+    let (src_bucket, dst_bucket) = (is_bucket(source, config)?, is_bucket(target, config)?);
+    if src_bucket || dst_bucket {
+        if g.coordinator.is_some() {
+            bail!(
+                "pair {i}: bucket pairs run on this machine: create the migration without --coordinator"
+            );
+        }
+        for (b, s) in [(src_bucket, source), (dst_bucket, target)] {
+            if b {
+                crate::bucket::objects_at(Path::new(s), config)
+                    .await
+                    .with_context(|| format!("pair {i}: {s}"))?;
+            }
+        }
+        if !src_bucket {
+            pair.source = absolute_local(source)?;
+        }
+        if !dst_bucket {
+            pair.target = absolute_local(target)?;
+        }
+        pair.kind = PairKind::Bucket;
+        return Ok(pair);
+    }
+    if g.coordinator.is_some() {
+        // The paths are on the agents' nodes: checked when the jobs run.
+        if pair.from_agent.is_none() || pair.to_agent.is_none() {
+            bail!(
+                "with --coordinator, name the agents of directory pairs: --from-agent NAME --to-agent NAME"
+            );
+        }
+        for s in [source, target] {
+            if !Path::new(s).is_absolute() {
+                bail!("pair {i}: {s}: give an absolute path (the jobs run on the agents' nodes)");
+            }
+        }
+        pair.kind = if std::path::Path::new(source)
+            .extension()
+            .is_some_and(|e| e == "img")
+        {
+            PairKind::Block
+        } else {
+            PairKind::Dir
+        };
+        return Ok(pair);
+    }
+    use std::os::unix::fs::FileTypeExt;
+    let md = std::fs::metadata(source).with_context(|| format!("pair {i}: source {source}"))?;
+    pair.kind = if md.is_dir() {
+        PairKind::Dir
+    } else if md.is_file() || md.file_type().is_block_device() {
+        PairKind::Block
+    } else {
+        bail!("pair {i}: source {source} is neither a directory, a block device nor an image file");
+    };
+    if pair.kind == PairKind::Dir
+        && let Ok(t) = std::fs::metadata(target)
+        && !t.is_dir()
+    {
+        bail!("pair {i}: target {target} is not a directory");
+    }
+    pair.source = absolute_local(source)?;
+    pair.target = absolute_local(target)?;
+    Ok(pair)
+}
+
+async fn create(
+    g: &Global,
+    name: String,
+    from: Vec<String>,
+    to: Vec<String>,
+    from_agent: Option<String>,
+    to_agent: Option<String>,
+    config: Option<PathBuf>,
+) -> Result<u8> {
+    valid_name(&name)?;
+    if from.len() != to.len() {
+        bail!(
+            "{} --from and {} --to: give one target for each source, in the same order",
+            from.len(),
+            to.len()
+        );
+    }
+    let env = Env::open(g).await?;
+    let mut pairs = Vec::new();
+    for (i, (s, t)) in from.iter().zip(&to).enumerate() {
+        pairs.push(
+            pair_of(
+                g,
+                i + 1,
+                &name,
+                s,
+                t,
+                config.as_deref(),
+                (&from_agent, &to_agent),
+            )
+            .await?,
+        );
+    }
+    let m = Migration {
+        name: name.clone(),
+        created: now_text(),
+        pairs,
+    };
+    if !env.store.create_migration(&m)? {
+        bail!("migration {name:?} exists already (see `ferry migration status {name}`)");
+    }
+    print(g, &m, || {
+        let mut s = format!("migration {name} created with {} pair(s):", m.pairs.len());
+        for (i, p) in m.pairs.iter().enumerate() {
+            s.push_str(&format!(
+                "\n  {}. {} -> {} ({:?}, volume {})",
+                i + 1,
+                p.source,
+                p.target,
+                p.kind,
+                p.volume
+            ));
+        }
+        s.push_str(&format!(
+            "\nnext: ferry migration presync {name} [--until-converged]"
+        ));
+        s
+    })?;
+    Ok(0)
+}
+
+fn now_text() -> String {
+    ferry_core::vault::format_rfc3339(ferry_core::forget::now_ns() / 1_000_000_000)
+}
+
+/// Runs one round over every pair: in order here, at once on agents.
+async fn round(
+    env: &Env,
+    m: &Migration,
+    seq: u32,
+    kind: RoundKind,
+    limit: Option<u64>,
+    pairs: &PairArgs,
+) -> Round {
+    let started = Instant::now();
+    let started_ns = ferry_core::forget::now_ns();
+    let mut results = Vec::new();
+    for p in &m.pairs {
+        results.push(run_pair(env, p, limit, kind == RoundKind::Cutover, pairs).await);
+    }
+    let pairs = results;
+    Round {
+        seq,
+        kind: Some(kind),
+        started: ferry_core::vault::format_rfc3339(started_ns / 1_000_000_000),
+        started_ns,
+        duration_s: started.elapsed().as_secs_f64(),
+        ok: pairs.iter().all(|p| p.ok),
+        error: None,
+        pairs,
+        ..Default::default()
+    }
+}
+
+/// One pair's snapshot and delta restore (with `--delete`: the target
+/// becomes the source), embedded. Failures are kept in the record.
+async fn run_pair(
+    env: &Env,
+    pair: &Pair,
+    limit: Option<u64>,
+    strict: bool,
+    args: &PairArgs,
+) -> PairRound {
+    let mut out = PairRound {
+        source: pair.source.clone(),
+        target: pair.target.clone(),
+        ..Default::default()
+    };
+    if let Err(e) = run_pair_inner(env, pair, limit, strict, args, &mut out).await {
+        out.ok = false;
+        out.error = Some(crate::ui::one_line(&e));
+    }
+    out
+}
+
+async fn run_pair_inner(
+    env: &Env,
+    pair: &Pair,
+    limit: Option<u64>,
+    strict: bool,
+    args: &PairArgs,
+    out: &mut PairRound,
+) -> Result<()> {
+    let cfg = args.config.as_deref();
+    let t = Instant::now();
+    let mut opts = ferry_core::snapshot::SnapshotOptions::new(pair.volume.clone());
+    opts.block = pair.kind == PairKind::Block;
+    opts.read_limit = limit;
+    let s = match crate::bucket::objects_at(Path::new(&pair.source), cfg).await? {
+        Some(objects) => {
+            crate::bucket::snapshot_into(env.vault.clone(), env.catalog.clone(), objects, &opts)
+                .await?
+        }
+        None => {
+            let bar = Arc::new(crate::ui::Bar::new("snapshot"));
+            let r = ferry_fleet::work::snapshot(
+                env.vault.clone(),
+                env.catalog.clone(),
+                Path::new(&pair.source),
+                &opts,
+                bar.clone(),
+            )
+            .await;
+            bar.finish();
+            r?
+        }
+    };
+    out.snapshot_s = t.elapsed().as_secs_f64();
+    out.snapshot_id = Some(s.snapshot_id.clone());
+    out.files = s.files;
+    out.bytes_scanned = s.bytes_scanned;
+    out.bytes_new = s.bytes_new;
+    out.warnings = s.warnings;
+    // While the application runs, files change under the reader: the next
+    // round takes them again. Once it is quiesced, nothing may be missing.
+    if s.incomplete && strict {
+        bail!(
+            "snapshot {} of {} is incomplete: {} entries could not be read or changed while read (is the source quiesced?)",
+            &s.snapshot_id[..8],
+            pair.source,
+            s.warnings
+        );
+    }
+    let snap = ferry_core::sync::find_snapshot(
+        env.catalog.as_ref(),
+        &format!("{}@{}", pair.volume, s.snapshot_id),
+    )?;
+    out.bytes_total = snap.bytes;
+    let t = Instant::now();
+    match crate::bucket::objects_at(Path::new(&pair.target), cfg).await? {
+        Some(objects) => {
+            let opts = ferry_core::restore::objects::ObjectRestoreOptions {
+                delete: true,
+                ..Default::default()
+            };
+            let r = crate::bucket::restore_into(
+                env.vault.clone(),
+                env.catalog.clone(),
+                &snap,
+                objects,
+                &opts,
+            )
+            .await?;
+            out.bytes_written = r.bytes_written;
+            out.files_written = r.files_written;
+            out.files_deleted = r.files_deleted;
+            if let Some((k, e)) = r.failed.first() {
+                bail!("{} object(s) not written, first {k}: {e}", r.failed.len());
+            }
+        }
+        None => {
+            let delta = DeltaArgs {
+                delete: true,
+                verify: false,
+                reread_target: false,
+                no_lock: false,
+            };
+            let r = crate::commands::restore_into(
+                env.vault.clone(),
+                env.catalog.clone(),
+                &snap,
+                Path::new(&pair.target),
+                &delta,
+            )
+            .await?;
+            out.bytes_written = r.bytes_written;
+            out.files_written = r.files_written;
+            out.files_deleted = r.files_deleted;
+        }
+    }
+    out.restore_s = t.elapsed().as_secs_f64();
+    out.ok = true;
+    Ok(())
+}
+
+/// Compares a pair's target with snapshot `id` of its volume.
+async fn compare_pair(
+    env: &Env,
+    pair: &Pair,
+    id: &str,
+    opts: &CompareOptions,
+    args: &PairArgs,
+) -> Result<Comparison> {
+    let snap =
+        ferry_core::sync::find_snapshot(env.catalog.as_ref(), &format!("{}@{id}", pair.volume))?;
+    match crate::bucket::objects_at(Path::new(&pair.target), args.config.as_deref()).await? {
+        Some(objects) => {
+            let (vault, catalog, opts) = (env.vault.clone(), env.catalog.clone(), opts.clone());
+            let rt = tokio::runtime::Handle::current();
+            Ok(tokio::task::spawn_blocking(move || {
+                ferry_core::compare::compare_objects(
+                    &rt,
+                    &vault,
+                    catalog.as_ref(),
+                    &snap,
+                    &objects,
+                    &opts,
+                )
+            })
+            .await??)
+        }
+        None => Ok(ferry_core::compare::compare_dir(
+            &env.vault,
+            env.catalog.as_ref(),
+            &snap,
+            Path::new(&pair.target),
+            opts,
+        )
+        .await?),
+    }
+}
+
+fn seconds(s: f64) -> String {
+    if s < 60.0 {
+        format!("{s:.1}s")
+    } else if s < 3600.0 {
+        format!("{}m{:02}s", (s / 60.0) as u64, (s % 60.0) as u64)
+    } else {
+        format!(
+            "{}h{:02}m",
+            (s / 3600.0) as u64,
+            ((s % 3600.0) / 60.0) as u64
+        )
+    }
+}
+
+fn round_text(m: &Migration, r: &Round) -> String {
+    let mut s = format!(
+        "round {} ({:?}) of {}: {} in {}",
+        r.seq,
+        r.kind.unwrap_or(RoundKind::Presync),
+        m.name,
+        if r.ok { "ok" } else { "FAILED" },
+        seconds(r.duration_s)
+    );
+    for (i, p) in r.pairs.iter().enumerate() {
+        match &p.error {
+            Some(e) => s.push_str(&format!("\n  {}. {} -> {}: FAILED: {e}", i + 1, p.source, p.target)),
+            None => s.push_str(&format!(
+                "\n  {}. {} -> {}: {} read, {} new, {} written, {} deleted in {} (snapshot {}, restore {}){}",
+                i + 1,
+                p.source,
+                p.target,
+                human_bytes(p.bytes_scanned),
+                human_bytes(p.bytes_new),
+                human_bytes(p.bytes_written),
+                p.files_deleted,
+                seconds(p.duration_s()),
+                seconds(p.snapshot_s),
+                seconds(p.restore_s),
+                if p.warnings > 0 {
+                    format!("; {} entries changed while read, taken again next round", p.warnings)
+                } else {
+                    String::new()
+                }
+            )),
+        }
+    }
+    if let Some(e) = r.estimate_s {
+        s.push_str(&format!(
+            "\n  estimated downtime of a cutover now: {}",
+            seconds(e)
+        ));
+    }
+    s
+}
+
+async fn presync(
+    g: &Global,
+    name: &str,
+    max_rounds: u32,
+    until_converged: bool,
+    window: Option<migration::Window>,
+    limit: Option<u64>,
+    pairs: &PairArgs,
+) -> Result<u8> {
+    let env = Env::open(g).await?;
+    let (m, mut rounds) = env.load(name)?;
+    let mut ran = Vec::new();
+    let mut stopped = None;
+    let mut previous: Option<f64> = rounds
+        .iter()
+        .rev()
+        .find(|r| r.kind == Some(RoundKind::Presync) && r.ok)
+        .and_then(|r| r.estimate_s);
+    for n in 0..max_rounds {
+        if let Some(w) = window {
+            let now_s = ferry_core::forget::now_ns() / 1_000_000_000;
+            let wait = w.wait_s(now_s);
+            if wait > 0 {
+                if n > 0 {
+                    stopped = Some("the window closed".to_string());
+                    break;
+                }
+                eprintln!("waiting {} for the window to open", seconds(wait as f64));
+                tokio::time::sleep(std::time::Duration::from_secs(wait as u64)).await;
+            }
+        }
+        let seq = rounds.last().map(|r| r.seq + 1).unwrap_or(1);
+        let mut r = round(&env, &m, seq, RoundKind::Presync, limit, pairs).await;
+        let mut all = rounds.clone();
+        all.push(r.clone());
+        let e = migration::estimate(&m, &all, ferry_core::forget::now_ns(), env.parallel());
+        r.estimate_s = e.downtime_s;
+        env.store.add_round(name, &r)?;
+        if !g.json {
+            eprintln!("{}", round_text(&m, &r));
+        }
+        rounds.push(r.clone());
+        let ok = r.ok;
+        let est = r.estimate_s;
+        ran.push(r);
+        if !ok {
+            stopped = Some("a pair failed".into());
+            break;
+        }
+        if until_converged {
+            if let Some(e) = est
+                && migration::converged(previous, e)
+            {
+                stopped = Some("the estimate stopped shrinking".into());
+                break;
+            }
+            previous = est;
+        }
+    }
+    if until_converged && stopped.is_none() {
+        stopped = Some(format!("{max_rounds} rounds (--max-rounds)"));
+    }
+    let e = migration::estimate(&m, &rounds, ferry_core::forget::now_ns(), env.parallel());
+    #[derive(Serialize)]
+    struct Out<'a> {
+        migration: &'a str,
+        rounds: &'a [Round],
+        #[serde(skip_serializing_if = "Option::is_none")]
+        stopped: Option<String>,
+        estimate: &'a Estimate,
+    }
+    let failed = ran.iter().any(|r| !r.ok);
+    print(
+        g,
+        &Out {
+            migration: name,
+            rounds: &ran,
+            stopped: stopped.clone(),
+            estimate: &e,
+        },
+        || {
+            format!(
+                "{} round(s) run{}; estimated downtime of a cutover now: {}",
+                ran.len(),
+                stopped
+                    .map(|s| format!(", stopped: {s}"))
+                    .unwrap_or_default(),
+                e.downtime_s
+                    .map(seconds)
+                    .unwrap_or_else(|| "unknown".into())
+            )
+        },
+    )?;
+    if failed {
+        let r = ran.last().expect("a round ran");
+        let (i, p) = r
+            .pairs
+            .iter()
+            .enumerate()
+            .find(|(_, p)| !p.ok)
+            .expect("a pair failed");
+        eprintln!(
+            "error: round {} of {name}: pair {} ({} -> {}) failed: {}",
+            r.seq,
+            i + 1,
+            p.source,
+            p.target,
+            p.error.as_deref().unwrap_or("no reason given")
+        );
+        return Ok(1);
+    }
+    Ok(0)
+}
+
+async fn status(g: &Global, name: &str) -> Result<u8> {
+    let env = Env::open(g).await?;
+    let (m, rounds) = env.load(name)?;
+    let e = migration::estimate(&m, &rounds, ferry_core::forget::now_ns(), env.parallel());
+    let cutover = rounds
+        .iter()
+        .rev()
+        .find(|r| r.kind == Some(RoundKind::Cutover));
+    #[derive(Serialize)]
+    struct Out<'a> {
+        migration: &'a Migration,
+        rounds: usize,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        cutover: Option<&'a Round>,
+        estimate: &'a Estimate,
+    }
+    print(
+        g,
+        &Out {
+            migration: &m,
+            rounds: rounds.len(),
+            cutover,
+            estimate: &e,
+        },
+        || {
+            let mut s = format!(
+                "migration {name}: {} pair(s), {} round(s)",
+                m.pairs.len(),
+                rounds.len()
+            );
+            for (i, p) in e.pairs.iter().enumerate() {
+                s.push_str(&format!(
+                    "\n  {}. {} -> {}: last round {}, {}/h changing, final delta ~{}, downtime ~{}",
+                    i + 1,
+                    p.source,
+                    p.target,
+                    p.last_round.as_deref().unwrap_or("never"),
+                    p.change_bytes_per_hour
+                        .map(|b| human_bytes(b as u64))
+                        .unwrap_or_else(|| "?".into()),
+                    human_bytes(p.final_delta_bytes),
+                    if p.rounds > 0 {
+                        seconds(p.estimate_s)
+                    } else {
+                        "unknown".into()
+                    }
+                ));
+            }
+            s.push_str(&format!(
+                "\nestimated downtime: {} ({} with --verify)",
+                e.downtime_s
+                    .map(seconds)
+                    .unwrap_or_else(|| "unknown (run a presync round)".into()),
+                e.downtime_verified_s
+                    .map(seconds)
+                    .unwrap_or_else(|| "unknown".into())
+            ));
+            if let Some(c) = cutover {
+                s.push_str(&format!(
+                    "\ncutover {} at {}: downtime {}",
+                    if c.ok { "done" } else { "FAILED" },
+                    c.started,
+                    c.downtime_s.map(seconds).unwrap_or_default()
+                ));
+            }
+            s
+        },
+    )?;
+    Ok(0)
+}
+
+struct Cutover {
+    quiesce: Option<String>,
+    resume: Option<String>,
+    rollback: Option<String>,
+    max_downtime_s: Option<f64>,
+    verify: bool,
+}
+
+/// Runs `cmd` with `sh -c`; its output goes to stderr.
+async fn shell(what: &str, cmd: &str) -> Step {
+    let t = Instant::now();
+    let c = cmd.to_string();
+    let r = tokio::task::spawn_blocking(move || {
+        std::process::Command::new("sh")
+            .arg("-c")
+            .arg(&c)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::from(std::io::stderr()))
+            .status()
+    })
+    .await
+    .unwrap_or_else(|e| Err(std::io::Error::other(e)));
+    let (ok, detail) = match r {
+        Ok(s) if s.success() => (true, None),
+        Ok(s) => (false, Some(format!("`{cmd}` exited with {s}"))),
+        Err(e) => (false, Some(format!("`{cmd}` could not run: {e}"))),
+    };
+    Step {
+        name: what.into(),
+        ok,
+        duration_s: t.elapsed().as_secs_f64(),
+        detail,
+    }
+}
+
+async fn cutover(g: &Global, name: &str, c: &Cutover, args: &PairArgs) -> Result<u8> {
+    let env = Env::open(g).await?;
+    let (m, rounds) = env.load(name)?;
+    let e = migration::estimate(&m, &rounds, ferry_core::forget::now_ns(), env.parallel());
+    let est = if c.verify {
+        e.downtime_verified_s
+    } else {
+        e.downtime_s
+    };
+    if let Some(max) = c.max_downtime_s {
+        match est {
+            None => bail!(
+                "no downtime estimate yet (run `ferry migration presync {name}`): refusing to cut over with --max-downtime; nothing was quiesced"
+            ),
+            Some(est) if est > max => bail!(
+                "estimated downtime {} exceeds --max-downtime {}: run `ferry migration presync {name}` again (or raise the limit); nothing was quiesced",
+                seconds(est),
+                seconds(max)
+            ),
+            _ => {}
+        }
+    }
+    let started = Instant::now();
+    let mut steps = Vec::new();
+    let seq = rounds.last().map(|r| r.seq + 1).unwrap_or(1);
+    if let Some(q) = &c.quiesce {
+        let s = shell("quiesce", q).await;
+        let ok = s.ok;
+        steps.push(s);
+        if !ok {
+            let mut r = Round {
+                seq,
+                kind: Some(RoundKind::Cutover),
+                started: now_text(),
+                started_ns: ferry_core::forget::now_ns(),
+                ok: false,
+                error: steps[0].detail.clone(),
+                steps,
+                ..Default::default()
+            };
+            let rolled = rollback(c, &mut r.steps).await;
+            env.store.add_round(name, &r)?;
+            bail!(
+                "quiesce failed ({}): nothing was copied; the source may be partly quiesced: {}",
+                r.error.as_deref().unwrap_or("?"),
+                rolled
+            );
+        }
+    }
+    // The final delta.
+    let mut r = round(&env, &m, seq, RoundKind::Cutover, None, args).await;
+    steps.push(Step {
+        name: "final delta".into(),
+        ok: r.ok,
+        duration_s: r.duration_s,
+        detail: (!r.ok).then(|| {
+            r.pairs
+                .iter()
+                .filter_map(|p| p.error.as_ref().map(|e| format!("{}: {e}", p.source)))
+                .collect::<Vec<_>>()
+                .join("; ")
+        }),
+    });
+    // Verification.
+    let mut verified = vec![None; m.pairs.len()];
+    if c.verify && r.ok {
+        let t = Instant::now();
+        let mut all = true;
+        for (i, (pair, pr)) in m.pairs.iter().zip(r.pairs.iter_mut()).enumerate() {
+            let id = pr.snapshot_id.clone().unwrap_or_default();
+            let ct = Instant::now();
+            match compare_pair(&env, pair, &id, &CompareOptions::default(), args).await {
+                Ok(cmp) => {
+                    let mut bad = cmp.missing.clone();
+                    bad.extend(cmp.differing.iter().cloned());
+                    bad.extend(cmp.extra.iter().cloned());
+                    pr.mismatched = bad;
+                    verified[i] = Some(pr.mismatched.is_empty());
+                }
+                Err(e) => {
+                    pr.mismatched = vec![format!("could not compare: {}", crate::ui::one_line(&e))];
+                    verified[i] = Some(false);
+                }
+            }
+            pr.verify_s = ct.elapsed().as_secs_f64();
+            all &= verified[i] == Some(true);
+        }
+        r.ok = all;
+        steps.push(Step {
+            name: "verify".into(),
+            ok: all,
+            duration_s: t.elapsed().as_secs_f64(),
+            detail: (!all).then(|| {
+                r.pairs
+                    .iter()
+                    .filter(|p| !p.mismatched.is_empty())
+                    .map(|p| {
+                        format!(
+                            "{}: {} differ ({})",
+                            p.target,
+                            p.mismatched.len(),
+                            p.mismatched
+                                .iter()
+                                .take(5)
+                                .cloned()
+                                .collect::<Vec<_>>()
+                                .join(", ")
+                        )
+                    })
+                    .collect::<Vec<_>>()
+                    .join("; ")
+            }),
+        });
+    }
+    let mut outcome = String::new();
+    if r.ok {
+        if let Some(cmd) = &c.resume {
+            let s = shell("resume", cmd).await;
+            if !s.ok {
+                r.ok = false;
+                outcome = format!(
+                    "every pair is copied{} but the resume command failed ({}): start the application on the target by hand",
+                    if c.verify { " and verified" } else { "" },
+                    s.detail.clone().unwrap_or_default()
+                );
+            }
+            steps.push(s);
+        }
+    } else {
+        outcome = rollback(c, &mut steps).await;
+    }
+    r.steps = steps;
+    r.downtime_s = Some(started.elapsed().as_secs_f64());
+    r.estimate_s = est;
+    r.error = (!r.ok).then(|| outcome.clone());
+    env.store.add_round(name, &r)?;
+    #[derive(Serialize)]
+    struct Out<'a> {
+        migration: &'a str,
+        ok: bool,
+        downtime_s: f64,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        estimate_s: Option<f64>,
+        steps: &'a [Step],
+        pairs: Vec<Value>,
+    }
+    let pairs_state: Vec<Value> = m
+        .pairs
+        .iter()
+        .zip(&r.pairs)
+        .zip(&verified)
+        .map(|((pair, pr), v)| {
+            json!({
+                "source": pair.source,
+                "target": pair.target,
+                "state": pair_state(pr, *v),
+                "snapshot_id": pr.snapshot_id,
+                "bytes_written": pr.bytes_written,
+                "duration_s": pr.duration_s(),
+                "verify_s": pr.verify_s,
+                "mismatched": pr.mismatched,
+                "error": pr.error,
+            })
+        })
+        .collect();
+    let downtime = r.downtime_s.unwrap_or(0.0);
+    print(
+        g,
+        &Out {
+            migration: name,
+            ok: r.ok,
+            downtime_s: downtime,
+            estimate_s: est,
+            steps: &r.steps,
+            pairs: pairs_state.clone(),
+        },
+        || {
+            let mut s = format!(
+                "cutover of {name}: {} in {} (estimated {})",
+                if r.ok { "done" } else { "FAILED" },
+                seconds(downtime),
+                est.map(seconds).unwrap_or_else(|| "?".into())
+            );
+            for st in &r.steps {
+                s.push_str(&format!(
+                    "\n  {:<12} {:<6} {}{}",
+                    st.name,
+                    if st.ok { "ok" } else { "FAILED" },
+                    seconds(st.duration_s),
+                    st.detail
+                        .as_ref()
+                        .map(|d| format!("  {d}"))
+                        .unwrap_or_default()
+                ));
+            }
+            for (i, p) in pairs_state.iter().enumerate() {
+                s.push_str(&format!(
+                    "\n  pair {}: {} -> {}: {}",
+                    i + 1,
+                    p["source"].as_str().unwrap_or(""),
+                    p["target"].as_str().unwrap_or(""),
+                    p["state"].as_str().unwrap_or("")
+                ));
+            }
+            s
+        },
+    )?;
+    if !r.ok {
+        bail!("cutover of {name} failed: {outcome}");
+    }
+    Ok(0)
+}
+
+/// What a pair's target holds after a cutover, in words.
+fn pair_state(p: &PairRound, verified: Option<bool>) -> &'static str {
+    match (p.ok, verified) {
+        (false, _) => "final delta failed: the target is incomplete",
+        (true, Some(false)) => "copied, but verification found differences",
+        (true, Some(true)) => "copied and verified",
+        (true, None) => "copied (not verified)",
+    }
+}
+
+/// After a failure past the quiesce: the rollback command if given, and
+/// what the operator must do.
+async fn rollback(c: &Cutover, steps: &mut Vec<Step>) -> String {
+    let advice = "the source is unchanged (ferry only reads it): resume the application on the source to roll back";
+    match &c.rollback {
+        Some(cmd) => {
+            let s = shell("rollback", cmd).await;
+            let msg = if s.ok {
+                "rolled back: the rollback command resumed the source".to_string()
+            } else {
+                format!(
+                    "the rollback command failed ({}): {advice}",
+                    s.detail.clone().unwrap_or_default()
+                )
+            };
+            steps.push(s);
+            msg
+        }
+        None => advice.to_string(),
+    }
+}
+
+async fn report(g: &Global, name: &str, output: Option<PathBuf>, args: &PairArgs) -> Result<u8> {
+    let env = Env::open(g).await?;
+    let (m, rounds) = env.load(name)?;
+    // The snapshot each target should hold: the last successful round's.
+    let cutover = rounds
+        .iter()
+        .rev()
+        .find(|r| r.kind == Some(RoundKind::Cutover));
+    let mut pairs = Vec::new();
+    let mut all_ok = true;
+    for (i, pair) in m.pairs.iter().enumerate() {
+        let last = rounds
+            .iter()
+            .rev()
+            .filter_map(|r| r.pairs.get(i).filter(|p| p.ok))
+            .find(|p| p.snapshot_id.is_some());
+        let Some(last) = last else {
+            all_ok = false;
+            pairs.push(json!({
+                "source": pair.source, "target": pair.target, "volume": pair.volume,
+                "ok": false, "error": "no round has copied this pair yet",
+            }));
+            continue;
+        };
+        let id = last.snapshot_id.clone().expect("filtered");
+        let opts = CompareOptions {
+            digests: true,
+            extra: true,
+        };
+        let t = Instant::now();
+        let cmp = compare_pair(&env, pair, &id, &opts, args).await?;
+        let ok = cmp.content_equal() && cmp.extra.is_empty();
+        all_ok &= ok;
+        let timings = cutover.and_then(|c| c.pairs.get(i)).map(|p| {
+            json!({
+                "snapshot_s": p.snapshot_s, "restore_s": p.restore_s, "verify_s": p.verify_s,
+                "bytes_written": p.bytes_written,
+            })
+        });
+        pairs.push(json!({
+            "source": pair.source,
+            "target": pair.target,
+            "volume": pair.volume,
+            "kind": pair.kind,
+            "snapshot_id": id,
+            "ok": ok,
+            "files": cmp.files,
+            "bytes": cmp.bytes,
+            "files_equal": cmp.files_equal,
+            "missing": cmp.missing,
+            "extra": cmp.extra,
+            "differing": cmp.differing,
+            "metadata_differences": cmp.metadata,
+            "entries": cmp.digests,
+            "compare_s": t.elapsed().as_secs_f64(),
+            "cutover": timings,
+        }));
+    }
+    let mut doc = json!({
+        "format": "ferry-migration-report-v1",
+        "migration": m.name,
+        "created": m.created,
+        "generated": now_text(),
+        "vault": env.vault.id(),
+        "ok": all_ok,
+        "pairs": pairs,
+        "rounds": rounds.iter().map(|r| json!({
+            "seq": r.seq, "kind": r.kind, "started": r.started, "duration_s": r.duration_s,
+            "ok": r.ok, "estimate_s": r.estimate_s,
+            "bytes_written": r.pairs.iter().map(|p| p.bytes_written).sum::<u64>(),
+        })).collect::<Vec<_>>(),
+        "cutover": cutover.map(|c| json!({
+            "started": c.started, "ok": c.ok, "downtime_s": c.downtime_s,
+            "estimate_s": c.estimate_s, "steps": c.steps,
+        })),
+    });
+    migration::sign(&mut doc, &migration::report_key(env.vault.data_key()));
+    let text = if g.json {
+        serde_json::to_string_pretty(&doc)? + "\n"
+    } else {
+        markdown(&doc)
+    };
+    match output {
+        Some(p) => {
+            write_new(&p, text.as_bytes())?;
+            eprintln!(
+                "report of {name} written to {} ({})",
+                p.display(),
+                if all_ok {
+                    "all pairs match"
+                } else {
+                    "DIFFERENCES FOUND"
+                }
+            );
+        }
+        None => print!("{text}"),
+    }
+    if !all_ok {
+        eprintln!(
+            "error: migration {name}: some targets differ from their snapshots (see the report)"
+        );
+        return Ok(1);
+    }
+    Ok(0)
+}
+
+/// Writes `bytes` to `path` through a temporary file renamed into place.
+fn write_new(path: &Path, bytes: &[u8]) -> Result<()> {
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let tmp = dir.join(format!(
+        ".{}.ferry-tmp",
+        path.file_name()
+            .map(|n| n.to_string_lossy())
+            .unwrap_or_default()
+    ));
+    std::fs::write(&tmp, bytes).with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))?;
+    Ok(())
+}
+
+/// The human form of a report.
+fn markdown(doc: &Value) -> String {
+    let s = |v: &Value| v.as_str().unwrap_or("").to_string();
+    let n = |v: &Value| v.as_u64().unwrap_or(0);
+    let mut out = format!(
+        "# Migration report: {}\n\nGenerated {} for vault `{}`. Result: **{}**.\n",
+        s(&doc["migration"]),
+        s(&doc["generated"]),
+        s(&doc["vault"]),
+        if doc["ok"].as_bool() == Some(true) {
+            "every target matches its snapshot"
+        } else {
+            "differences found"
+        }
+    );
+    if let Some(c) = doc["cutover"].as_object() {
+        out.push_str(&format!(
+            "\n## Cutover\n\nStarted {}, {}; downtime {} (estimated {}).\n\n| step | result | seconds |\n| --- | --- | ---: |\n",
+            s(&c["started"]),
+            if c["ok"].as_bool() == Some(true) { "succeeded" } else { "FAILED" },
+            c["downtime_s"].as_f64().map(seconds).unwrap_or_default(),
+            c["estimate_s"].as_f64().map(seconds).unwrap_or_else(|| "-".into()),
+        ));
+        for st in c["steps"].as_array().into_iter().flatten() {
+            out.push_str(&format!(
+                "| {} | {} | {:.2} |\n",
+                s(&st["name"]),
+                if st["ok"].as_bool() == Some(true) {
+                    "ok"
+                } else {
+                    "failed"
+                },
+                st["duration_s"].as_f64().unwrap_or(0.0)
+            ));
+        }
+    }
+    out.push_str("\n## Pairs\n\n| # | source | target | files | bytes | equal | missing | extra | differing | metadata |\n| ---: | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n");
+    let pairs = doc["pairs"].as_array().cloned().unwrap_or_default();
+    for (i, p) in pairs.iter().enumerate() {
+        let len = |k: &str| p[k].as_array().map(|a| a.len()).unwrap_or(0);
+        out.push_str(&format!(
+            "| {} | `{}` | `{}` | {} | {} | {} | {} | {} | {} | {} |\n",
+            i + 1,
+            s(&p["source"]),
+            s(&p["target"]),
+            n(&p["files"]),
+            human_bytes(n(&p["bytes"])),
+            n(&p["files_equal"]),
+            len("missing"),
+            len("extra"),
+            len("differing"),
+            len("metadata_differences"),
+        ));
+    }
+    for (i, p) in pairs.iter().enumerate() {
+        let mut lines = Vec::new();
+        for k in ["missing", "extra", "differing"] {
+            for e in p[k].as_array().into_iter().flatten() {
+                lines.push(format!("- {k}: `{}`", s(e)));
+            }
+        }
+        for d in p["metadata_differences"].as_array().into_iter().flatten() {
+            lines.push(format!(
+                "- metadata: `{}`: {}",
+                s(&d["path"]),
+                d["fields"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .map(s)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ));
+        }
+        if let Some(e) = p["error"].as_str() {
+            lines.push(format!("- {e}"));
+        }
+        if !lines.is_empty() {
+            out.push_str(&format!(
+                "\n### Pair {}: differences\n\n{}\n",
+                i + 1,
+                lines.join("\n")
+            ));
+        }
+    }
+    out.push_str("\n## Rounds\n\n| # | kind | started | seconds | written | estimate |\n| ---: | --- | --- | ---: | ---: | ---: |\n");
+    for r in doc["rounds"].as_array().into_iter().flatten() {
+        out.push_str(&format!(
+            "| {} | {} | {} | {:.1} | {} | {} |\n",
+            n(&r["seq"]),
+            s(&r["kind"]),
+            s(&r["started"]),
+            r["duration_s"].as_f64().unwrap_or(0.0),
+            human_bytes(n(&r["bytes_written"])),
+            r["estimate_s"]
+                .as_f64()
+                .map(seconds)
+                .unwrap_or_else(|| "-".into())
+        ));
+    }
+    out.push_str(&format!(
+        "\nPer-file content digests are in the JSON report (`--json`), signed: `{}`.\n",
+        s(&doc["signature"])
+    ));
+    out
+}
+
+async fn verify_report(g: &Global, file: &Path) -> Result<u8> {
+    let text =
+        std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
+    let doc: Value = serde_json::from_str(&text).with_context(|| {
+        format!(
+            "{}: not a JSON report (write it with --json)",
+            file.display()
+        )
+    })?;
+    let env = Env::open(g).await?;
+    let key = migration::report_key(env.vault.data_key());
+    match migration::verify(&doc, &key) {
+        Ok(()) => {
+            print(
+                g,
+                &json!({"file": file.display().to_string(), "valid": true, "migration": doc["migration"], "ok": doc["ok"]}),
+                || {
+                    format!(
+                        "{}: valid signature: report of migration {} generated {}",
+                        file.display(),
+                        doc["migration"].as_str().unwrap_or("?"),
+                        doc["generated"].as_str().unwrap_or("?")
+                    )
+                },
+            )?;
+            Ok(0)
+        }
+        Err(e) => bail!("{}: {e}", file.display()),
+    }
+}
