@@ -143,6 +143,7 @@ pub async fn run(cli: Cli) -> Result<u8> {
                         volume,
                         reread,
                         block: block || p.block,
+                        read_limit: None,
                     }
                 })
                 .await;
@@ -161,6 +162,7 @@ pub async fn run(cli: Cli) -> Result<u8> {
                     volume,
                     reread,
                     block,
+                    read_limit: None,
                 };
                 return crate::fleet::run_job(g, &client, &remote, spec).await;
             }

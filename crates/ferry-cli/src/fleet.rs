@@ -47,6 +47,30 @@ pub fn fleet_client(g: &Global) -> Result<FleetClient> {
     Ok(FleetClient::connect(&connect_options(g, url)?, PATIENCE)?)
 }
 
+/// The coordinator's catalog as a client sees it: `ferry migration` keeps
+/// its record there.
+pub fn remote_catalog(g: &Global) -> Result<ferry_fleet::remote::RemoteCatalog> {
+    let url = g.coordinator.as_deref().ok_or_else(|| {
+        anyhow!("no coordinator given: pass --coordinator URL or set FERRY_COORDINATOR")
+    })?;
+    Ok(ferry_fleet::remote::RemoteCatalog::connect(
+        &connect_options(g, url)?,
+        PATIENCE,
+    )?)
+}
+
+/// Submits a job to `agent` and follows it to its end: its exit code and
+/// result, or its failure as an error.
+pub async fn run_and_wait(
+    client: &FleetClient,
+    agent: &str,
+    spec: &JobSpec,
+) -> Result<(u8, Value)> {
+    let job = client.submit(agent, spec).await?;
+    let done = follow(client, &job).await?;
+    outcome(&done)
+}
+
 /// The client for a job in fleet mode, or None for embedded mode.
 pub fn client(g: &Global, remote: &RemoteArgs) -> Result<Option<FleetClient>> {
     match (&g.coordinator, &remote.agent) {
@@ -201,6 +225,7 @@ pub async fn sync(g: &Global, s: SyncJob) -> Result<u8> {
                 volume: volume.clone(),
                 reread: s.reread,
                 block: s.block,
+                read_limit: None,
             },
         )
         .await?;

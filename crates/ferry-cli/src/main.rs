@@ -247,6 +247,9 @@ pub enum MigrationCmd {
         /// Named remotes for bucket pairs (default: $XDG_CONFIG_HOME/ferry/config.toml).
         #[arg(long, value_name = "FILE")]
         config: Option<PathBuf>,
+        /// Pair N (from 1) is a disk image to move as a raw block volume (devices are found on their own).
+        #[arg(long, value_name = "N")]
+        block: Vec<usize>,
     },
     /// Run a pre-sync round over every pair and estimate the downtime.
     Presync {

@@ -18,6 +18,8 @@ use ferry_core::migration::{
     self, Estimate, Migration, MigrationStore, Pair, PairKind, PairRound, Round, RoundKind, Step,
 };
 use ferry_core::vault::Vault;
+use ferry_fleet::client::FleetClient;
+use ferry_fleet::spec::JobSpec;
 use serde::Serialize;
 use serde_json::{Value, json};
 
@@ -27,18 +29,37 @@ use crate::{DeltaArgs, Global, MigrationCmd, PairArgs};
 
 /// Where the record lives and how pairs run.
 struct Env {
-    vault: Arc<Vault>,
-    catalog: Arc<dyn Catalog>,
+    g: Global,
     store: Arc<dyn MigrationStore>,
+    mode: Mode,
+}
+
+enum Mode {
+    /// This machine runs the pairs, one after the other, into the vault.
+    Embedded {
+        vault: Arc<Vault>,
+        catalog: Arc<dyn Catalog>,
+    },
+    /// Agents run them, every pair at once; the coordinator keeps the
+    /// record and signs reports.
+    Fleet {
+        client: FleetClient,
+        catalog: Arc<ferry_fleet::remote::RemoteCatalog>,
+    },
 }
 
 impl Env {
     async fn open(g: &Global) -> Result<Env> {
         if g.coordinator.is_some() {
-            bail!(
-                "ferry migration runs embedded for now: drop --coordinator (pairs of claims need agents: \
-                 move them with `ferry sync --from-agent A --to-agent B` meanwhile)"
-            );
+            let catalog = Arc::new(crate::fleet::remote_catalog(g)?);
+            return Ok(Env {
+                g: g.clone(),
+                store: catalog.clone(),
+                mode: Mode::Fleet {
+                    client: crate::fleet::fleet_client(g)?,
+                    catalog,
+                },
+            });
         }
         let (vault, catalog) = match g.vault {
             Some(_) => crate::commands::open(None, g).await?,
@@ -48,9 +69,9 @@ impl Env {
             &crate::commands::catalog_path(g, &vault),
         )?;
         Ok(Env {
-            vault,
-            catalog,
+            g: g.clone(),
             store: Arc::new(store),
+            mode: Mode::Embedded { vault, catalog },
         })
     }
 
@@ -62,9 +83,30 @@ impl Env {
         Ok((m, rounds))
     }
 
-    /// Pairs run one after the other here.
+    /// Pairs run at once on agents, one after the other here.
     fn parallel(&self) -> bool {
-        false
+        matches!(self.mode, Mode::Fleet { .. })
+    }
+
+    /// Signs a report with the vault's key (naming the vault in it).
+    async fn sign(&self, doc: &mut Value) -> Result<()> {
+        match &self.mode {
+            Mode::Embedded { vault, .. } => {
+                doc["vault"] = vault.id().into();
+                migration::sign(doc, &migration::report_key(vault.data_key()));
+            }
+            Mode::Fleet { client, .. } => *doc = client.sign_report(doc).await?,
+        }
+        Ok(())
+    }
+
+    async fn verify(&self, doc: &Value) -> Result<std::result::Result<(), String>> {
+        Ok(match &self.mode {
+            Mode::Embedded { vault, .. } => {
+                migration::verify(doc, &migration::report_key(vault.data_key()))
+            }
+            Mode::Fleet { client, .. } => client.verify_report(doc).await?,
+        })
     }
 }
 
@@ -77,7 +119,8 @@ pub async fn run(g: &Global, cmd: MigrationCmd) -> Result<u8> {
             from_agent,
             to_agent,
             config,
-        } => create(g, name, from, to, from_agent, to_agent, config).await,
+            block,
+        } => create(g, name, from, to, (from_agent, to_agent), config, block).await,
         MigrationCmd::Presync {
             name,
             until_converged,
@@ -182,6 +225,7 @@ async fn pair_of(
     target: &str,
     config: Option<&Path>,
     agents: (&Option<String>, &Option<String>),
+    block: bool,
 ) -> Result<Pair> {
     let claim = |s: &str| s.starts_with("pvc:");
     let mut pair = Pair {
@@ -249,7 +293,7 @@ async fn pair_of(
     }
     use std::os::unix::fs::FileTypeExt;
     let md = std::fs::metadata(source).with_context(|| format!("pair {i}: source {source}"))?;
-    pair.kind = if md.is_dir() {
+    pair.kind = if md.is_dir() && !block {
         PairKind::Dir
     } else if md.is_file() || md.file_type().is_block_device() {
         PairKind::Block
@@ -272,11 +316,14 @@ async fn create(
     name: String,
     from: Vec<String>,
     to: Vec<String>,
-    from_agent: Option<String>,
-    to_agent: Option<String>,
+    (from_agent, to_agent): (Option<String>, Option<String>),
     config: Option<PathBuf>,
+    block: Vec<usize>,
 ) -> Result<u8> {
     valid_name(&name)?;
+    if let Some(b) = block.iter().find(|&&b| b == 0 || b > from.len()) {
+        bail!("--block {b}: pairs are numbered 1 to {}", from.len());
+    }
     if from.len() != to.len() {
         bail!(
             "{} --from and {} --to: give one target for each source, in the same order",
@@ -296,6 +343,7 @@ async fn create(
                 t,
                 config.as_deref(),
                 (&from_agent, &to_agent),
+                block.contains(&(i + 1)),
             )
             .await?,
         );
@@ -343,11 +391,21 @@ async fn round(
 ) -> Round {
     let started = Instant::now();
     let started_ns = ferry_core::forget::now_ns();
-    let mut results = Vec::new();
-    for p in &m.pairs {
-        results.push(run_pair(env, p, limit, kind == RoundKind::Cutover, pairs).await);
-    }
-    let pairs = results;
+    let strict = kind == RoundKind::Cutover;
+    let pairs = if env.parallel() {
+        futures::future::join_all(
+            m.pairs
+                .iter()
+                .map(|p| run_pair(env, p, limit, strict, pairs)),
+        )
+        .await
+    } else {
+        let mut results = Vec::new();
+        for p in &m.pairs {
+            results.push(run_pair(env, p, limit, strict, pairs).await);
+        }
+        results
+    };
     Round {
         seq,
         kind: Some(kind),
@@ -390,6 +448,12 @@ async fn run_pair_inner(
     args: &PairArgs,
     out: &mut PairRound,
 ) -> Result<()> {
+    let (vault, catalog) = match &env.mode {
+        Mode::Embedded { vault, catalog } => (vault, catalog),
+        Mode::Fleet { client, catalog } => {
+            return run_pair_fleet(&env.g, client, catalog, pair, limit, strict, args, out).await;
+        }
+    };
     let cfg = args.config.as_deref();
     let t = Instant::now();
     let mut opts = ferry_core::snapshot::SnapshotOptions::new(pair.volume.clone());
@@ -397,14 +461,13 @@ async fn run_pair_inner(
     opts.read_limit = limit;
     let s = match crate::bucket::objects_at(Path::new(&pair.source), cfg).await? {
         Some(objects) => {
-            crate::bucket::snapshot_into(env.vault.clone(), env.catalog.clone(), objects, &opts)
-                .await?
+            crate::bucket::snapshot_into(vault.clone(), catalog.clone(), objects, &opts).await?
         }
         None => {
             let bar = Arc::new(crate::ui::Bar::new("snapshot"));
             let r = ferry_fleet::work::snapshot(
-                env.vault.clone(),
-                env.catalog.clone(),
+                vault.clone(),
+                catalog.clone(),
                 Path::new(&pair.source),
                 &opts,
                 bar.clone(),
@@ -431,7 +494,7 @@ async fn run_pair_inner(
         );
     }
     let snap = ferry_core::sync::find_snapshot(
-        env.catalog.as_ref(),
+        catalog.as_ref(),
         &format!("{}@{}", pair.volume, s.snapshot_id),
     )?;
     out.bytes_total = snap.bytes;
@@ -442,14 +505,9 @@ async fn run_pair_inner(
                 delete: true,
                 ..Default::default()
             };
-            let r = crate::bucket::restore_into(
-                env.vault.clone(),
-                env.catalog.clone(),
-                &snap,
-                objects,
-                &opts,
-            )
-            .await?;
+            let r =
+                crate::bucket::restore_into(vault.clone(), catalog.clone(), &snap, objects, &opts)
+                    .await?;
             out.bytes_written = r.bytes_written;
             out.files_written = r.files_written;
             out.files_deleted = r.files_deleted;
@@ -465,8 +523,8 @@ async fn run_pair_inner(
                 no_lock: false,
             };
             let r = crate::commands::restore_into(
-                env.vault.clone(),
-                env.catalog.clone(),
+                vault.clone(),
+                catalog.clone(),
                 &snap,
                 Path::new(&pair.target),
                 &delta,
@@ -490,11 +548,27 @@ async fn compare_pair(
     opts: &CompareOptions,
     args: &PairArgs,
 ) -> Result<Comparison> {
-    let snap =
-        ferry_core::sync::find_snapshot(env.catalog.as_ref(), &format!("{}@{id}", pair.volume))?;
+    let spec = format!("{}@{id}", pair.volume);
+    let (vault, catalog) = match &env.mode {
+        Mode::Embedded { vault, catalog } => (vault, catalog),
+        Mode::Fleet { client, .. } => {
+            let side = Side::place(&env.g, args, &pair.target, &pair.to_agent, true).await?;
+            let job = JobSpec::Compare {
+                snapshot: spec,
+                target: side.path.clone(),
+                digests: opts.digests,
+                extra: opts.extra,
+            };
+            let r = crate::fleet::run_and_wait(client, &side.agent, &job).await;
+            side.release().await;
+            let (_, v) = r?;
+            return Ok(serde_json::from_value(v)?);
+        }
+    };
+    let snap = ferry_core::sync::find_snapshot(catalog.as_ref(), &spec)?;
     match crate::bucket::objects_at(Path::new(&pair.target), args.config.as_deref()).await? {
         Some(objects) => {
-            let (vault, catalog, opts) = (env.vault.clone(), env.catalog.clone(), opts.clone());
+            let (vault, catalog, opts) = (vault.clone(), catalog.clone(), opts.clone());
             let rt = tokio::runtime::Handle::current();
             Ok(tokio::task::spawn_blocking(move || {
                 ferry_core::compare::compare_objects(
@@ -509,14 +583,130 @@ async fn compare_pair(
             .await??)
         }
         None => Ok(ferry_core::compare::compare_dir(
-            &env.vault,
-            env.catalog.as_ref(),
+            vault,
+            catalog.as_ref(),
             &snap,
             Path::new(&pair.target),
             opts,
         )
         .await?),
     }
+}
+
+fn spec_name(pair: &Pair, id: &str) -> String {
+    format!("{}@{id}", pair.volume)
+}
+
+/// One side of a pair on an agent: its node's agent and path for a claim
+/// (with the helper pod that mounts it, if one was needed), else the
+/// pair's agent and path.
+struct Side {
+    agent: String,
+    path: PathBuf,
+    block: bool,
+    claimed: Option<crate::kube::Claimed>,
+}
+
+impl Side {
+    async fn place(
+        g: &Global,
+        args: &PairArgs,
+        arg: &str,
+        agent: &Option<String>,
+        read_only: bool,
+    ) -> Result<Side> {
+        if let Some((ns, claim)) = crate::kube::claim_of(Path::new(arg))? {
+            let c = crate::kube::place(g, &args.kube, &ns, &claim, read_only).await?;
+            return Ok(Side {
+                agent: c.placement.node.clone(),
+                path: c.placement.path.clone(),
+                block: c.placement.block,
+                claimed: Some(c),
+            });
+        }
+        Ok(Side {
+            agent: agent
+                .clone()
+                .ok_or_else(|| anyhow!("{arg}: the pair names no agent"))?,
+            path: PathBuf::from(arg),
+            block: false,
+            claimed: None,
+        })
+    }
+
+    async fn release(self) {
+        if let Some(c) = self.claimed {
+            c.release().await;
+        }
+    }
+}
+
+/// One pair's snapshot job on the source's agent, then the delta restore
+/// of exactly that snapshot on the target's.
+#[allow(clippy::too_many_arguments)]
+async fn run_pair_fleet(
+    g: &Global,
+    client: &FleetClient,
+    catalog: &Arc<ferry_fleet::remote::RemoteCatalog>,
+    pair: &Pair,
+    limit: Option<u64>,
+    strict: bool,
+    args: &PairArgs,
+    out: &mut PairRound,
+) -> Result<()> {
+    let t = Instant::now();
+    let src = Side::place(g, args, &pair.source, &pair.from_agent, true).await?;
+    let spec = JobSpec::Snapshot {
+        source: src.path.clone(),
+        volume: pair.volume.clone(),
+        reread: false,
+        block: pair.kind == PairKind::Block || src.block,
+        read_limit: limit,
+    };
+    let agent = src.agent.clone();
+    let r = crate::fleet::run_and_wait(client, &agent, &spec).await;
+    src.release().await;
+    let (_, v) = r?;
+    let s: ferry_core::snapshot::SnapshotSummary = serde_json::from_value(v)?;
+    out.snapshot_s = t.elapsed().as_secs_f64();
+    out.snapshot_id = Some(s.snapshot_id.clone());
+    out.files = s.files;
+    out.bytes_scanned = s.bytes_scanned;
+    out.bytes_new = s.bytes_new;
+    out.warnings = s.warnings;
+    if s.incomplete && strict {
+        bail!(
+            "snapshot {} of {} on agent {agent} is incomplete: {} entries could not be read or changed while read (is the source quiesced?)",
+            &s.snapshot_id[..8],
+            pair.source,
+            s.warnings
+        );
+    }
+    let t = Instant::now();
+    let dst = Side::place(g, args, &pair.target, &pair.to_agent, false).await?;
+    let spec = JobSpec::Restore {
+        snapshot: spec_name(pair, &s.snapshot_id),
+        target: dst.path.clone(),
+        delete: true,
+        verify: false,
+        reread_target: false,
+    };
+    let agent = dst.agent.clone();
+    let r = crate::fleet::run_and_wait(client, &agent, &spec).await;
+    dst.release().await;
+    let (_, v) = r?;
+    let r: ferry_core::restore::RestoreSummary = serde_json::from_value(v)?;
+    let (c, id) = (catalog.clone(), spec_name(pair, &s.snapshot_id));
+    out.bytes_total = tokio::task::spawn_blocking(move || {
+        ferry_core::sync::find_snapshot(c.as_ref(), &id).map(|r| r.bytes)
+    })
+    .await??;
+    out.bytes_written = r.bytes_written;
+    out.files_written = r.files_written;
+    out.files_deleted = r.files_deleted;
+    out.restore_s = t.elapsed().as_secs_f64();
+    out.ok = true;
+    Ok(())
 }
 
 fn seconds(s: f64) -> String {
@@ -1102,7 +1292,6 @@ async fn report(g: &Global, name: &str, output: Option<PathBuf>, args: &PairArgs
         "migration": m.name,
         "created": m.created,
         "generated": now_text(),
-        "vault": env.vault.id(),
         "ok": all_ok,
         "pairs": pairs,
         "rounds": rounds.iter().map(|r| json!({
@@ -1115,7 +1304,7 @@ async fn report(g: &Global, name: &str, output: Option<PathBuf>, args: &PairArgs
             "estimate_s": c.estimate_s, "steps": c.steps,
         })),
     });
-    migration::sign(&mut doc, &migration::report_key(env.vault.data_key()));
+    env.sign(&mut doc).await?;
     let text = if g.json {
         serde_json::to_string_pretty(&doc)? + "\n"
     } else {
@@ -1279,8 +1468,7 @@ async fn verify_report(g: &Global, file: &Path) -> Result<u8> {
         )
     })?;
     let env = Env::open(g).await?;
-    let key = migration::report_key(env.vault.data_key());
-    match migration::verify(&doc, &key) {
+    match env.verify(&doc).await? {
         Ok(()) => {
             print(
                 g,

@@ -17,7 +17,7 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 use futures::StreamExt;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::catalog::Catalog;
 use crate::error::{Error, Result};
@@ -37,7 +37,7 @@ pub struct CompareOptions {
     pub extra: bool,
 }
 
-#[derive(Clone, Debug, Default, Serialize)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct Comparison {
     pub files: u64,
     pub dirs: u64,
@@ -52,7 +52,7 @@ pub struct Comparison {
     /// Present on both sides with another content, size, link or type.
     pub differing: Vec<String>,
     pub metadata: Vec<MetadataDiff>,
-    #[serde(skip_serializing_if = "Vec::is_empty")]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub digests: Vec<FileDigest>,
 }
 
@@ -63,14 +63,14 @@ impl Comparison {
     }
 }
 
-#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub struct MetadataDiff {
     pub path: String,
     /// `mode 644 != 600`, `mtime`, `owner 0:0 != 1000:1000`.
     pub fields: Vec<String>,
 }
 
-#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub struct FileDigest {
     pub path: String,
     pub size: u64,

@@ -327,16 +327,31 @@ impl Agent {
                 volume,
                 reread,
                 block,
+                read_limit,
                 ..
             } => {
                 let mut opts = SnapshotOptions::new(volume);
                 opts.reread = reread;
                 opts.block = block;
+                opts.read_limit = read_limit;
                 let s = crate::work::snapshot(vault, catalog, &path, &opts, progress).await?;
                 Ok((
                     if s.incomplete { 3 } else { 0 },
                     json(serde_json::to_value(&s)),
                 ))
+            }
+            JobSpec::Compare {
+                snapshot,
+                digests,
+                extra,
+                ..
+            } => {
+                let snap = find_snapshot(&catalog, snapshot).await?;
+                let opts = ferry_core::compare::CompareOptions { digests, extra };
+                let c =
+                    ferry_core::compare::compare_dir(&vault, catalog.as_ref(), &snap, &path, &opts)
+                        .await?;
+                Ok((0, json(serde_json::to_value(&c))))
             }
             JobSpec::Restore {
                 snapshot,
@@ -345,14 +360,7 @@ impl Agent {
                 reread_target,
                 ..
             } => {
-                let snap = {
-                    let c = catalog.clone();
-                    tokio::task::spawn_blocking(move || {
-                        ferry_core::sync::find_snapshot(c.as_ref(), &snapshot)
-                    })
-                    .await
-                    .map_err(|e| Error::Invalid(format!("finding the snapshot: {e}")))??
-                };
+                let snap = find_snapshot(&catalog, snapshot).await?;
                 let opts = RestoreOptions {
                     delete,
                     verify,
@@ -364,6 +372,18 @@ impl Agent {
             }
         }
     }
+}
+
+/// `NAME[@ID]` through the remote catalog, off the async threads.
+async fn find_snapshot(
+    catalog: &Arc<RemoteCatalog>,
+    spec: String,
+) -> Result<ferry_core::manifest::SnapshotRecord> {
+    let c = catalog.clone();
+    tokio::task::spawn_blocking(move || ferry_core::sync::find_snapshot(c.as_ref(), &spec))
+        .await
+        .map_err(|e| Error::Invalid(format!("finding the snapshot: {e}")))?
+        .map_err(Into::into)
 }
 
 #[cfg(test)]

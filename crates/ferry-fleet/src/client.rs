@@ -96,6 +96,33 @@ impl FleetClient {
         .await
     }
 
+    /// The coordinator signs a migration report with the vault's key (and
+    /// names the vault in it).
+    pub async fn sign_report(&self, doc: &serde_json::Value) -> Result<serde_json::Value> {
+        let (c, json) = (self.client.clone(), doc.to_string());
+        let r = with_retry(&self.url, "SignReport", QUICK, || {
+            let (mut c, json) = (c.clone(), json.clone());
+            async move { c.sign_report(proto::ReportDoc { json }).await }
+        })
+        .await?;
+        serde_json::from_str(&r.json).map_err(|e| Error::Invalid(format!("signed report: {e}")))
+    }
+
+    /// Checks a report's signature with the vault's key: Err(reason) when
+    /// it does not hold.
+    pub async fn verify_report(
+        &self,
+        doc: &serde_json::Value,
+    ) -> Result<std::result::Result<(), String>> {
+        let (c, json) = (self.client.clone(), doc.to_string());
+        let r = with_retry(&self.url, "VerifyReport", QUICK, || {
+            let (mut c, json) = (c.clone(), json.clone());
+            async move { c.verify_report(proto::ReportDoc { json }).await }
+        })
+        .await?;
+        Ok(if r.valid { Ok(()) } else { Err(r.error) })
+    }
+
     pub async fn jobs(&self) -> Result<Vec<proto::JobInfo>> {
         let c = self.client.clone();
         let r = with_retry(&self.url, "ListJobs", QUICK, || {

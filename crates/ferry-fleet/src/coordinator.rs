@@ -13,9 +13,11 @@ use std::collections::HashMap;
 use ferry_catalog::SqliteCatalog;
 use ferry_catalog::bucket::SqliteSyncState;
 use ferry_catalog::jobs::{AgentRow, JobQueue, JobRow, now_ms};
+use ferry_catalog::migration::SqliteMigrations;
 use ferry_core::bucket_state::{ObjectState, SyncState};
 use ferry_core::catalog::Catalog;
 use ferry_core::keys::MasterKeys;
+use ferry_core::migration::MigrationStore;
 use tokio::sync::Notify;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Identity, Server, ServerTlsConfig};
@@ -46,6 +48,8 @@ pub struct CoordinatorOptions {
 
 struct State {
     catalog: Arc<SqliteCatalog>,
+    /// Migrations and their rounds, in the catalog file.
+    migrations: Arc<SqliteMigrations>,
     queue: Arc<JobQueue>,
     opts: CoordinatorOptions,
     /// Open bucket sync states, by pair.
@@ -727,6 +731,98 @@ impl Coordinator for Service {
         Ok(Response::new(proto::JobList { jobs: out }))
     }
 
+    async fn create_migration(
+        &self,
+        req: Request<proto::MigrationMsg>,
+    ) -> Result<Response<proto::CreateMigrationReply>, Status> {
+        let m: ferry_core::migration::Migration =
+            serde_json::from_str(&req.into_inner().record_json).map_err(invalid)?;
+        let store = self.0.migrations.clone();
+        let created = blocking(move || store.create_migration(&m).map_err(failed)).await?;
+        Ok(Response::new(proto::CreateMigrationReply { created }))
+    }
+
+    async fn get_migration(
+        &self,
+        req: Request<proto::MigrationRef>,
+    ) -> Result<Response<proto::MigrationReply>, Status> {
+        let name = req.into_inner().name;
+        let store = self.0.migrations.clone();
+        blocking(move || {
+            let Some(m) = store.migration(&name).map_err(failed)? else {
+                return Ok(Response::new(proto::MigrationReply::default()));
+            };
+            let rounds = store.rounds(&name).map_err(failed)?;
+            let enc =
+                |v: serde_json::Result<String>| v.map_err(|e| Status::internal(e.to_string()));
+            Ok(Response::new(proto::MigrationReply {
+                found: true,
+                record_json: enc(serde_json::to_string(&m))?,
+                rounds_json: rounds
+                    .iter()
+                    .map(|r| enc(serde_json::to_string(r)))
+                    .collect::<Result<_, _>>()?,
+            }))
+        })
+        .await
+    }
+
+    async fn add_migration_round(
+        &self,
+        req: Request<proto::AddRoundRequest>,
+    ) -> Result<Response<Empty>, Status> {
+        let r = req.into_inner();
+        let round: ferry_core::migration::Round =
+            serde_json::from_str(&r.round_json).map_err(invalid)?;
+        let store = self.0.migrations.clone();
+        blocking(move || {
+            if store.migration(&r.name).map_err(failed)?.is_none() {
+                return Err(Status::not_found(format!("no migration {:?}", r.name)));
+            }
+            store.add_round(&r.name, &round).map_err(failed)
+        })
+        .await?;
+        Ok(Response::new(Empty {}))
+    }
+
+    async fn sign_report(
+        &self,
+        req: Request<proto::ReportDoc>,
+    ) -> Result<Response<proto::ReportDoc>, Status> {
+        let mut doc: serde_json::Value =
+            serde_json::from_str(&req.into_inner().json).map_err(invalid)?;
+        if !doc.is_object() {
+            return Err(invalid("a report is a JSON object"));
+        }
+        doc["vault"] = self.0.opts.vault_id.clone().into();
+        let key = ferry_core::migration::report_key(&self.0.opts.keys.data);
+        ferry_core::migration::sign(&mut doc, &key);
+        Ok(Response::new(proto::ReportDoc {
+            json: doc.to_string(),
+        }))
+    }
+
+    async fn verify_report(
+        &self,
+        req: Request<proto::ReportDoc>,
+    ) -> Result<Response<proto::VerifyReportReply>, Status> {
+        let doc: serde_json::Value =
+            serde_json::from_str(&req.into_inner().json).map_err(invalid)?;
+        let key = ferry_core::migration::report_key(&self.0.opts.keys.data);
+        Ok(Response::new(
+            match ferry_core::migration::verify(&doc, &key) {
+                Ok(()) => proto::VerifyReportReply {
+                    valid: true,
+                    error: String::new(),
+                },
+                Err(e) => proto::VerifyReportReply {
+                    valid: false,
+                    error: e,
+                },
+            },
+        ))
+    }
+
     async fn list_agents(
         &self,
         _req: Request<Empty>,
@@ -820,7 +916,9 @@ pub async fn serve(
     queue.renew_all_leases(opts.lease)?;
     let token = opts.token.as_ref().map(|t| Arc::from(t.as_bytes()));
     let tls = opts.tls.clone();
+    let migrations = Arc::new(SqliteMigrations::open(catalog.path())?);
     let state = Arc::new(State {
+        migrations,
         catalog,
         queue: queue.clone(),
         opts,

@@ -268,3 +268,68 @@ impl Catalog for RemoteCatalog {
         ))
     }
 }
+
+/// A migration's record over gRPC: `ferry migration --coordinator` keeps
+/// it in the coordinator's catalog.
+impl ferry_core::migration::MigrationStore for RemoteCatalog {
+    fn create_migration(&self, m: &ferry_core::migration::Migration) -> CatalogResult<bool> {
+        let record_json = serde_json::to_string(m).map_err(|e| CatalogError(Box::new(e)))?;
+        let r = self.call("CreateMigration", move |mut c| {
+            let req = proto::MigrationMsg {
+                record_json: record_json.clone(),
+            };
+            async move { c.create_migration(req).await }
+        })?;
+        Ok(r.created)
+    }
+
+    fn migration(&self, name: &str) -> CatalogResult<Option<ferry_core::migration::Migration>> {
+        Ok(self.get_migration(name)?.map(|(m, _)| m))
+    }
+
+    fn rounds(&self, name: &str) -> CatalogResult<Vec<ferry_core::migration::Round>> {
+        Ok(self
+            .get_migration(name)?
+            .map(|(_, r)| r)
+            .unwrap_or_default())
+    }
+
+    fn add_round(&self, name: &str, r: &ferry_core::migration::Round) -> CatalogResult<()> {
+        let round_json = serde_json::to_string(r).map_err(|e| CatalogError(Box::new(e)))?;
+        let name = name.to_string();
+        self.call("AddMigrationRound", move |mut c| {
+            let req = proto::AddRoundRequest {
+                name: name.clone(),
+                round_json: round_json.clone(),
+            };
+            async move { c.add_migration_round(req).await }
+        })?;
+        Ok(())
+    }
+}
+
+type MigrationWithRounds = (
+    ferry_core::migration::Migration,
+    Vec<ferry_core::migration::Round>,
+);
+
+impl RemoteCatalog {
+    fn get_migration(&self, name: &str) -> CatalogResult<Option<MigrationWithRounds>> {
+        let name = name.to_string();
+        let r = self.call("GetMigration", move |mut c| {
+            let req = proto::MigrationRef { name: name.clone() };
+            async move { c.get_migration(req).await }
+        })?;
+        if !r.found {
+            return Ok(None);
+        }
+        let m =
+            serde_json::from_str(&r.record_json).map_err(|e| bad("migration", e.to_string()))?;
+        let rounds = r
+            .rounds_json
+            .iter()
+            .map(|j| serde_json::from_str(j).map_err(|e| bad("migration round", e.to_string())))
+            .collect::<CatalogResult<Vec<_>>>()?;
+        Ok(Some((m, rounds)))
+    }
+}

@@ -18,6 +18,9 @@ pub enum JobSpec {
         reread: bool,
         #[serde(default)]
         block: bool,
+        /// Read the source at most this fast, bytes per second.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        read_limit: Option<u64>,
     },
     Restore {
         /// NAME, NAME@ID-prefix or NAME@latest.
@@ -29,6 +32,16 @@ pub enum JobSpec {
         verify: bool,
         #[serde(default)]
         reread_target: bool,
+    },
+    /// Compare a target with a snapshot (`ferry migration`'s verification
+    /// and report); the result is a `ferry_core::compare::Comparison`.
+    Compare {
+        snapshot: String,
+        target: PathBuf,
+        #[serde(default)]
+        digests: bool,
+        #[serde(default)]
+        extra: bool,
     },
     /// A distributed bucket sync: the parent, which no agent runs.
     BucketSync(BucketJob),
@@ -102,6 +115,7 @@ impl JobSpec {
         match self {
             JobSpec::Snapshot { .. } => "snapshot",
             JobSpec::Restore { .. } => "restore",
+            JobSpec::Compare { .. } => "compare",
             JobSpec::BucketSync(_) => "bucket_sync",
             JobSpec::BucketSplit { .. } => "bucket_split",
             JobSpec::BucketRange { .. } => "bucket_range",
@@ -113,7 +127,7 @@ impl JobSpec {
     pub fn path(&self) -> Option<&std::path::Path> {
         match self {
             JobSpec::Snapshot { source, .. } => Some(source),
-            JobSpec::Restore { target, .. } => Some(target),
+            JobSpec::Restore { target, .. } | JobSpec::Compare { target, .. } => Some(target),
             _ => None,
         }
     }
