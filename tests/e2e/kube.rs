@@ -80,6 +80,13 @@ impl FakeApi {
                             made.lock().unwrap().push(pod.clone());
                             ("201 Created", create_pod(&mut o, &path, pod, node))
                         }
+                        "PATCH" => {
+                            let patch: serde_json::Value = serde_json::from_slice(&body).unwrap();
+                            match scale_workload(&mut o, &path, &patch) {
+                                Some(v) => ("200 OK", v),
+                                None => not_found(),
+                            }
+                        }
                         "DELETE" => {
                             let at = path.split('?').next().unwrap().to_string();
                             match delete_pod(&mut o, &at) {
@@ -130,6 +137,33 @@ fn not_found() -> (&'static str, serde_json::Value) {
     )
 }
 
+/// A scale change, as the API server and the workload's controller make
+/// it: replicas recorded, and at zero the workload's pods are gone.
+fn scale_workload(
+    o: &mut BTreeMap<String, serde_json::Value>,
+    path: &str,
+    patch: &serde_json::Value,
+) -> Option<serde_json::Value> {
+    let replicas = patch["spec"]["replicas"].clone();
+    let v = o.get_mut(path)?;
+    v["spec"]["replicas"] = replicas.clone();
+    let v = v.clone();
+    if replicas == 0 {
+        // .../namespaces/NS/statefulsets/NAME/scale
+        let parts: Vec<&str> = path.split('/').collect();
+        let (ns, name) = (parts[5], parts[7]);
+        let list = format!("/api/v1/namespaces/{ns}/pods");
+        if let Some(l) = o.get_mut(&list) {
+            l["items"].as_array_mut().unwrap().retain(|p| {
+                !p["metadata"]["ownerReferences"]
+                    .as_array()
+                    .is_some_and(|r| r.iter().any(|r| r["name"] == name))
+            });
+        }
+    }
+    Some(v)
+}
+
 /// A created pod gets a name, a uid and a node, and starts Pending.
 fn create_pod(
     o: &mut BTreeMap<String, serde_json::Value>,
@@ -147,7 +181,7 @@ fn create_pod(
         .unwrap_or("")
         .to_string();
     pod["metadata"]["name"] = name.clone().into();
-    pod["metadata"]["uid"] = format!("uid-helper-{claim}").into();
+    pod["metadata"]["uid"] = format!("uid-helper-{node}-{claim}").into();
     pod["spec"]["nodeName"] = node.into();
     pod["status"] = serde_json::json!({"phase": "Pending"});
     o.insert(format!("{list}/{name}"), pod.clone());
@@ -455,7 +489,7 @@ fn claims_resolve_to_their_node_and_kubelet_path_and_move_between_clusters() {
     // node-a, the snapshot reads the volume through it (followed to its end
     // without --wait: the pod must outlive the job), and it is deleted.
     let orphan_dir =
-        kubelet_a.join("pods/uid-helper-orphan/volumes/kubernetes.io~csi/pvc-444/mount");
+        kubelet_a.join("pods/uid-helper-node-a-orphan/volumes/kubernetes.io~csi/pvc-444/mount");
     make_tree(&orphan_dir);
     let s = f.json(&[
         "snapshot",
@@ -484,7 +518,8 @@ fn claims_resolve_to_their_node_and_kubelet_path_and_move_between_clusters() {
         src_api.pods()
     );
     // And restored into a claim no pod mounts on the target, read-write.
-    let fresh = kubelet_b.join("pods/uid-helper-fresh/volumes/kubernetes.io~csi/pvc-998/mount");
+    let fresh =
+        kubelet_b.join("pods/uid-helper-node-b-fresh/volumes/kubernetes.io~csi/pvc-998/mount");
     std::fs::create_dir_all(&fresh).unwrap();
     let r = f.json(&[
         "restore",
@@ -577,4 +612,258 @@ fn claims_resolve_to_their_node_and_kubelet_path_and_move_between_clusters() {
     ]);
     assert_eq!(out.status.code(), Some(1));
     assert!(stderr(&out).contains("--coordinator"), "{}", stderr(&out));
+}
+
+/// The source cluster of a migration: a StatefulSet's pod on node-a
+/// mounts claim `data-db-0`; the target has the same StatefulSet scaled to
+/// zero and a bound claim no pod mounts yet.
+fn migration_apis() -> (
+    BTreeMap<String, serde_json::Value>,
+    BTreeMap<String, serde_json::Value>,
+) {
+    let owned = |mut p: serde_json::Value| {
+        p["metadata"]["ownerReferences"] =
+            serde_json::json!([{"kind": "StatefulSet", "name": "db", "controller": true}]);
+        p
+    };
+    let scale = |n: i64| serde_json::json!({"kind": "Scale", "spec": {"replicas": n}});
+    let mut src = BTreeMap::new();
+    src.insert(
+        "/api/v1/namespaces/shop/persistentvolumeclaims/data-db-0".into(),
+        claim(
+            "shop",
+            "data-db-0",
+            "pvc-111",
+            "alicloud-disk-ssd",
+            "1Gi",
+            "Filesystem",
+        ),
+    );
+    src.insert(
+        "/api/v1/persistentvolumes/pvc-111".into(),
+        serde_json::json!({"spec": {"csi": {"driver": "diskplugin.csi.alibabacloud.com"}}}),
+    );
+    src.insert(
+        "/api/v1/namespaces/shop/pods".into(),
+        serde_json::json!({"items": [owned(pod("shop", "db-0", "uid-db", "node-a", &["data-db-0"]))]}),
+    );
+    src.insert(
+        "/apis/apps/v1/namespaces/shop/statefulsets/db/scale".into(),
+        scale(1),
+    );
+    let mut dst = BTreeMap::new();
+    dst.insert(
+        "/api/v1/namespaces/shop/persistentvolumeclaims/data-db-0".into(),
+        claim(
+            "shop",
+            "data-db-0",
+            "pvc-999",
+            "csi-disk-ssd",
+            "1Gi",
+            "Filesystem",
+        ),
+    );
+    dst.insert(
+        "/api/v1/persistentvolumes/pvc-999".into(),
+        serde_json::json!({"spec": {"csi": {"driver": "disk.csi.everest.io"}}}),
+    );
+    dst.insert(
+        "/api/v1/namespaces/shop/pods".into(),
+        serde_json::json!({"items": []}),
+    );
+    dst.insert(
+        "/apis/apps/v1/namespaces/shop/statefulsets/db/scale".into(),
+        scale(0),
+    );
+    (src, dst)
+}
+
+#[test]
+fn a_migration_of_claims_over_agents_quiesces_the_workload_and_reports() {
+    let mut f = Fleet::start();
+    let (src, dst) = migration_apis();
+    let src_api = FakeApi::start(src, "src-token", "node-a");
+    let dst_api = FakeApi::start(dst, "dst-token", "node-b");
+    let dir = f.env.path("k");
+    std::fs::create_dir_all(&dir).unwrap();
+    let src_kc = kubeconfig(&dir, "src", &src_api.url, "src-token", "shop");
+    let dst_kc = kubeconfig(&dir, "dst", &dst_api.url, "dst-token", "shop");
+    // One kubelet directory layout for both nodes (pod uids differ).
+    let kubelet = f.env.path("kubelet");
+    let db = kubelet.join("pods/uid-db/volumes/kubernetes.io~csi/pvc-111/mount");
+    make_tree(&db);
+    // Where the kubelet mounts the same volumes for ferry's helper pods:
+    // the source volume again, and the target's claim.
+    let helper_src =
+        kubelet.join("pods/uid-helper-node-a-data-db-0/volumes/kubernetes.io~csi/pvc-111");
+    std::fs::create_dir_all(&helper_src).unwrap();
+    std::os::unix::fs::symlink(&db, helper_src.join("mount")).unwrap();
+    let target =
+        kubelet.join("pods/uid-helper-node-b-data-db-0/volumes/kubernetes.io~csi/pvc-999/mount");
+    std::fs::create_dir_all(&target).unwrap();
+    // A plain directory pair beside it.
+    let (dir_a, dir_b) = (f.env.path("node-a/data"), f.env.path("node-b/data"));
+    std::fs::create_dir_all(&dir_a).unwrap();
+    std::fs::create_dir_all(dir_b.parent().unwrap()).unwrap();
+    std::fs::write(dir_a.join("config.yaml"), b"replicas: 3\n").unwrap();
+    std::fs::write(dir_a.join("blob"), noise(600_000, 8)).unwrap();
+    let pods = kubelet.join("pods");
+    for (name, d) in [("node-a", &dir_a), ("node-b", &dir_b)] {
+        let parent = d.parent().unwrap().to_str().unwrap().to_string();
+        f.start_agent_with(name, &pods, &["--root", &parent]);
+    }
+    let k = kubelet.to_str().unwrap().to_string();
+    let cluster = [
+        "--source-kubeconfig",
+        src_kc.as_str(),
+        "--target-kubeconfig",
+        dst_kc.as_str(),
+        "--kubelet-dir",
+        k.as_str(),
+        "--mount-helper",
+    ];
+    let with = |args: &[&str]| -> Vec<String> {
+        args.iter()
+            .chain(cluster.iter())
+            .map(|s| s.to_string())
+            .collect()
+    };
+    let run = |args: Vec<String>| f.run(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    let json = |args: Vec<String>| f.json(&args.iter().map(String::as_str).collect::<Vec<_>>());
+
+    let created = f.json(&[
+        "migration",
+        "create",
+        "shop",
+        "--from",
+        "pvc:shop/data-db-0",
+        "--to",
+        "pvc:shop/data-db-0",
+        "--from",
+        dir_a.to_str().unwrap(),
+        "--to",
+        dir_b.to_str().unwrap(),
+        "--from-agent",
+        "node-a",
+        "--to-agent",
+        "node-b",
+    ]);
+    assert_eq!(created["pairs"][0]["kind"], "claim", "{created}");
+    assert_eq!(created["pairs"][1]["kind"], "dir", "{created}");
+
+    // Two rounds, the data changing between them.
+    let r = json(with(&["migration", "presync", "shop"]));
+    assert_eq!(r["rounds"][0]["ok"], true, "{r}");
+    assert_same_tree(&db, &target);
+    std::fs::write(db.join("a/b/text.log"), "new line\n".repeat(1000)).unwrap();
+    let r = json(with(&["migration", "presync", "shop"]));
+    assert_eq!(r["rounds"][0]["ok"], true, "{r}");
+    let p0 = &r["rounds"][0]["pairs"][0];
+    assert_eq!(p0["bytes_written"], 9000, "only the change: {p0}");
+    assert_eq!(r["estimate"]["parallel"], true, "{r}");
+    assert!(r["estimate"]["downtime_s"].is_number(), "{r}");
+
+    // The cutover: the StatefulSet scaled to zero (its pod goes), the
+    // final delta through helper pods, verified, the target scaled up.
+    std::fs::write(db.join("last-write"), b"before the cutover").unwrap();
+    let c = json(with(&[
+        "migration",
+        "cutover",
+        "shop",
+        "--quiesce",
+        "--resume",
+        "--verify",
+    ]));
+    assert_eq!(c["ok"], true, "{c}");
+    let steps: Vec<_> = c["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["name"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(
+        steps,
+        [
+            "quiesce workloads",
+            "final delta",
+            "verify",
+            "resume workloads"
+        ],
+        "{c}"
+    );
+    assert!(
+        c["steps"][0]["detail"]
+            .as_str()
+            .unwrap()
+            .contains("statefulset/db shop (was 1)"),
+        "{c}"
+    );
+    let replicas = |api: &FakeApi| {
+        api.objects.lock().unwrap()["/apis/apps/v1/namespaces/shop/statefulsets/db/scale"]["spec"]
+            ["replicas"]
+            .clone()
+    };
+    assert_eq!(replicas(&src_api), 0, "the source stays quiesced");
+    assert_eq!(
+        replicas(&dst_api),
+        1,
+        "the target runs the source's replicas"
+    );
+    assert_same_tree(&db, &target);
+    assert_same_tree(&dir_a, &dir_b);
+    for api in [&src_api, &dst_api] {
+        assert!(
+            !api.pods().iter().any(|p| p.starts_with("ferry-mount-")),
+            "helper pods deleted: {:?}",
+            api.pods()
+        );
+    }
+
+    // The report, compared on the target's agent and signed by the
+    // coordinator (which holds the vault's key).
+    let report = f.env.path("report.json");
+    let out = run(with(&[
+        "migration",
+        "report",
+        "shop",
+        "--json",
+        "-o",
+        report.to_str().unwrap(),
+    ]));
+    assert!(out.status.success(), "{}", stderr(&out));
+    let doc: serde_json::Value = serde_json::from_slice(&std::fs::read(&report).unwrap()).unwrap();
+    assert_eq!(doc["ok"], true, "{doc}");
+    assert!(
+        doc["vault"].as_str().is_some_and(|v| v.len() == 32),
+        "{doc}"
+    );
+    let entries = doc["pairs"][0]["entries"].as_array().unwrap();
+    assert!(entries.iter().any(|e| e["path"] == "/last-write"), "{doc}");
+    assert!(entries.iter().all(|e| e["source"] == e["target"]), "{doc}");
+    let out = f.run(&["migration", "verify-report", report.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let mut forged = doc.clone();
+    forged["ok"] = false.into();
+    let forged_file = f.env.path("forged.json");
+    std::fs::write(&forged_file, forged.to_string()).unwrap();
+    let out = f.run(&["migration", "verify-report", forged_file.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("does not match"), "{}", stderr(&out));
+
+    // A pod that no controller owns cannot be quiesced by ferry: refused
+    // before anything is copied, with what to do.
+    src_api
+        .objects
+        .lock()
+        .unwrap()
+        .get_mut("/api/v1/namespaces/shop/pods")
+        .unwrap()["items"] =
+        serde_json::json!([pod("shop", "bare", "uid-bare", "node-a", &["data-db-0"])]);
+    let out = run(with(&["migration", "cutover", "shop", "--quiesce"]));
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains("belongs to no Deployment or StatefulSet"),
+        "{}",
+        stderr(&out)
+    );
 }

@@ -281,6 +281,15 @@ pub enum MigrationCmd {
         /// Run before the final delta (e.g. scale the application to zero).
         #[arg(long, value_name = "CMD")]
         quiesce_cmd: Option<String>,
+        /// Claims: scale the Deployments and StatefulSets whose pods mount the source claims to zero first.
+        #[arg(long)]
+        quiesce: bool,
+        /// With --quiesce: scale the same workloads on the target cluster to the source's replicas on success.
+        #[arg(long, requires = "quiesce")]
+        resume: bool,
+        /// How long --quiesce waits for the pods to go.
+        #[arg(long, value_name = "SECONDS", default_value_t = 300)]
+        quiesce_timeout: u64,
         /// Run on success (e.g. start the application on the target).
         #[arg(long, value_name = "CMD")]
         resume_cmd: Option<String>,
@@ -328,8 +337,30 @@ pub struct PairArgs {
     /// Named remotes for bucket pairs (default: $XDG_CONFIG_HOME/ferry/config.toml).
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
+    /// The source cluster's kubeconfig, for claim sources (default: --kubeconfig).
+    #[arg(long, value_name = "FILE")]
+    pub source_kubeconfig: Option<PathBuf>,
+    /// The target cluster's kubeconfig, for claim targets (default: --kubeconfig).
+    #[arg(long, value_name = "FILE")]
+    pub target_kubeconfig: Option<PathBuf>,
     #[command(flatten)]
     pub kube: KubeArgs,
+}
+
+impl PairArgs {
+    /// The cluster of one side of the pairs.
+    pub fn kube_for(&self, source: bool) -> KubeArgs {
+        let mut k = self.kube.clone();
+        let side = if source {
+            &self.source_kubeconfig
+        } else {
+            &self.target_kubeconfig
+        };
+        if side.is_some() {
+            k.kubeconfig = side.clone();
+        }
+        k
+    }
 }
 
 /// How a restore treats what is already in the target.

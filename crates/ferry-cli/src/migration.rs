@@ -43,7 +43,7 @@ enum Mode {
     /// Agents run them, every pair at once; the coordinator keeps the
     /// record and signs reports.
     Fleet {
-        client: FleetClient,
+        client: Box<FleetClient>,
         catalog: Arc<ferry_fleet::remote::RemoteCatalog>,
     },
 }
@@ -56,7 +56,7 @@ impl Env {
                 g: g.clone(),
                 store: catalog.clone(),
                 mode: Mode::Fleet {
-                    client: crate::fleet::fleet_client(g)?,
+                    client: Box::new(crate::fleet::fleet_client(g)?),
                     catalog,
                 },
             });
@@ -152,6 +152,9 @@ pub async fn run(g: &Global, cmd: MigrationCmd) -> Result<u8> {
             rollback_cmd,
             max_downtime,
             verify,
+            quiesce,
+            resume,
+            quiesce_timeout,
             pairs,
         } => {
             let c = Cutover {
@@ -160,6 +163,9 @@ pub async fn run(g: &Global, cmd: MigrationCmd) -> Result<u8> {
                 rollback: rollback_cmd,
                 max_downtime_s: max_downtime.map(|d| d.as_secs_f64()),
                 verify,
+                scale_down: quiesce,
+                scale_up: resume,
+                quiesce_timeout: std::time::Duration::from_secs(quiesce_timeout),
             };
             cutover(g, &name, &c, &pairs).await
         }
@@ -221,8 +227,7 @@ async fn pair_of(
     g: &Global,
     i: usize,
     name: &str,
-    source: &str,
-    target: &str,
+    (source, target): (&str, &str),
     config: Option<&Path>,
     agents: (&Option<String>, &Option<String>),
     block: bool,
@@ -339,8 +344,7 @@ async fn create(
                 g,
                 i + 1,
                 &name,
-                s,
-                t,
+                (s, t),
                 config.as_deref(),
                 (&from_agent, &to_agent),
                 block.contains(&(i + 1)),
@@ -552,7 +556,7 @@ async fn compare_pair(
     let (vault, catalog) = match &env.mode {
         Mode::Embedded { vault, catalog } => (vault, catalog),
         Mode::Fleet { client, .. } => {
-            let side = Side::place(&env.g, args, &pair.target, &pair.to_agent, true).await?;
+            let side = Side::place(&env.g, args, &pair.target, &pair.to_agent, false, true).await?;
             let job = JobSpec::Compare {
                 snapshot: spec,
                 target: side.path.clone(),
@@ -613,10 +617,11 @@ impl Side {
         args: &PairArgs,
         arg: &str,
         agent: &Option<String>,
+        source: bool,
         read_only: bool,
     ) -> Result<Side> {
         if let Some((ns, claim)) = crate::kube::claim_of(Path::new(arg))? {
-            let c = crate::kube::place(g, &args.kube, &ns, &claim, read_only).await?;
+            let c = crate::kube::place(g, &args.kube_for(source), &ns, &claim, read_only).await?;
             return Ok(Side {
                 agent: c.placement.node.clone(),
                 path: c.placement.path.clone(),
@@ -655,7 +660,7 @@ async fn run_pair_fleet(
     out: &mut PairRound,
 ) -> Result<()> {
     let t = Instant::now();
-    let src = Side::place(g, args, &pair.source, &pair.from_agent, true).await?;
+    let src = Side::place(g, args, &pair.source, &pair.from_agent, true, true).await?;
     let spec = JobSpec::Snapshot {
         source: src.path.clone(),
         volume: pair.volume.clone(),
@@ -683,7 +688,7 @@ async fn run_pair_fleet(
         );
     }
     let t = Instant::now();
-    let dst = Side::place(g, args, &pair.target, &pair.to_agent, false).await?;
+    let dst = Side::place(g, args, &pair.target, &pair.to_agent, false, false).await?;
     let spec = JobSpec::Restore {
         snapshot: spec_name(pair, &s.snapshot_id),
         target: dst.path.clone(),
@@ -955,6 +960,178 @@ struct Cutover {
     rollback: Option<String>,
     max_downtime_s: Option<f64>,
     verify: bool,
+    /// `--quiesce`/`--resume`: scale the claims' workloads.
+    scale_down: bool,
+    scale_up: bool,
+    quiesce_timeout: std::time::Duration,
+}
+
+/// What `--quiesce` scaled to zero, to scale back on a rollback or up on
+/// the target with `--resume`.
+struct Scaled {
+    kube: ferry_kube::Kube,
+    workloads: Vec<ferry_kube::workload::Workload>,
+}
+
+/// Scales every workload that mounts a source claim to zero, then waits
+/// until no pod mounts them.
+async fn scale_down(
+    m: &Migration,
+    args: &PairArgs,
+    timeout: std::time::Duration,
+) -> (Step, Option<Scaled>) {
+    let t = Instant::now();
+    let claims: Vec<(String, String)> = m
+        .pairs
+        .iter()
+        .filter_map(|p| crate::kube::claim_of(Path::new(&p.source)).ok().flatten())
+        .collect();
+    let r = scale_down_claims(&claims, args, timeout).await;
+    let (ok, detail, scaled) = match r {
+        Ok(s) => (
+            true,
+            Some(format!(
+                "scaled to 0: {}",
+                if s.workloads.is_empty() {
+                    "nothing (no running pod mounts the claims)".to_string()
+                } else {
+                    s.workloads
+                        .iter()
+                        .map(|w| format!("{} (was {})", w.describe(), w.replicas))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                }
+            )),
+            Some(s),
+        ),
+        Err((e, scaled)) => (false, Some(crate::ui::one_line(&e)), scaled),
+    };
+    (
+        Step {
+            name: "quiesce workloads".into(),
+            ok,
+            duration_s: t.elapsed().as_secs_f64(),
+            detail,
+        },
+        scaled,
+    )
+}
+
+/// The work of [`scale_down`]; on failure, what was scaled so far.
+async fn scale_down_claims(
+    claims: &[(String, String)],
+    args: &PairArgs,
+    timeout: std::time::Duration,
+) -> std::result::Result<Scaled, (anyhow::Error, Option<Scaled>)> {
+    if claims.is_empty() {
+        return Err((
+            anyhow!(
+                "--quiesce scales the workloads of claims, and no pair's source is a claim: use --quiesce-cmd"
+            ),
+            None,
+        ));
+    }
+    let kube = ferry_kube::Kube::new(args.kube_for(true).kubeconfig.as_deref())
+        .map_err(|e| (e.into(), None))?;
+    let mut workloads: Vec<ferry_kube::workload::Workload> = Vec::new();
+    for (ns, claim) in claims {
+        let found = ferry_kube::workload::owners(&kube, ns, claim)
+            .await
+            .map_err(|e| (e.into(), None))?;
+        for w in found {
+            if !workloads.contains(&w) {
+                workloads.push(w);
+            }
+        }
+    }
+    let mut scaled = Scaled {
+        kube,
+        workloads: Vec::new(),
+    };
+    for w in &workloads {
+        if let Err(e) = ferry_kube::workload::scale(&scaled.kube, w, 0).await {
+            return Err((e.into(), Some(scaled)));
+        }
+        scaled.workloads.push(w.clone());
+    }
+    for (ns, claim) in claims {
+        if let Err(e) = ferry_kube::workload::wait_unmounted(&scaled.kube, ns, claim, timeout).await
+        {
+            return Err((e.into(), Some(scaled)));
+        }
+    }
+    Ok(scaled)
+}
+
+/// `--resume`: the same workloads on the target cluster (in the namespace
+/// of the claim their source claim moved to) get the source's replicas.
+async fn scale_up_target(m: &Migration, args: &PairArgs, scaled: &Scaled) -> Step {
+    let t = Instant::now();
+    let r = async {
+        let kube = ferry_kube::Kube::new(args.kube_for(false).kubeconfig.as_deref())?;
+        let mut done = Vec::new();
+        for w in &scaled.workloads {
+            let ns = m
+                .pairs
+                .iter()
+                .find_map(|p| {
+                    let (sn, _) = crate::kube::claim_of(Path::new(&p.source)).ok()??;
+                    let (tn, _) = crate::kube::claim_of(Path::new(&p.target)).ok()??;
+                    (sn == w.namespace).then_some(tn)
+                })
+                .unwrap_or_else(|| w.namespace.clone());
+            let target = ferry_kube::workload::Workload {
+                namespace: ns,
+                ..w.clone()
+            };
+            ferry_kube::workload::scale(&kube, &target, w.replicas).await?;
+            done.push(format!("{} to {}", target.describe(), w.replicas));
+        }
+        anyhow::Ok(done)
+    }
+    .await;
+    let (ok, detail) = match r {
+        Ok(d) => (
+            true,
+            Some(format!("scaled on the target: {}", d.join(", "))),
+        ),
+        Err(e) => (false, Some(crate::ui::one_line(&e))),
+    };
+    Step {
+        name: "resume workloads".into(),
+        ok,
+        duration_s: t.elapsed().as_secs_f64(),
+        detail,
+    }
+}
+
+/// Scales the source workloads back to their replicas.
+async fn scale_back(scaled: &Scaled) -> Step {
+    let t = Instant::now();
+    let mut errors = Vec::new();
+    for w in &scaled.workloads {
+        if let Err(e) = ferry_kube::workload::scale(&scaled.kube, w, w.replicas).await {
+            errors.push(format!("{}: {e}", w.describe()));
+        }
+    }
+    Step {
+        name: "rollback workloads".into(),
+        ok: errors.is_empty(),
+        duration_s: t.elapsed().as_secs_f64(),
+        detail: Some(if errors.is_empty() {
+            format!(
+                "scaled back: {}",
+                scaled
+                    .workloads
+                    .iter()
+                    .map(|w| format!("{} to {}", w.describe(), w.replicas))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )
+        } else {
+            errors.join("; ")
+        }),
+    }
 }
 
 /// Runs `cmd` with `sh -c`; its output goes to stderr.
@@ -1009,29 +1186,35 @@ async fn cutover(g: &Global, name: &str, c: &Cutover, args: &PairArgs) -> Result
     let started = Instant::now();
     let mut steps = Vec::new();
     let seq = rounds.last().map(|r| r.seq + 1).unwrap_or(1);
-    if let Some(q) = &c.quiesce {
-        let s = shell("quiesce", q).await;
-        let ok = s.ok;
+    let mut scaled = None;
+    if c.scale_down {
+        let (s, sc) = scale_down(&m, args, c.quiesce_timeout).await;
         steps.push(s);
-        if !ok {
-            let mut r = Round {
-                seq,
-                kind: Some(RoundKind::Cutover),
-                started: now_text(),
-                started_ns: ferry_core::forget::now_ns(),
-                ok: false,
-                error: steps[0].detail.clone(),
-                steps,
-                ..Default::default()
-            };
-            let rolled = rollback(c, &mut r.steps).await;
-            env.store.add_round(name, &r)?;
-            bail!(
-                "quiesce failed ({}): nothing was copied; the source may be partly quiesced: {}",
-                r.error.as_deref().unwrap_or("?"),
-                rolled
-            );
-        }
+        scaled = sc;
+    }
+    if let Some(q) = &c.quiesce
+        && steps.iter().all(|s| s.ok)
+    {
+        steps.push(shell("quiesce", q).await);
+    }
+    if let Some(failed) = steps.iter().find(|s| !s.ok) {
+        let mut r = Round {
+            seq,
+            kind: Some(RoundKind::Cutover),
+            started: now_text(),
+            started_ns: ferry_core::forget::now_ns(),
+            ok: false,
+            error: failed.detail.clone(),
+            steps: steps.clone(),
+            ..Default::default()
+        };
+        let rolled = rollback(c, &mut r.steps, scaled.as_ref()).await;
+        env.store.add_round(name, &r)?;
+        bail!(
+            "quiesce failed ({}): nothing was copied; the source may be partly quiesced: {}",
+            r.error.as_deref().unwrap_or("?"),
+            rolled
+        );
     }
     // The final delta.
     let mut r = round(&env, &m, seq, RoundKind::Cutover, None, args).await;
@@ -1100,20 +1283,24 @@ async fn cutover(g: &Global, name: &str, c: &Cutover, args: &PairArgs) -> Result
     }
     let mut outcome = String::new();
     if r.ok {
+        if c.scale_up
+            && let Some(sc) = &scaled
+        {
+            steps.push(scale_up_target(&m, args, sc).await);
+        }
         if let Some(cmd) = &c.resume {
-            let s = shell("resume", cmd).await;
-            if !s.ok {
-                r.ok = false;
-                outcome = format!(
-                    "every pair is copied{} but the resume command failed ({}): start the application on the target by hand",
-                    if c.verify { " and verified" } else { "" },
-                    s.detail.clone().unwrap_or_default()
-                );
-            }
-            steps.push(s);
+            steps.push(shell("resume", cmd).await);
+        }
+        if let Some(s) = steps.iter().rev().find(|s| !s.ok) {
+            r.ok = false;
+            outcome = format!(
+                "every pair is copied{} but resuming failed ({}): start the application on the target by hand",
+                if c.verify { " and verified" } else { "" },
+                s.detail.clone().unwrap_or_default()
+            );
         }
     } else {
-        outcome = rollback(c, &mut steps).await;
+        outcome = rollback(c, &mut steps, scaled.as_ref()).await;
     }
     r.steps = steps;
     r.downtime_s = Some(started.elapsed().as_secs_f64());
@@ -1209,8 +1396,21 @@ fn pair_state(p: &PairRound, verified: Option<bool>) -> &'static str {
 
 /// After a failure past the quiesce: the rollback command if given, and
 /// what the operator must do.
-async fn rollback(c: &Cutover, steps: &mut Vec<Step>) -> String {
+async fn rollback(c: &Cutover, steps: &mut Vec<Step>, scaled: Option<&Scaled>) -> String {
     let advice = "the source is unchanged (ferry only reads it): resume the application on the source to roll back";
+    if let Some(sc) = scaled {
+        let s = scale_back(sc).await;
+        let ok = s.ok;
+        let detail = s.detail.clone().unwrap_or_default();
+        steps.push(s);
+        if c.rollback.is_none() {
+            return if ok {
+                format!("rolled back: {detail}")
+            } else {
+                format!("scaling back failed ({detail}): {advice}")
+            };
+        }
+    }
     match &c.rollback {
         Some(cmd) => {
             let s = shell("rollback", cmd).await;

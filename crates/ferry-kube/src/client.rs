@@ -266,7 +266,7 @@ impl Kube {
 
     /// GETs `path` (`/api/v1/...`) as JSON. A 404 is `Ok(None)`.
     pub async fn get_opt<T: DeserializeOwned>(&self, path: &str) -> Result<Option<T>> {
-        self.call(reqwest::Method::GET, path, None).await
+        self.call(reqwest::Method::GET, path, None, "").await
     }
 
     /// POSTs `body` to `path` (creates an object) and returns what the
@@ -276,16 +276,29 @@ impl Kube {
         path: &str,
         body: &serde_json::Value,
     ) -> Result<T> {
-        self.call(reqwest::Method::POST, path, Some(body))
+        self.call(reqwest::Method::POST, path, Some(body), "application/json")
             .await?
             .ok_or_else(|| Error::NotFound(format!("{}: {path}: not found", self.server)))
     }
 
     /// DELETEs the object at `path`; one that is already gone is fine.
     pub async fn delete(&self, path: &str) -> Result<()> {
-        self.call::<serde_json::Value>(reqwest::Method::DELETE, path, None)
+        self.call::<serde_json::Value>(reqwest::Method::DELETE, path, None, "")
             .await
             .map(drop)
+    }
+
+    /// Changes fields of the object at `path` (a JSON merge patch).
+    pub async fn merge_patch(&self, path: &str, patch: &serde_json::Value) -> Result<()> {
+        self.call::<serde_json::Value>(
+            reqwest::Method::PATCH,
+            path,
+            Some(patch),
+            "application/merge-patch+json",
+        )
+        .await?
+        .ok_or_else(|| Error::NotFound(format!("{}: {path}: not found", self.server)))
+        .map(drop)
     }
 
     /// One request with a JSON answer. A 404 is `Ok(None)`; any other
@@ -295,6 +308,7 @@ impl Kube {
         method: reqwest::Method,
         path: &str,
         body: Option<&serde_json::Value>,
+        content_type: &str,
     ) -> Result<Option<T>> {
         let api = |message: String| Error::Api {
             server: self.server.clone(),
@@ -307,7 +321,7 @@ impl Kube {
         }
         if let Some(b) = body {
             req = req
-                .header(reqwest::header::CONTENT_TYPE, "application/json")
+                .header(reqwest::header::CONTENT_TYPE, content_type)
                 .body(b.to_string());
         }
         let resp = req.send().await.map_err(|e| api(e.to_string()))?;

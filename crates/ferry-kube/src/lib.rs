@@ -10,6 +10,7 @@
 pub mod client;
 pub mod helper;
 pub mod resolve;
+pub mod workload;
 
 pub use client::Kube;
 pub use helper::{Helper, HelperOptions};
