@@ -4,8 +4,9 @@
 //! Velero's node-agent does.
 //!
 //! A small client of its own ([`client::Kube`]: kubeconfig or in-cluster
-//! config, GETs of JSON) rather than the `kube` crate: ferry reads four
-//! kinds of objects, and kube with k8s-openapi would double the build.
+//! config, JSON over reqwest) rather than the `kube` crate: ferry reads
+//! claims, volumes, pods and replica sets, creates and deletes helper pods
+//! and scales workloads, and kube with k8s-openapi would double the build.
 
 pub mod client;
 pub mod helper;
