@@ -707,10 +707,27 @@ fn a_migration_of_claims_over_agents_quiesces_the_workload_and_reports() {
     std::fs::create_dir_all(dir_b.parent().unwrap()).unwrap();
     std::fs::write(dir_a.join("config.yaml"), b"replicas: 3\n").unwrap();
     std::fs::write(dir_a.join("blob"), noise(600_000, 8)).unwrap();
+    // And a bucket prefix between two clouds, through the vault; each
+    // agent reaches the clouds with its own remotes.
+    let (cloud_a, cloud_b, remotes) = two_clouds(&f.env.path("clouds"));
+    let (ca, cb) = (
+        crate::bucket::client(&cloud_a),
+        crate::bucket::client(&cloud_b),
+    );
+    for i in 0..5 {
+        crate::bucket::put(
+            &ca,
+            "src-bucket",
+            &format!("assets/{i}.js"),
+            noise(10_000 + i, i as u64),
+            Some("text/javascript"),
+            &[],
+        );
+    }
     let pods = kubelet.join("pods");
     for (name, d) in [("node-a", &dir_a), ("node-b", &dir_b)] {
         let parent = d.parent().unwrap().to_str().unwrap().to_string();
-        f.start_agent_with(name, &pods, &["--root", &parent]);
+        f.start_agent_with(name, &pods, &["--root", &parent, "--config", &remotes]);
     }
     let k = kubelet.to_str().unwrap().to_string();
     let cluster = [
@@ -743,6 +760,10 @@ fn a_migration_of_claims_over_agents_quiesces_the_workload_and_reports() {
         dir_a.to_str().unwrap(),
         "--to",
         dir_b.to_str().unwrap(),
+        "--from",
+        "cloud-a:src-bucket/assets",
+        "--to",
+        "cloud-b:dst-bucket/assets",
         "--from-agent",
         "node-a",
         "--to-agent",
@@ -750,6 +771,7 @@ fn a_migration_of_claims_over_agents_quiesces_the_workload_and_reports() {
     ]);
     assert_eq!(created["pairs"][0]["kind"], "claim", "{created}");
     assert_eq!(created["pairs"][1]["kind"], "dir", "{created}");
+    assert_eq!(created["pairs"][2]["kind"], "bucket", "{created}");
 
     // Two rounds, the data changing between them.
     let r = json(with(&["migration", "presync", "shop"]));
@@ -811,6 +833,16 @@ fn a_migration_of_claims_over_agents_quiesces_the_workload_and_reports() {
     );
     assert_same_tree(&db, &target);
     assert_same_tree(&dir_a, &dir_b);
+    let (a, b) = (
+        crate::bucket::read_all(&ca, "src-bucket", "assets/"),
+        crate::bucket::read_all(&cb, "dst-bucket", "assets/"),
+    );
+    assert_eq!(a.len(), 5);
+    assert_eq!(a.keys().collect::<Vec<_>>(), b.keys().collect::<Vec<_>>());
+    assert!(
+        a.iter()
+            .all(|(k, o)| o.body == b[k].body && o.content_type == b[k].content_type)
+    );
     for api in [&src_api, &dst_api] {
         assert!(
             !api.pods().iter().any(|p| p.starts_with("ferry-mount-")),
@@ -840,6 +872,8 @@ fn a_migration_of_claims_over_agents_quiesces_the_workload_and_reports() {
     let entries = doc["pairs"][0]["entries"].as_array().unwrap();
     assert!(entries.iter().any(|e| e["path"] == "/last-write"), "{doc}");
     assert!(entries.iter().all(|e| e["source"] == e["target"]), "{doc}");
+    assert_eq!(doc["pairs"][2]["files"], 5, "{doc}");
+    assert_eq!(doc["pairs"][2]["ok"], true, "{doc}");
     let out = f.run(&["migration", "verify-report", report.to_str().unwrap()]);
     assert!(out.status.success(), "{}", stderr(&out));
     let mut forged = doc.clone();

@@ -206,6 +206,13 @@ fn is_bucket(arg: &str, config: Option<&Path>) -> Result<bool> {
     Ok(cfg.remotes.contains_key(remote))
 }
 
+/// In fleet mode, where remotes are the agents' own: `s3://...` or
+/// `REMOTE:bucket/prefix` (a path there is absolute).
+fn fleet_bucket(arg: &str) -> bool {
+    arg.starts_with("s3://")
+        || (!arg.starts_with('/') && !arg.starts_with("pvc:") && arg.contains(':'))
+}
+
 /// An absolute path for a local side (so later commands work from any
 /// directory), or the argument as given for buckets and claims.
 fn absolute_local(arg: &str) -> Result<String> {
@@ -251,13 +258,18 @@ async fn pair_of(
         pair.kind = PairKind::Claim;
         return Ok(pair);
     }
-    let (src_bucket, dst_bucket) = (is_bucket(source, config)?, is_bucket(target, config)?);
-    if src_bucket || dst_bucket {
-        if g.coordinator.is_some() {
+    if g.coordinator.is_some() && (fleet_bucket(source) || fleet_bucket(target)) {
+        // Remotes are the agents' (their --config): checked when jobs run.
+        if pair.from_agent.is_none() || pair.to_agent.is_none() {
             bail!(
-                "pair {i}: bucket pairs run on this machine: create the migration without --coordinator"
+                "with --coordinator, name the agents of bucket pairs: --from-agent NAME --to-agent NAME"
             );
         }
+        pair.kind = PairKind::Bucket;
+        return Ok(pair);
+    }
+    let (src_bucket, dst_bucket) = (is_bucket(source, config)?, is_bucket(target, config)?);
+    if src_bucket || dst_bucket {
         for (b, s) in [(src_bucket, source), (dst_bucket, target)] {
             if b {
                 crate::bucket::objects_at(Path::new(s), config)
@@ -557,11 +569,20 @@ async fn compare_pair(
         Mode::Embedded { vault, catalog } => (vault, catalog),
         Mode::Fleet { client, .. } => {
             let side = Side::place(&env.g, args, &pair.target, &pair.to_agent, false, true).await?;
-            let job = JobSpec::Compare {
-                snapshot: spec,
-                target: side.path.clone(),
-                digests: opts.digests,
-                extra: opts.extra,
+            let job = if fleet_bucket(&pair.target) {
+                JobSpec::CompareObjects {
+                    snapshot: spec,
+                    target: pair.target.clone(),
+                    digests: opts.digests,
+                    extra: opts.extra,
+                }
+            } else {
+                JobSpec::Compare {
+                    snapshot: spec,
+                    target: side.path.clone(),
+                    digests: opts.digests,
+                    extra: opts.extra,
+                }
             };
             let r = crate::fleet::run_and_wait(client, &side.agent, &job).await;
             side.release().await;
@@ -661,12 +682,20 @@ async fn run_pair_fleet(
 ) -> Result<()> {
     let t = Instant::now();
     let src = Side::place(g, args, &pair.source, &pair.from_agent, true, true).await?;
-    let spec = JobSpec::Snapshot {
-        source: src.path.clone(),
-        volume: pair.volume.clone(),
-        reread: false,
-        block: pair.kind == PairKind::Block || src.block,
-        read_limit: limit,
+    let spec = if fleet_bucket(&pair.source) {
+        JobSpec::SnapshotObjects {
+            source: pair.source.clone(),
+            volume: pair.volume.clone(),
+            read_limit: limit,
+        }
+    } else {
+        JobSpec::Snapshot {
+            source: src.path.clone(),
+            volume: pair.volume.clone(),
+            reread: false,
+            block: pair.kind == PairKind::Block || src.block,
+            read_limit: limit,
+        }
     };
     let agent = src.agent.clone();
     let r = crate::fleet::run_and_wait(client, &agent, &spec).await;
@@ -689,26 +718,37 @@ async fn run_pair_fleet(
     }
     let t = Instant::now();
     let dst = Side::place(g, args, &pair.target, &pair.to_agent, false, false).await?;
-    let spec = JobSpec::Restore {
-        snapshot: spec_name(pair, &s.snapshot_id),
-        target: dst.path.clone(),
-        delete: true,
-        verify: false,
-        reread_target: false,
+    let spec = if fleet_bucket(&pair.target) {
+        JobSpec::RestoreObjects {
+            snapshot: spec_name(pair, &s.snapshot_id),
+            target: pair.target.clone(),
+            delete: true,
+        }
+    } else {
+        JobSpec::Restore {
+            snapshot: spec_name(pair, &s.snapshot_id),
+            target: dst.path.clone(),
+            delete: true,
+            verify: false,
+            reread_target: false,
+        }
     };
     let agent = dst.agent.clone();
     let r = crate::fleet::run_and_wait(client, &agent, &spec).await;
     dst.release().await;
     let (_, v) = r?;
-    let r: ferry_core::restore::RestoreSummary = serde_json::from_value(v)?;
+    let num = |k: &str| v.get(k).and_then(Value::as_u64).unwrap_or(0);
+    let r = (
+        num("bytes_written"),
+        num("files_written"),
+        num("files_deleted"),
+    );
     let (c, id) = (catalog.clone(), spec_name(pair, &s.snapshot_id));
     out.bytes_total = tokio::task::spawn_blocking(move || {
         ferry_core::sync::find_snapshot(c.as_ref(), &id).map(|r| r.bytes)
     })
     .await??;
-    out.bytes_written = r.bytes_written;
-    out.files_written = r.files_written;
-    out.files_deleted = r.files_deleted;
+    (out.bytes_written, out.files_written, out.files_deleted) = r;
     out.restore_s = t.elapsed().as_secs_f64();
     out.ok = true;
     Ok(())

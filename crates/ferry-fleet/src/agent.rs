@@ -340,6 +340,57 @@ impl Agent {
                     json(serde_json::to_value(&s)),
                 ))
             }
+            JobSpec::SnapshotObjects {
+                source,
+                volume,
+                read_limit,
+            } => {
+                let mut opts = SnapshotOptions::new(volume);
+                opts.read_limit = read_limit;
+                let s = crate::bucket::snapshot_objects(
+                    &bucket, vault, catalog, &source, &opts, progress,
+                )
+                .await?;
+                Ok((
+                    if s.incomplete { 3 } else { 0 },
+                    json(serde_json::to_value(&s)),
+                ))
+            }
+            JobSpec::RestoreObjects {
+                snapshot,
+                target,
+                delete,
+            } => {
+                let snap = find_snapshot(&catalog, snapshot).await?;
+                let opts = ferry_core::restore::objects::ObjectRestoreOptions {
+                    delete,
+                    ..Default::default()
+                };
+                let s = crate::bucket::restore_objects(
+                    &bucket, vault, catalog, &snap, &target, &opts, progress,
+                )
+                .await?;
+                if let Some((k, e)) = s.failed.first() {
+                    return Err(Error::Invalid(format!(
+                        "{} object(s) not written into {target}, first {k}: {e}",
+                        s.failed.len()
+                    )));
+                }
+                Ok((0, json(serde_json::to_value(&s))))
+            }
+            JobSpec::CompareObjects {
+                snapshot,
+                target,
+                digests,
+                extra,
+            } => {
+                let snap = find_snapshot(&catalog, snapshot).await?;
+                let opts = ferry_core::compare::CompareOptions { digests, extra };
+                let c =
+                    crate::bucket::compare_objects(&bucket, vault, catalog, snap, &target, opts)
+                        .await?;
+                Ok((0, json(serde_json::to_value(&c))))
+            }
             JobSpec::Compare {
                 snapshot,
                 digests,

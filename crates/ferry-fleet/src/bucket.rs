@@ -321,3 +321,81 @@ pub async fn range(
         serde_json::to_value(&s).map_err(|e| Error::Invalid(e.to_string()))?,
     ))
 }
+
+/// A bucket (or a local directory under the agent's roots) opened as the
+/// seam of a snapshot or restore through the vault.
+async fn objects(
+    ctx: &BucketContext<'_>,
+    loc: &str,
+) -> Result<ferry_bucket::objects::BucketObjects> {
+    let side = open_side(ctx, loc).await?;
+    Ok(ferry_bucket::objects::BucketObjects::new(
+        side,
+        loc.to_string(),
+        tokio::runtime::Handle::current(),
+    ))
+}
+
+/// `ferry migration` over agents: a bucket prefix saved as a snapshot, on
+/// this agent, with its credentials.
+pub async fn snapshot_objects(
+    ctx: &BucketContext<'_>,
+    vault: Arc<ferry_core::vault::Vault>,
+    catalog: Arc<RemoteCatalog>,
+    source: &str,
+    opts: &ferry_core::snapshot::SnapshotOptions,
+    progress: Arc<ProgressCounter>,
+) -> Result<ferry_core::snapshot::SnapshotSummary> {
+    let src = objects(ctx, source).await?;
+    Ok(
+        ferry_core::snapshot::snapshot_objects(vault, catalog, Arc::new(src), opts, progress)
+            .await?,
+    )
+}
+
+/// The restore into a bucket, its memory of what it wrote kept by the
+/// coordinator (so any agent may run the next one).
+pub async fn restore_objects(
+    ctx: &BucketContext<'_>,
+    vault: Arc<ferry_core::vault::Vault>,
+    catalog: Arc<RemoteCatalog>,
+    snap: &ferry_core::manifest::SnapshotRecord,
+    target: &str,
+    opts: &ferry_core::restore::objects::ObjectRestoreOptions,
+    progress: Arc<ProgressCounter>,
+) -> Result<ferry_core::restore::objects::ObjectRestoreSummary> {
+    let dst = objects(ctx, target).await?;
+    let state = RemoteSyncState::new(
+        catalog.clone(),
+        format!("restore\n{}\n{target}", vault.id()),
+    );
+    Ok(ferry_core::restore::objects::restore_objects(
+        vault,
+        catalog,
+        snap,
+        Arc::new(dst),
+        Arc::new(state),
+        opts,
+        progress,
+    )
+    .await?)
+}
+
+/// A bucket target compared with a snapshot.
+pub async fn compare_objects(
+    ctx: &BucketContext<'_>,
+    vault: Arc<ferry_core::vault::Vault>,
+    catalog: Arc<RemoteCatalog>,
+    snap: ferry_core::manifest::SnapshotRecord,
+    target: &str,
+    opts: ferry_core::compare::CompareOptions,
+) -> Result<ferry_core::compare::Comparison> {
+    let dst = objects(ctx, target).await?;
+    let rt = tokio::runtime::Handle::current();
+    tokio::task::spawn_blocking(move || {
+        ferry_core::compare::compare_objects(&rt, &vault, catalog.as_ref(), &snap, &dst, &opts)
+    })
+    .await
+    .map_err(|e| Error::Invalid(format!("compare: {e}")))?
+    .map_err(Into::into)
+}

@@ -43,6 +43,30 @@ pub enum JobSpec {
         #[serde(default)]
         extra: bool,
     },
+    /// A bucket prefix (or a directory under the agent's roots) saved as a
+    /// snapshot through the vault, with the agent's remotes.
+    SnapshotObjects {
+        source: String,
+        volume: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        read_limit: Option<u64>,
+    },
+    /// A snapshot restored into a bucket prefix.
+    RestoreObjects {
+        snapshot: String,
+        target: String,
+        #[serde(default)]
+        delete: bool,
+    },
+    /// A bucket prefix compared with a snapshot.
+    CompareObjects {
+        snapshot: String,
+        target: String,
+        #[serde(default)]
+        digests: bool,
+        #[serde(default)]
+        extra: bool,
+    },
     /// A distributed bucket sync: the parent, which no agent runs.
     BucketSync(BucketJob),
     /// Its first task: list the source and cut the key space into ranges,
@@ -116,6 +140,9 @@ impl JobSpec {
             JobSpec::Snapshot { .. } => "snapshot",
             JobSpec::Restore { .. } => "restore",
             JobSpec::Compare { .. } => "compare",
+            JobSpec::SnapshotObjects { .. } => "snapshot",
+            JobSpec::RestoreObjects { .. } => "restore",
+            JobSpec::CompareObjects { .. } => "compare",
             JobSpec::BucketSync(_) => "bucket_sync",
             JobSpec::BucketSplit { .. } => "bucket_split",
             JobSpec::BucketRange { .. } => "bucket_range",
