@@ -352,18 +352,27 @@ pub fn report_key(data_key: &[u8; 32]) -> [u8; 32] {
     blake3::derive_key("ferry migration report v1", data_key)
 }
 
-/// Signs a JSON report: the MAC (keyed BLAKE3, a PRF like HMAC) of its
-/// canonical form (keys sorted, no whitespace) without the `signature`
-/// field, which it then gets.
+type HmacSha256 = hmac::Hmac<sha2::Sha256>;
+
+fn mac(key: &[u8; 32], body: &serde_json::Value) -> HmacSha256 {
+    use hmac::{KeyInit, Mac};
+    let mut m = <HmacSha256 as KeyInit>::new_from_slice(key).expect("HMAC takes any key length");
+    m.update(canonical(body).as_bytes());
+    m
+}
+
+/// Signs a JSON report: HMAC-SHA256 of its canonical form (keys sorted,
+/// no whitespace) without the `signature` field, which it then gets.
 pub fn sign(report: &mut serde_json::Value, key: &[u8; 32]) {
+    use hmac::Mac;
     if let Some(o) = report.as_object_mut() {
         o.remove("signature");
     }
-    let mac = blake3::keyed_hash(key, canonical(report).as_bytes());
+    let tag = mac(key, report).finalize().into_bytes();
     if let Some(o) = report.as_object_mut() {
         o.insert(
             "signature".into(),
-            serde_json::Value::String(format!("blake3-keyed:{}", mac.to_hex())),
+            serde_json::Value::String(format!("hmac-sha256:{}", hex::encode(tag))),
         );
     }
 }
@@ -371,24 +380,24 @@ pub fn sign(report: &mut serde_json::Value, key: &[u8; 32]) {
 /// Checks a signed report; anything changed in it, or another vault's key,
 /// fails.
 pub fn verify(report: &serde_json::Value, key: &[u8; 32]) -> Result<(), String> {
+    use hmac::Mac;
     let sig = report
         .get("signature")
         .and_then(|s| s.as_str())
         .ok_or("the report has no signature")?;
-    let hex = sig
-        .strip_prefix("blake3-keyed:")
-        .ok_or("unknown signature scheme")?;
-    let given = blake3::Hash::from_hex(hex).map_err(|_| "malformed signature")?;
+    let given = sig
+        .strip_prefix("hmac-sha256:")
+        .and_then(|h| hex::decode(h).ok())
+        .ok_or("unknown or malformed signature (expected hmac-sha256:HEX)")?;
     let mut body = report.clone();
     if let Some(o) = body.as_object_mut() {
         o.remove("signature");
     }
-    // blake3::Hash compares in constant time.
-    if blake3::keyed_hash(key, canonical(&body).as_bytes()) == given {
-        Ok(())
-    } else {
-        Err("the signature does not match: the report was changed, or signed with another vault's key".into())
-    }
+    // verify_slice compares in constant time.
+    mac(key, &body).verify_slice(&given).map_err(|_| {
+        "the signature does not match: the report was changed, or signed with another vault's key"
+            .to_string()
+    })
 }
 
 /// Sorted keys, no whitespace: the same bytes for the same report.
