@@ -592,7 +592,12 @@ pub(crate) async fn open_default_vault(g: &Global) -> Result<(Arc<Vault>, Arc<dy
         std::fs::read(&key_file).with_context(|| format!("reading {}", key_file.display()))?;
     let loc = Location::Local(vault_dir.clone());
     if !vault_dir.join("config").exists() {
-        Vault::init(&loc, &pass, &VaultOptions::default()).await?;
+        // The key file holds 256 random bits: stretching it would only cost
+        // every sync a quarter of a second.
+        let mut opts = VaultOptions::default();
+        opts.kdf.m_kib = 64;
+        opts.kdf.t = 1;
+        Vault::init(&loc, &pass, &opts).await?;
     }
     let vault = Vault::open(&loc, &pass).await?;
     let path = catalog_path(g, &vault);

@@ -196,8 +196,6 @@ impl Dedup {
 
 struct Job {
     data: Vec<u8>,
-    /// Already computed (a chunk verified against the parent's chunk list).
-    id: Option<BlobId>,
     reply: SyncSender<ChunkRef>,
 }
 
@@ -1008,12 +1006,17 @@ fn chunk_file_hinted(
     let mut send = |data: Vec<u8>, id: Option<BlobId>| -> Result<()> {
         let n = data.len() as u64;
         let (tx, rx) = sync_channel(1);
-        jobs.send(Job {
-            data,
-            id,
-            reply: tx,
-        })
-        .map_err(|_| stopped())?;
+        match id {
+            // A chunk of the parent snapshot, verified by its hash where the
+            // parent had it: the vault holds it (the parent is live, and
+            // prune waits for our shared lock), so it needs no worker and no
+            // dedup lookup.
+            Some(id) => {
+                stats.chunks.fetch_add(1, Ordering::Relaxed);
+                let _ = tx.send(ChunkRef(id, n as u32));
+            }
+            None => jobs.send(Job { data, reply: tx }).map_err(|_| stopped())?,
+        }
         emit(rx)?;
         stats.read(n);
         progress.advance(n);
@@ -1162,12 +1165,7 @@ fn chunk_reader(
             Ok(data) => {
                 let n = data.len() as u64;
                 let (tx, rx) = sync_channel(1);
-                jobs.send(Job {
-                    data,
-                    id: None,
-                    reply: tx,
-                })
-                .map_err(|_| stopped())?;
+                jobs.send(Job { data, reply: tx }).map_err(|_| stopped())?;
                 emit(rx)?;
                 stats.read(n);
                 progress.advance(n);
@@ -1205,10 +1203,7 @@ fn work(
                 Err(_) => break,
             }
         }
-        let ids_: Vec<BlobId> = batch
-            .iter()
-            .map(|j| j.id.unwrap_or_else(|| ids.id(&j.data)))
-            .collect();
+        let ids_: Vec<BlobId> = batch.iter().map(|j| ids.id(&j.data)).collect();
         let claims = dedup.claim_batch(&ids_)?;
         for ((job, id), claim) in batch.drain(..).zip(ids_).zip(claims) {
             let len = job.data.len();
@@ -1487,7 +1482,7 @@ mod tests {
         let h = ids.clone();
         let worker = std::thread::spawn(move || {
             for j in jobs_rx {
-                let id = j.id.unwrap_or_else(|| h.id(&j.data));
+                let id = h.id(&j.data);
                 j.reply.send(ChunkRef(id, j.data.len() as u32)).unwrap();
             }
         });
