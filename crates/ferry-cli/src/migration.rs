@@ -493,22 +493,7 @@ async fn run_pair_inner(
             r?
         }
     };
-    out.snapshot_s = t.elapsed().as_secs_f64();
-    out.snapshot_id = Some(s.snapshot_id.clone());
-    out.files = s.files;
-    out.bytes_scanned = s.bytes_scanned;
-    out.bytes_new = s.bytes_new;
-    out.warnings = s.warnings;
-    // While the application runs, files change under the reader: the next
-    // round takes them again. Once it is quiesced, nothing may be missing.
-    if s.incomplete && strict {
-        bail!(
-            "snapshot {} of {} is incomplete: {} entries could not be read or changed while read (is the source quiesced?)",
-            &s.snapshot_id[..8],
-            pair.source,
-            s.warnings
-        );
-    }
+    record_snapshot(out, &s, t, strict, &pair.source)?;
     let snap = ferry_core::sync::find_snapshot(
         catalog.as_ref(),
         &format!("{}@{}", pair.volume, s.snapshot_id),
@@ -553,6 +538,32 @@ async fn run_pair_inner(
     }
     out.restore_s = t.elapsed().as_secs_f64();
     out.ok = true;
+    Ok(())
+}
+
+/// A pair's snapshot figures into its round. While the application runs,
+/// files change under the reader and the next round takes them again; once
+/// it is quiesced (`strict`), nothing may be missing.
+fn record_snapshot(
+    out: &mut PairRound,
+    s: &ferry_core::snapshot::SnapshotSummary,
+    started: Instant,
+    strict: bool,
+    source: &str,
+) -> Result<()> {
+    out.snapshot_s = started.elapsed().as_secs_f64();
+    out.snapshot_id = Some(s.snapshot_id.clone());
+    out.files = s.files;
+    out.bytes_scanned = s.bytes_scanned;
+    out.bytes_new = s.bytes_new;
+    out.warnings = s.warnings;
+    if s.incomplete && strict {
+        bail!(
+            "snapshot {} of {source} is incomplete: {} entries could not be read or changed while read (is the source quiesced?)",
+            &s.snapshot_id[..8],
+            s.warnings
+        );
+    }
     Ok(())
 }
 
@@ -702,20 +713,13 @@ async fn run_pair_fleet(
     src.release().await;
     let (_, v) = r?;
     let s: ferry_core::snapshot::SnapshotSummary = serde_json::from_value(v)?;
-    out.snapshot_s = t.elapsed().as_secs_f64();
-    out.snapshot_id = Some(s.snapshot_id.clone());
-    out.files = s.files;
-    out.bytes_scanned = s.bytes_scanned;
-    out.bytes_new = s.bytes_new;
-    out.warnings = s.warnings;
-    if s.incomplete && strict {
-        bail!(
-            "snapshot {} of {} on agent {agent} is incomplete: {} entries could not be read or changed while read (is the source quiesced?)",
-            &s.snapshot_id[..8],
-            pair.source,
-            s.warnings
-        );
-    }
+    record_snapshot(
+        out,
+        &s,
+        t,
+        strict,
+        &format!("{} on agent {agent}", pair.source),
+    )?;
     let t = Instant::now();
     let dst = Side::place(g, args, &pair.target, &pair.to_agent, false, false).await?;
     let spec = if fleet_bucket(&pair.target) {
