@@ -94,21 +94,49 @@ pub fn human_bytes(n: u64) -> String {
 /// warnings.
 pub struct Bar {
     bar: Option<ProgressBar>,
+    /// Files (objects, for a bucket sync) done and known, shown beside the bytes.
+    items: std::sync::atomic::AtomicU64,
+    items_total: std::sync::atomic::AtomicU64,
+    unit: &'static str,
 }
 
 impl Bar {
     pub fn new(verb: &str) -> Self {
+        let unit = if verb.starts_with("bucket") {
+            "objects"
+        } else {
+            "files"
+        };
+        let mut me = Self {
+            bar: None,
+            items: Default::default(),
+            items_total: Default::default(),
+            unit,
+        };
         if !std::io::stderr().is_terminal() {
-            return Self { bar: None };
+            return me;
         }
         let bar = ProgressBar::with_draw_target(Some(0), ProgressDrawTarget::stderr());
         bar.set_style(
-            ProgressStyle::with_template("{prefix} [{elapsed_precise}] {wide_bar} {bytes}/{total_bytes} {bytes_per_sec} ETA {eta}")
+            ProgressStyle::with_template("{prefix} [{elapsed_precise}] {wide_bar} {bytes}/{total_bytes} {bytes_per_sec} ETA {eta} {msg}")
                 .expect("valid template"),
         );
         bar.set_prefix(verb.to_string());
         bar.enable_steady_tick(Duration::from_millis(200));
-        Self { bar: Some(bar) }
+        me.bar = Some(bar);
+        me
+    }
+
+    fn show_items(&self) {
+        use std::sync::atomic::Ordering::Relaxed;
+        if let Some(b) = &self.bar {
+            let (done, total) = (self.items.load(Relaxed), self.items_total.load(Relaxed));
+            b.set_message(if total >= done {
+                format!("{done}/{total} {}", self.unit)
+            } else {
+                format!("{done} {}", self.unit)
+            });
+        }
     }
 
     /// Sets the bar from a remote job's counters.
@@ -131,9 +159,26 @@ impl Progress for Bar {
         self.bar.is_some()
     }
 
-    fn add_total(&self, _files: u64, bytes: u64) {
+    fn add_total(&self, files: u64, bytes: u64) {
         if let Some(b) = &self.bar {
             b.inc_length(bytes);
+            self.items_total
+                .fetch_add(files, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+
+    fn file_done(&self) {
+        if self.bar.is_some() {
+            let n = self
+                .items
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+                + 1;
+            // A message per 64 items: cheap on the pipeline's threads.
+            if n.is_multiple_of(64)
+                || n == self.items_total.load(std::sync::atomic::Ordering::Relaxed)
+            {
+                self.show_items();
+            }
         }
     }
 
