@@ -108,6 +108,21 @@ pub enum Side {
     Local(LocalSide),
 }
 
+/// An error and its sources, by their Display only (the SDK's Debug forms
+/// run to pages).
+fn source_chain(e: &dyn std::error::Error) -> String {
+    let mut parts = vec![e.to_string()];
+    let mut cur = e.source();
+    while let Some(s) = cur {
+        let t = s.to_string();
+        if parts.last() != Some(&t) {
+            parts.push(t);
+        }
+        cur = s.source();
+    }
+    parts.join(": ")
+}
+
 /// One line for an SDK error: the service's code and message, or why the
 /// request did not get an answer.
 fn s3_err<E, R>(op: &str, what: &str, e: aws_sdk_s3::error::SdkError<E, R>) -> Error
@@ -125,10 +140,16 @@ where
                 _ => format!("{}", aws_sdk_s3::error::DisplayErrorContext(&e)),
             }
         }
-        SdkError::DispatchFailure(_) | SdkError::TimeoutError(_) => format!(
-            "no answer from the endpoint: {}",
-            aws_sdk_s3::error::DisplayErrorContext(&e)
-        ),
+        SdkError::DispatchFailure(_) | SdkError::TimeoutError(_) => {
+            let chain = source_chain(&e);
+            if chain.contains("loading credentials") {
+                // No credentials anywhere: the SDK's chain goes on through
+                // every provider it tried (IMDS and all); say what to set.
+                "no credentials: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or use a remote with credentials in the config file".to_string()
+            } else {
+                format!("no answer from the endpoint: {chain}")
+            }
+        }
         _ => format!("{}", aws_sdk_s3::error::DisplayErrorContext(&e)),
     };
     Error::Store(format!("{op} {what}: {}", detail.replace('\n', " ")))

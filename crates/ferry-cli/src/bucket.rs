@@ -371,6 +371,19 @@ async fn report(g: &Global, job: u64, limit: u32) -> Result<u8> {
     })
 }
 
+/// The REMOTE of a `REMOTE:bucket/prefix` argument, if it has that shape.
+/// A remote's name has no '/': `./a:b` and `/x:y` stay paths.
+pub fn remote_name(s: &str) -> Option<&str> {
+    s.split_once(':')
+        .map(|(name, _)| name)
+        .filter(|n| !n.is_empty() && !n.contains('/'))
+}
+
+/// Whether `s` names a bucket: `s3://...`, or a remote of `cfg`.
+pub fn names_bucket(s: &str, cfg: &Config) -> bool {
+    s.starts_with("s3://") || remote_name(s).is_some_and(|n| cfg.remotes.contains_key(n))
+}
+
 /// A bucket named by `arg` (`s3://...`, or `REMOTE:...` with a remote of
 /// the config file), as a snapshot source or restore target; `None` for a
 /// local path.
@@ -381,16 +394,11 @@ pub async fn objects_at(
     let Some(s) = arg.to_str() else {
         return Ok(None);
     };
-    // A remote's name has no '/': `./a:b` and `/x:y` stay paths.
-    let remote = s
-        .split_once(':')
-        .map(|(name, _)| name)
-        .filter(|n| !n.is_empty() && !n.contains('/'));
-    if !s.starts_with("s3://") && remote.is_none() {
+    if !s.starts_with("s3://") && remote_name(s).is_none() {
         return Ok(None);
     }
     let cfg = Config::load(config)?;
-    if !s.starts_with("s3://") && !remote.is_some_and(|n| cfg.remotes.contains_key(n)) {
+    if !names_bucket(s, &cfg) {
         return Ok(None);
     }
     let loc = Location::parse(s, &cfg)?;

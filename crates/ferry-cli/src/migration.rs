@@ -191,26 +191,18 @@ fn valid_name(name: &str) -> Result<()> {
 }
 
 fn is_bucket(arg: &str, config: Option<&Path>) -> Result<bool> {
-    if arg.starts_with("s3://") {
-        return Ok(true);
-    }
-    // REMOTE:bucket/prefix, with REMOTE a named remote; `./a:b` and
-    // `/x:y` stay paths.
-    let Some((remote, _)) = arg.split_once(':') else {
-        return Ok(false);
-    };
-    if remote.is_empty() || remote.contains('/') {
+    if !arg.starts_with("s3://") && crate::bucket::remote_name(arg).is_none() {
         return Ok(false);
     }
     let cfg = ferry_bucket::config::Config::load(config)?;
-    Ok(cfg.remotes.contains_key(remote))
+    Ok(crate::bucket::names_bucket(arg, &cfg))
 }
 
 /// In fleet mode, where remotes are the agents' own: `s3://...` or
 /// `REMOTE:bucket/prefix` (a path there is absolute).
 fn fleet_bucket(arg: &str) -> bool {
     arg.starts_with("s3://")
-        || (!arg.starts_with('/') && !arg.starts_with("pvc:") && arg.contains(':'))
+        || (!arg.starts_with("pvc:") && crate::bucket::remote_name(arg).is_some())
 }
 
 /// An absolute path for a local side (so later commands work from any
