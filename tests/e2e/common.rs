@@ -332,10 +332,13 @@ impl Moto {
             let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
             l.local_addr().unwrap().port()
         };
+        // Its output goes to a file, so a server that fails to start says why.
+        let log_path = std::env::temp_dir().join(format!("ferry-moto-{port}.log"));
+        let log = std::fs::File::create(&log_path).unwrap();
         let child = Command::new("moto_server")
             .args(["-H", "127.0.0.1", "-p", &port.to_string()])
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
             .spawn()
             .unwrap_or_else(|e| {
                 panic!(
@@ -343,18 +346,26 @@ impl Moto {
                      (.ci/run does)"
                 )
             });
-        let m = Moto {
+        let mut m = Moto {
             endpoint: format!("http://127.0.0.1:{port}"),
             child,
         };
+        // Python imports a lot before it listens; on a loaded 2-core machine
+        // that can take long, so wait generously but notice an early exit.
         let start = std::time::Instant::now();
         while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(
-                start.elapsed() < std::time::Duration::from_secs(30),
-                "moto_server did not come up"
-            );
+            let exited = m.child.try_wait().unwrap();
+            if exited.is_some() || start.elapsed() > std::time::Duration::from_secs(180) {
+                let out = std::fs::read_to_string(&log_path).unwrap_or_default();
+                panic!(
+                    "moto_server did not come up ({}) after {:?}; its output:\n{out}",
+                    exited.map_or("still running".to_string(), |s| s.to_string()),
+                    start.elapsed()
+                );
+            }
             std::thread::sleep(std::time::Duration::from_millis(100));
         }
+        let _ = std::fs::remove_file(&log_path);
         m
     }
 }

@@ -104,9 +104,13 @@ pub struct SyncSummary {
     pub stale_uploads_aborted: u64,
 }
 
-/// Parses an RFC 3339 time (`2026-11-01T00:00:00Z`) into nanoseconds.
+/// Parses an RFC 3339 time (`2026-11-01T00:00:00Z`, or with an offset such
+/// as `+08:00`) into nanoseconds.
 pub fn parse_since(s: &str) -> Result<i64> {
-    aws_sdk_s3::primitives::DateTime::from_str(s, aws_sdk_s3::primitives::DateTimeFormat::DateTime)
+    aws_sdk_s3::primitives::DateTime::from_str(
+        s,
+        aws_sdk_s3::primitives::DateTimeFormat::DateTimeWithOffset,
+    )
         .map(|t| t.as_nanos().clamp(i64::MIN as i128, i64::MAX as i128) as i64)
         .map_err(|e| {
             Error::Config(format!(
@@ -688,4 +692,18 @@ async fn hash_of(side: &Side, key: &str) -> Result<blake3::Hash> {
         h.update(&p);
     }
     Ok(h.finalize())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_since;
+
+    #[test]
+    fn since_takes_utc_and_offsets_and_refuses_garbage() {
+        let utc = parse_since("2026-11-01T00:00:00Z").unwrap();
+        assert_eq!(utc, 1_793_491_200 * 1_000_000_000);
+        // The same instant written in UTC+8.
+        assert_eq!(parse_since("2026-11-01T08:00:00+08:00").unwrap(), utc);
+        assert!(parse_since("yesterday").is_err());
+    }
 }

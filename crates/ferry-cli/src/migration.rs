@@ -552,7 +552,7 @@ fn record_snapshot(
     if s.incomplete && strict {
         bail!(
             "snapshot {} of {source} is incomplete: {} entries could not be read or changed while read (is the source quiesced?)",
-            &s.snapshot_id[..8],
+            s.snapshot_id.get(..8).unwrap_or(&s.snapshot_id),
             s.warnings
         );
     }
