@@ -150,4 +150,21 @@ fn sync_of_an_image_repeats_cheaply() {
     let again = env.json(&["sync", s, t, "--vault", &vault, "--block"]);
     assert_eq!(again["bytes_written"], 0, "{again}");
     assert_eq!(again["snapshot"]["bytes_new"], 0, "{again}");
+    // An unchanged image is not even read (its metadata vouches for it).
+    assert_eq!(again["snapshot"]["bytes_scanned"], 0, "{again}");
+    assert_eq!(again["snapshot"]["files_unchanged"], 1, "{again}");
+    // A changed one is read, but only its new chunks are stored and written.
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&img)
+        .unwrap()
+        .write_all_at(&noise(4096, 7), 9 << 20)
+        .unwrap();
+    let third = env.json(&["sync", s, t, "--vault", &vault, "--block"]);
+    assert_eq!(third["snapshot"]["bytes_scanned"], 48 << 20, "{third}");
+    let new = third["snapshot"]["bytes_new"].as_u64().unwrap();
+    assert!(new > 0 && new <= 2 * 131072, "{third}");
+    let w = third["bytes_written"].as_u64().unwrap();
+    assert!(w > 0 && w <= 2 * 131072, "{third}");
+    same_bytes(&img, &target);
 }

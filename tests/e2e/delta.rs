@@ -244,6 +244,12 @@ fn sync_without_a_vault_repeats_cheaply() {
 
     let second = env2.json(&["sync", s, d]);
     assert_eq!(second["bytes_written"], 0, "{second}");
+    // Nothing changed: a fraction of the first run's time.
+    let (t1, t2) = (
+        first["duration_s"].as_f64().unwrap(),
+        second["duration_s"].as_f64().unwrap(),
+    );
+    assert!(t2 < t1 / 2.0, "first {t1}s, second {t2}s");
     assert_eq!(second["snapshot"]["bytes_scanned"], 0, "{second}");
     assert_eq!(second["restore"]["files_unchanged"], 52, "{second}");
 
@@ -252,15 +258,71 @@ fn sync_without_a_vault_repeats_cheaply() {
     let w = third["bytes_written"].as_u64().unwrap();
     assert!(w > 0 && w <= 3 * changed + 4 * 131072, "{third}");
     assert_eq!(third["restore"]["files_verified"], 52, "{third}");
-    // The downtime breakdown: phases of both halves.
-    let sp = &third["snapshot"]["phases"];
-    assert!(
-        sp["upload_s"].as_f64().unwrap() >= sp["scan_s"].as_f64().unwrap(),
-        "{sp}"
+    // The cutover report: every phase of both halves on one timeline,
+    // each with what it moved.
+    let report = third["report"].as_array().unwrap();
+    let names: Vec<&str> = report.iter().map(|p| p["name"].as_str().unwrap()).collect();
+    assert_eq!(
+        names,
+        [
+            "scan", "upload", "commit", "plan", "fetch", "write", "finish", "verify"
+        ],
+        "{third}"
     );
-    let rp = &third["restore"]["phases"];
-    assert!(rp["verify_s"].as_f64().unwrap() > 0.0, "{rp}");
+    let phase = |n: &str| report.iter().find(|p| p["name"] == n).unwrap();
+    let f = |p: &serde_json::Value, k: &str| p[k].as_f64().unwrap();
+    let total = f(&third, "duration_s");
+    for p in report {
+        assert!(
+            0.0 <= f(p, "start_s") && f(p, "start_s") <= f(p, "end_s") && f(p, "end_s") <= total,
+            "{p} outside 0..{total}"
+        );
+        assert!(
+            (f(p, "seconds") - (f(p, "end_s") - f(p, "start_s"))).abs() < 1e-6,
+            "{p}"
+        );
+    }
+    let (snap, rest) = (&third["snapshot"], &third["restore"]);
+    assert_eq!(phase("scan")["bytes"], snap["bytes_scanned"], "{third}");
+    assert!(phase("scan")["files"].as_u64().unwrap() >= 1, "{third}");
+    assert!(phase("upload")["bytes"].as_u64().unwrap() > 0, "{third}");
+    assert_eq!(
+        phase("upload")["objects"],
+        snap["packs_uploaded"],
+        "{third}"
+    );
+    assert_eq!(
+        phase("commit")["objects"],
+        2,
+        "index and snapshot record: {third}"
+    );
+    assert_eq!(phase("fetch")["bytes"], rest["bytes_fetched"], "{third}");
+    assert_eq!(phase("fetch")["objects"], rest["packs_fetched"], "{third}");
+    assert_eq!(phase("write")["bytes"], third["bytes_written"], "{third}");
+    assert!(phase("write")["files"].as_u64().unwrap() >= 1, "{third}");
+    assert_eq!(phase("verify")["files"], 52, "{third}");
+    assert!(
+        phase("verify")["seconds"].as_f64().unwrap() > 0.0,
+        "{third}"
+    );
+    // The restore's phases come after the snapshot's commit.
+    assert!(
+        f(phase("plan"), "start_s") >= f(phase("commit"), "end_s"),
+        "{third}"
+    );
     assert_same_tree(&src, &dst);
+    // The human output carries the same table.
+    mutate_db(&src);
+    let human = env2.cmd(&["sync", s, d]).output().unwrap();
+    let text = String::from_utf8_lossy(&human.stdout);
+    assert!(human.status.success(), "{text}");
+    assert!(text.contains("cutover report"), "{text}");
+    for n in ["scan", "upload", "fetch", "write", "finish"] {
+        assert!(
+            text.lines().any(|l| l.trim_start().starts_with(n)),
+            "no {n} row in:\n{text}"
+        );
+    }
     drop(env);
 }
 
@@ -356,4 +418,153 @@ fn full_target_disk_is_one_clear_error_and_restored_files_stay_whole() {
         whole += 1;
     }
     assert!(whole >= 1, "files that fit were restored");
+}
+
+#[test]
+fn a_file_written_while_it_is_read_is_named_unstable() {
+    let env = Env::new();
+    let src = env.path("src");
+    make_volume(&src);
+    // Large enough that reading it takes a while; a writer keeps touching it.
+    let hot = src.join("db/hot.dat");
+    std::fs::write(&hot, noise(48 << 20, 5)).unwrap();
+    let vault = init(&env);
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = {
+        let (hot, stop) = (hot.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let f = std::fs::OpenOptions::new().write(true).open(&hot).unwrap();
+            let mut i = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                f.write_all_at(&i.to_le_bytes(), (i * 4099) % (48 << 20))
+                    .unwrap();
+                i += 1;
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
+        })
+    };
+    let out = env.run(&[
+        "snapshot",
+        src.to_str().unwrap(),
+        "--vault",
+        &vault,
+        "--volume",
+        "hot",
+        "--json",
+    ]);
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    writer.join().unwrap();
+    // Saved, but incomplete (exit 3), naming the file in JSON and on stderr.
+    assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
+    let s: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let hot_name = hot.display().to_string();
+    assert_eq!(s["unstable"], serde_json::json!([hot_name]), "{s}");
+    assert_eq!(s["incomplete"], true, "{s}");
+    assert!(stderr(&out).contains("db/hot.dat"), "{}", stderr(&out));
+    // The snapshot is listed and the stable files restore whole.
+    let dst = env.path("dst");
+    env.json(&["restore", "hot", dst.to_str().unwrap(), "--vault", &vault]);
+    assert_eq!(
+        std::fs::read(dst.join("db/table.dat")).unwrap(),
+        std::fs::read(src.join("db/table.dat")).unwrap()
+    );
+}
+
+#[test]
+fn an_xattr_only_change_reaches_the_target_and_a_removed_one_leaves_it() {
+    let env = Env::new();
+    let (src, dst) = (env.path("src"), env.path("dst"));
+    make_volume(&src);
+    let f = src.join("app/f01.txt");
+    if xattr::set(&f, "user.ferry.a", b"1").is_err() {
+        panic!("this filesystem refuses user xattrs: the test needs them");
+    }
+    let vault = init(&env);
+    let (s, d) = (src.to_str().unwrap(), dst.to_str().unwrap());
+    let sync = |env: &Env| env.json(&["sync", s, d, "--vault", &vault]);
+    sync(&env);
+    let g = dst.join("app/f01.txt");
+    assert_eq!(xattr::get(&g, "user.ferry.a").unwrap(), Some(b"1".to_vec()));
+    // Change one value, add another: content and mtime stay.
+    xattr::set(&f, "user.ferry.a", b"2").unwrap();
+    xattr::set(&f, "user.ferry.b", b"new").unwrap();
+    let r = sync(&env);
+    assert_eq!(r["bytes_written"], 0, "{r}");
+    assert_eq!(xattr::get(&g, "user.ferry.a").unwrap(), Some(b"2".to_vec()));
+    assert_eq!(
+        xattr::get(&g, "user.ferry.b").unwrap(),
+        Some(b"new".to_vec())
+    );
+    // Removed in the source: removed in the target.
+    xattr::remove(&f, "user.ferry.a").unwrap();
+    sync(&env);
+    assert_eq!(xattr::get(&g, "user.ferry.a").unwrap(), None);
+    assert_eq!(
+        xattr::get(&g, "user.ferry.b").unwrap(),
+        Some(b"new".to_vec())
+    );
+    assert_same_tree(&src, &dst);
+}
+
+#[test]
+fn verify_lists_a_file_that_differs_and_exits_1() {
+    let env = Env::new();
+    let (src, dst) = (env.path("src"), env.path("dst"));
+    std::fs::create_dir_all(&src).unwrap();
+    const SIZE: usize = 64 << 20;
+    std::fs::write(src.join("big.dat"), noise(SIZE, 3)).unwrap();
+    std::fs::write(src.join("small.txt"), b"fine\n").unwrap();
+    let vault = init(&env);
+    env.json(&[
+        "snapshot",
+        src.to_str().unwrap(),
+        "--vault",
+        &vault,
+        "--volume",
+        "v",
+    ]);
+    // Someone writes the file's last bytes the moment it appears under its
+    // real name: the verify, which reads it from the start, must see it.
+    let victim = dst.join("big.dat");
+    let spoiler = {
+        let victim = victim.clone();
+        std::thread::spawn(move || {
+            let t = std::time::Instant::now();
+            while t.elapsed() < std::time::Duration::from_secs(120) {
+                if let Ok(f) = std::fs::OpenOptions::new().write(true).open(&victim) {
+                    f.write_all_at(b"SPOILED!", (SIZE - 8) as u64).unwrap();
+                    return true;
+                }
+                std::thread::sleep(std::time::Duration::from_micros(200));
+            }
+            false
+        })
+    };
+    let out = env.run(&[
+        "restore",
+        "v",
+        dst.to_str().unwrap(),
+        "--vault",
+        &vault,
+        "--verify",
+    ]);
+    assert!(spoiler.join().unwrap(), "the file never appeared");
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    let err = stderr(&out);
+    assert!(
+        err.contains("big.dat") && !err.contains("small.txt"),
+        "{err}"
+    );
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    // The memory forgot the file: the next restore corrects it.
+    let r = env.json(&[
+        "restore",
+        "v",
+        dst.to_str().unwrap(),
+        "--vault",
+        &vault,
+        "--verify",
+    ]);
+    assert_eq!(r["files_verified"], 2, "{r}");
+    assert_same_tree(&src, &dst);
 }

@@ -111,12 +111,12 @@ pub fn parse_since(s: &str) -> Result<i64> {
         s,
         aws_sdk_s3::primitives::DateTimeFormat::DateTimeWithOffset,
     )
-        .map(|t| t.as_nanos().clamp(i64::MIN as i128, i64::MAX as i128) as i64)
-        .map_err(|e| {
-            Error::Config(format!(
-                "bad time {s:?} (RFC 3339, e.g. 2026-11-01T00:00:00Z): {e}"
-            ))
-        })
+    .map(|t| t.as_nanos().clamp(i64::MIN as i128, i64::MAX as i128) as i64)
+    .map_err(|e| {
+        Error::Config(format!(
+            "bad time {s:?} (RFC 3339, e.g. 2026-11-01T00:00:00Z): {e}"
+        ))
+    })
 }
 
 /// Checks include/exclude patterns without running anything (a job that

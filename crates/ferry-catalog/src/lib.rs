@@ -467,6 +467,7 @@ mod tests {
             incomplete: false,
             warnings: 0,
             block: false,
+            unstable: vec![],
         };
         c.add_snapshot(&snap).unwrap();
         drop(c);

@@ -177,9 +177,10 @@ pub async fn run(cli: Cli) -> Result<u8> {
             print(g, &s, || snapshot_text(&s))?;
             if s.incomplete {
                 eprintln!(
-                    "warning: snapshot {} is incomplete: {} entries could not be read",
+                    "warning: snapshot {} is incomplete: {} entries could not be read{}",
                     &s.snapshot_id[..8],
-                    s.warnings
+                    s.warnings,
+                    unstable_text(&s.unstable)
                 );
                 return Ok(3);
             }
@@ -311,12 +312,15 @@ pub async fn run(cli: Cli) -> Result<u8> {
                 catalog.as_ref(),
                 &format!("{}@{}", snap_summary.volume, snap_summary.snapshot_id),
             )?;
+            let restore_at = started.elapsed().as_secs_f64();
             let rs = restore_into(vault, catalog, &snap, &target, &delta).await?;
             #[derive(Serialize)]
             struct Out<'a> {
                 snapshot_id: &'a str,
                 bytes_written: u64,
                 duration_s: f64,
+                /// The whole sync's phases on one timeline.
+                report: Vec<ferry_core::phase::Phase>,
                 snapshot: &'a ferry_core::snapshot::SnapshotSummary,
                 restore: &'a ferry_core::restore::RestoreSummary,
             }
@@ -324,14 +328,17 @@ pub async fn run(cli: Cli) -> Result<u8> {
                 snapshot_id: &snap_summary.snapshot_id,
                 bytes_written: rs.bytes_written,
                 duration_s: started.elapsed().as_secs_f64(),
+                report: sync_report(&snap_summary.report, &rs.report, restore_at),
                 snapshot: &snap_summary,
                 restore: &rs,
             };
             print(g, &out, || {
                 format!(
-                    "{}\n{}",
+                    "{}\n{}\ncutover report ({:.2}s in all):\n{}",
                     snapshot_text(&snap_summary),
-                    restore_text(&rs, &target)
+                    restore_text(&rs, &target),
+                    out.duration_s,
+                    ferry_core::phase::table(&out.report)
                 )
             })?;
             Ok(if snap_summary.incomplete { 3 } else { 0 })
@@ -508,7 +515,8 @@ pub(crate) fn snapshot_text(s: &ferry_core::snapshot::SnapshotSummary) -> String
         } else {
             String::new()
         }
-    )
+    ) + "\n"
+        + &ferry_core::phase::table(&s.report)
 }
 
 pub(crate) fn restore_text(s: &ferry_core::restore::RestoreSummary, target: &Path) -> String {
@@ -535,7 +543,39 @@ pub(crate) fn restore_text(s: &ferry_core::restore::RestoreSummary, target: &Pat
         } else {
             String::new()
         }
+    ) + "\n"
+        + &ferry_core::phase::table(&s.report)
+}
+
+/// "; changed while read: a, b (+N more)" for the incomplete-snapshot warning.
+pub(crate) fn unstable_text(unstable: &[String]) -> String {
+    if unstable.is_empty() {
+        return String::new();
+    }
+    let more = unstable.len().saturating_sub(5);
+    format!(
+        " or changed while read (quiesce the application): {}{}",
+        unstable[..unstable.len().min(5)].join(", "),
+        if more > 0 {
+            format!(" (+{more} more)")
+        } else {
+            String::new()
+        }
     )
+}
+
+/// A sync's cutover report: the snapshot's phases, then the restore's on
+/// the same timeline (the restore began `restore_at` seconds into the sync).
+pub(crate) fn sync_report(
+    snapshot: &[ferry_core::phase::Phase],
+    restore: &[ferry_core::phase::Phase],
+    restore_at: f64,
+) -> Vec<ferry_core::phase::Phase> {
+    snapshot
+        .iter()
+        .cloned()
+        .chain(restore.iter().cloned().map(|p| p.shifted(restore_at)))
+        .collect()
 }
 
 pub(crate) async fn restore_into(

@@ -248,6 +248,7 @@ pub async fn sync(g: &Global, s: SyncJob) -> Result<u8> {
             },
         )
         .await?;
+    let restore_at = started.elapsed().as_secs_f64();
     let restore_done = follow(&client, &restore_job).await?;
     let (_, restore) = outcome(&restore_done)?;
     #[derive(Serialize)]
@@ -255,9 +256,15 @@ pub async fn sync(g: &Global, s: SyncJob) -> Result<u8> {
         snapshot_id: &'a str,
         bytes_written: u64,
         duration_s: f64,
+        report: Vec<ferry_core::phase::Phase>,
         snapshot: &'a Value,
         restore: &'a Value,
     }
+    let phases = |v: &Value| -> Vec<ferry_core::phase::Phase> {
+        v.get("report")
+            .and_then(|r| serde_json::from_value(r.clone()).ok())
+            .unwrap_or_default()
+    };
     let out = Out {
         snapshot_id: &snapshot_id,
         bytes_written: restore
@@ -265,6 +272,7 @@ pub async fn sync(g: &Global, s: SyncJob) -> Result<u8> {
             .and_then(Value::as_u64)
             .unwrap_or(0),
         duration_s: started.elapsed().as_secs_f64(),
+        report: crate::commands::sync_report(&phases(&snap), &phases(&restore), restore_at),
         snapshot: &snap,
         restore: &restore,
     };

@@ -166,6 +166,7 @@ pub async fn restore_block(
         needs,
         opts.packs_in_flight,
         &progress,
+        started,
     )
     .await?;
     let transfer_s = t0.elapsed().as_secs_f64();
@@ -209,11 +210,34 @@ pub async fn restore_block(
         finish_s: t1.elapsed().as_secs_f64(),
         verify_s: 0.0,
     };
+    let finish_end_s = started.elapsed().as_secs_f64();
+    summary.report = vec![
+        crate::phase::span("plan", 0.0, plan_s, summary.bytes_compared, 1, 0),
+        t.fetch,
+        t.write,
+        crate::phase::span(
+            "finish",
+            finish_end_s - summary.phases.finish_s,
+            finish_end_s,
+            0,
+            1,
+            0,
+        ),
+    ];
     if opts.verify {
         let t2 = Instant::now();
         let len = if md.is_file() { md.len() } else { size };
-        let (c, _) = changed_by_reading(target, len, &chunks, &ids)?;
+        let (c, read) = changed_by_reading(target, len, &chunks, &ids)?;
         summary.phases.verify_s = t2.elapsed().as_secs_f64();
+        let end_s = started.elapsed().as_secs_f64();
+        summary.report.push(crate::phase::span(
+            "verify",
+            end_s - summary.phases.verify_s,
+            end_s,
+            read,
+            1,
+            0,
+        ));
         if c.contains(&true) {
             state.forget(&[BLOCK_ENTRY.to_vec()])?;
             let bad = c.iter().filter(|x| **x).count();

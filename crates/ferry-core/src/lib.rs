@@ -31,6 +31,7 @@ pub mod manifest;
 pub mod migration;
 pub mod objects;
 pub mod pack;
+pub mod phase;
 pub mod progress;
 pub mod prune;
 pub mod restore;

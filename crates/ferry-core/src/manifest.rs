@@ -294,6 +294,9 @@ pub struct SnapshotRecord {
     /// A raw block volume: the root tree holds one file, `block`.
     #[serde(default)]
     pub block: bool,
+    /// Source files that changed while they were read (the first 1000).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub unstable: Vec<String>,
 }
 
 /// The packs one snapshot run wrote, so that another catalog can learn them

@@ -121,6 +121,9 @@ pub struct RestoreSummary {
     pub packs_fetched: u64,
     pub duration_s: f64,
     pub phases: RestorePhases,
+    /// The cutover report: plan, fetch, write, finish and verify, with
+    /// their windows, bytes, files and vault objects (see [`crate::phase`]).
+    pub report: Vec<crate::phase::Phase>,
     /// Metadata that could not be applied (xattrs, ownership), counted.
     pub warnings: u64,
     /// Files read back and found equal (with --verify).
@@ -171,6 +174,31 @@ struct Unchanged {
     md: Metadata,
     /// The target's memory already vouches for it (no new row needed).
     known: bool,
+    /// Its extended attributes differ from the snapshot's (an xattr-only
+    /// change moves no mtime, so the metadata check would miss it).
+    xattrs_stale: bool,
+}
+
+/// Whether `path`'s extended attributes differ from `node`'s.
+fn xattrs_differ(path: &Path, node: &Node) -> bool {
+    crate::source::read_xattrs(path).map_or(true, |x| x != node.xattrs)
+}
+
+/// Removes the user and trusted attributes `node` does not have (security
+/// and system ones belong to the target system: SELinux labels, ACLs).
+fn drop_stale_xattrs(path: &Path, node: &Node) -> u64 {
+    let Ok(names) = xattr::list(path) else {
+        return 0;
+    };
+    let mut warnings = 0;
+    for n in names {
+        let name = Name::from_os(&n);
+        let ours = name.0.starts_with(b"user.") || name.0.starts_with(b"trusted.");
+        if ours && !node.xattrs.iter().any(|x| x.name == name) && xattr::remove(path, &n).is_err() {
+            warnings += 1;
+        }
+    }
+    warnings
 }
 
 fn random_tmp_name() -> String {
@@ -389,12 +417,19 @@ impl Walker<'_> {
             Some(m) if m.is_file() => {
                 let known = known.filter(|s| s.matches(m));
                 if known.as_ref().is_some_and(|k| k.content == content) {
+                    // The memory vouches that the target holds what the
+                    // previous snapshot had, xattrs included.
+                    let xattrs_stale = match &old {
+                        Some(o) => o.xattrs != node.xattrs,
+                        None => xattrs_differ(&path, &node),
+                    };
                     plan.unchanged.push(Unchanged {
                         path,
                         rel,
                         node,
                         md: m.clone(),
                         known: true,
+                        xattrs_stale,
                     });
                     return Ok(());
                 }
@@ -427,6 +462,7 @@ impl Walker<'_> {
                     plan.bytes_compared += read;
                     if !c.contains(&true) {
                         plan.unchanged.push(Unchanged {
+                            xattrs_stale: xattrs_differ(&path, &node),
                             path,
                             rel,
                             node,
@@ -452,6 +488,7 @@ impl Walker<'_> {
         match changed {
             Some(c) if !c.contains(&true) && md.as_ref().is_some_and(|m| m.len() == *size) => {
                 plan.unchanged.push(Unchanged {
+                    xattrs_stale: xattrs_differ(&path, &node),
                     path,
                     rel,
                     node,
@@ -596,6 +633,7 @@ async fn restore_locked(
         needs,
         opts.packs_in_flight,
         &progress,
+        started,
     )
     .await?;
     let failures = t.failures;
@@ -647,6 +685,20 @@ async fn restore_locked(
         finish_s: finish_start.elapsed().as_secs_f64(),
         verify_s: 0.0,
     };
+    let finish_end_s = started.elapsed().as_secs_f64();
+    summary.report = vec![
+        crate::phase::span("plan", 0.0, plan_s, plan.bytes_compared, summary.files, 0),
+        t.fetch,
+        t.write,
+        crate::phase::span(
+            "finish",
+            finish_end_s - summary.phases.finish_s,
+            finish_end_s,
+            0,
+            fin.written + plan.deleted,
+            0,
+        ),
+    ];
     if !fin.failed.is_empty() {
         let mut names: Vec<String> = fin
             .failed
@@ -678,9 +730,18 @@ async fn restore_locked(
     }
     if opts.verify {
         let t = Instant::now();
-        let (ok, bad) = verify(&vault, catalog.as_ref(), snap, target).await?;
+        let (ok, bad, read) = verify(&vault, catalog.as_ref(), snap, target).await?;
         summary.phases.verify_s = t.elapsed().as_secs_f64();
         summary.files_verified = ok;
+        let end_s = started.elapsed().as_secs_f64();
+        summary.report.push(crate::phase::span(
+            "verify",
+            end_s - summary.phases.verify_s,
+            end_s,
+            read,
+            ok + bad.len() as u64,
+            0,
+        ));
         if !bad.is_empty() {
             let rels: Vec<Vec<u8>> = bad
                 .iter()
@@ -709,18 +770,18 @@ async fn restore_locked(
 
 /// Reads every file of the snapshot back from `target` and checks it chunk
 /// by chunk; also sizes, links and types (see [`crate::compare`]).
-/// Returns (files verified, paths that differ or are missing).
+/// Returns (files verified, paths that differ or are missing, bytes read).
 pub async fn verify(
     vault: &Vault,
     catalog: &dyn Catalog,
     snap: &SnapshotRecord,
     target: &Path,
-) -> Result<(u64, Vec<String>)> {
+) -> Result<(u64, Vec<String>, u64)> {
     let c = crate::compare::compare_dir(vault, catalog, snap, target, &Default::default()).await?;
     let mut bad = c.missing;
     bad.extend(c.differing);
     bad.sort();
-    Ok((c.files_equal, bad))
+    Ok((c.files_equal, bad, c.bytes))
 }
 
 /// What fetching and scattering did.
@@ -731,6 +792,9 @@ pub(crate) struct Transfer {
     /// (file index, reason) for files that did not get all their data.
     pub failures: Vec<(u32, String)>,
     pub pack_errors: Vec<String>,
+    /// Pack reads and chunk writes, for the cutover report.
+    pub fetch: crate::phase::Phase,
+    pub write: crate::phase::Phase,
 }
 
 /// Fetches every pack that holds a needed chunk, once, `in_flight` at a
@@ -742,7 +806,13 @@ pub(crate) async fn transfer(
     needs: HashMap<BlobId, Vec<(u32, u64)>>,
     in_flight: usize,
     progress: &Arc<dyn Progress>,
+    t0: Instant,
 ) -> Result<Transfer> {
+    let started_s = t0.elapsed().as_secs_f64();
+    let clocks = Arc::new(Clocks {
+        fetch: crate::phase::PhaseClock::new(t0),
+        write: crate::phase::PhaseClock::new(t0),
+    });
     // Where is each chunk? Unknown chunks fail their files.
     let ids: Vec<BlobId> = needs.keys().copied().collect();
     let mut by_pack: HashMap<PackId, ([u8; 32], Vec<PackEntry>)> = HashMap::new();
@@ -752,7 +822,10 @@ pub(crate) async fn transfer(
         packs_fetched: 0,
         failures: Vec::new(),
         pack_errors: Vec::new(),
+        fetch: Default::default(),
+        write: Default::default(),
     };
+    let files_with_data: HashSet<u32> = needs.values().flatten().map(|(f, _)| *f).collect();
     for batch in ids.chunks(1000) {
         for (id, loc) in batch.iter().zip(catalog.locate(batch)?) {
             match loc {
@@ -774,11 +847,12 @@ pub(crate) async fn transfer(
     let needs = Arc::new(needs);
     let results: Vec<PackOutcome> = futures::stream::iter(by_pack)
         .map(|(pack, (salt, entries))| {
-            let (vault, files, needs, progress) = (
+            let (vault, files, needs, progress, clocks) = (
                 vault.clone(),
                 files.clone(),
                 needs.clone(),
                 progress.clone(),
+                clocks.clone(),
             );
             async move {
                 restore_pack(
@@ -789,6 +863,7 @@ pub(crate) async fn transfer(
                     &files,
                     &needs,
                     progress.as_ref(),
+                    &clocks,
                 )
                 .await
             }
@@ -807,7 +882,17 @@ pub(crate) async fn transfer(
             t.pack_errors.push(msg);
         }
     }
+    clocks.fetch.count(0, t.packs_fetched);
+    clocks.write.count(files_with_data.len() as u64, 0);
+    t.fetch = clocks.fetch.phase("fetch", started_s);
+    t.write = clocks.write.phase("write", started_s);
     Ok(t)
+}
+
+/// The windows of a transfer's two overlapping phases.
+struct Clocks {
+    fetch: crate::phase::PhaseClock,
+    write: crate::phase::PhaseClock,
 }
 
 struct PackOutcome {
@@ -821,6 +906,7 @@ struct PackOutcome {
 /// skipped: one request is cheaper than two.
 const MAX_GAP: u64 = 512 * 1024;
 
+#[allow(clippy::too_many_arguments)]
 async fn restore_pack(
     vault: &Vault,
     pack: PackId,
@@ -829,6 +915,7 @@ async fn restore_pack(
     files: &Arc<Vec<WriteTarget>>,
     needs: &HashMap<BlobId, Vec<(u32, u64)>>,
     progress: &dyn Progress,
+    clocks: &Arc<Clocks>,
 ) -> PackOutcome {
     entries.sort_by_key(|e| e.offset);
     let mut out = PackOutcome {
@@ -859,6 +946,7 @@ async fn restore_pack(
     }
     let cipher = Arc::new(ObjectCipher::new(vault.data_key(), &salt));
     for (i, (start, end, list)) in spans.iter().enumerate() {
+        clocks.fetch.begin();
         let fetched = vault
             .get_range(&pack_path(&pack), *start..*end)
             .await
@@ -882,13 +970,16 @@ async fn restore_pack(
             }
         };
         out.bytes_fetched += bytes.len() as u64;
+        clocks.fetch.end(bytes.len() as u64);
         let list_for_errors = list.clone();
         let (cipher, ids, list, start) =
             (cipher.clone(), vault.ids().clone(), list.clone(), *start);
         let files = files.clone();
         let needs_here: Vec<Vec<(u32, u64)>> = list.iter().map(|e| needs[&e.id].clone()).collect();
+        let clocks = clocks.clone();
         let r = tokio::task::spawn_blocking(move || {
-            scatter(
+            clocks.write.begin();
+            let sc = scatter(
                 &cipher,
                 &ids,
                 &pack,
@@ -897,7 +988,9 @@ async fn restore_pack(
                 &list,
                 &needs_here,
                 &files,
-            )
+            );
+            clocks.write.end(sc.written);
+            sc
         })
         .await;
         match r {
@@ -1042,6 +1135,9 @@ fn finish(
             continue;
         }
         out.warnings += apply_meta(&f.write.path, &f.node, is_root, false)?;
+        if !f.write.fresh {
+            out.warnings += drop_stale_xattrs(&f.write.path, &f.node);
+        }
         if f.write.fresh {
             if std::fs::symlink_metadata(&f.dest).is_ok_and(|md| md.is_dir()) {
                 remove_any(&f.dest)?;
@@ -1052,9 +1148,10 @@ fn finish(
         out.written += 1;
     }
     for u in &plan.unchanged {
-        let fix = meta_differs(&u.md, &u.node, is_root);
+        let fix = meta_differs(&u.md, &u.node, is_root) || u.xattrs_stale;
         if fix {
             out.warnings += apply_meta(&u.path, &u.node, is_root, false)?;
+            out.warnings += drop_stale_xattrs(&u.path, &u.node);
         }
         if fix || !u.known {
             remember(&u.path, &u.rel, &u.node, &mut memory)?;
@@ -1075,9 +1172,20 @@ fn finish(
         }
     }
     for (path, rel) in &plan.hardlinks {
+        // Every directory on the way must be a real one: a symlink (even
+        // one this restore made) must not lead the link outside the target.
         let mut src = target.to_path_buf();
+        let mut through_symlink = false;
         for comp in rel.0.split(|b| *b == b'/') {
+            if src != target && !std::fs::symlink_metadata(&src).is_ok_and(|m| m.is_dir()) {
+                through_symlink = true;
+                break;
+            }
             src = join_safe(&src, &Name(comp.to_vec()))?;
+        }
+        if through_symlink {
+            out.failed.push(path.clone());
+            continue;
         }
         let Ok(src_md) = std::fs::symlink_metadata(&src).map(|m| m.is_file().then_some(m)) else {
             out.failed.push(path.clone());
@@ -1097,8 +1205,9 @@ fn finish(
     }
     for (path, node) in plan.dirs.iter().rev() {
         let md = std::fs::symlink_metadata(path).map_err(|e| Error::io(path, e))?;
-        if meta_differs(&md, node, is_root) {
+        if meta_differs(&md, node, is_root) || xattrs_differ(path, node) {
             out.warnings += apply_meta(path, node, is_root, false)?;
+            out.warnings += drop_stale_xattrs(path, node);
         }
     }
     let md = std::fs::symlink_metadata(target).map_err(|e| Error::io(target, e))?;
@@ -1150,4 +1259,62 @@ fn apply_meta(path: &Path, node: &Node, is_root: bool, symlink: bool) -> Result<
         filetime::set_file_times(path, mtime, mtime).map_err(|e| Error::io(path, e))?;
     }
     Ok(warnings)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A crafted snapshot whose hard link names a path through a symlink
+    /// (which the same restore created) must not link a file from outside
+    /// the target into it.
+    #[test]
+    fn a_hard_link_through_a_symlink_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let (target, outside) = (dir.path().join("target"), dir.path().join("outside"));
+        std::fs::create_dir_all(&target).unwrap();
+        std::fs::create_dir_all(&outside).unwrap();
+        std::fs::write(outside.join("secret"), b"not yours").unwrap();
+        std::os::unix::fs::symlink(&outside, target.join("evil")).unwrap();
+        let md = std::fs::symlink_metadata(&target).unwrap();
+        let root = crate::source::node_from(
+            Name(b".".to_vec()),
+            &crate::source::Meta::from(&md),
+            NodeKind::Dir {
+                subtree: BlobId([0; 32]),
+            },
+            vec![],
+        );
+        let mut plan = Plan::default();
+        plan.hardlinks
+            .push((target.join("copy"), Name(b"evil/secret".to_vec())));
+        let fin = finish(
+            &plan,
+            &target,
+            &root,
+            vec![],
+            &crate::target::NoTargetState,
+            "s",
+        )
+        .unwrap();
+        assert_eq!(fin.failed, vec![target.join("copy")]);
+        assert!(std::fs::symlink_metadata(target.join("copy")).is_err());
+        // A link through a real directory still works.
+        std::fs::create_dir(target.join("d")).unwrap();
+        std::fs::write(target.join("d/f"), b"ours").unwrap();
+        let mut plan = Plan::default();
+        plan.hardlinks
+            .push((target.join("link"), Name(b"d/f".to_vec())));
+        let fin = finish(
+            &plan,
+            &target,
+            &root,
+            vec![],
+            &crate::target::NoTargetState,
+            "s",
+        )
+        .unwrap();
+        assert!(fin.failed.is_empty());
+        assert_eq!(std::fs::read(target.join("link")).unwrap(), b"ours");
+    }
 }

@@ -105,8 +105,14 @@ pub struct SnapshotSummary {
     pub packs_uploaded: u64,
     pub duration_s: f64,
     pub phases: SnapshotPhases,
+    /// The cutover report: scan, upload and commit, with their windows,
+    /// bytes, files and vault objects (see [`crate::phase`]).
+    pub report: Vec<crate::phase::Phase>,
     /// True when some entries could not be read (see `warnings`).
     pub incomplete: bool,
+    /// Files that changed while they were read: saved as read, but the
+    /// application was writing them (quiesce it for a consistent copy).
+    pub unstable: Vec<String>,
     pub warnings: u64,
     /// Sockets, FIFOs and device nodes, which are not saved.
     pub skipped_special: u64,
@@ -137,7 +143,15 @@ struct Stats {
     packs: AtomicU64,
     warnings: AtomicU64,
     special: AtomicU64,
+    /// Pack puts, for the cutover report.
+    upload: crate::phase::PhaseClock,
+    /// Files that changed while they were read (capped at [`MAX_NAMED`]).
+    /// Warnings are rare, so a lock is fine here.
+    unstable: Mutex<Vec<String>>,
 }
+
+/// How many unstable files a snapshot names (the count is always exact).
+const MAX_NAMED: usize = 1000;
 
 impl Stats {
     /// Counts `n` source bytes read, and waits if they came too fast.
@@ -315,6 +329,7 @@ async fn snapshot_locked(
     let parent = crate::sync::find_snapshot(catalog.as_ref(), &opts.volume).ok();
     let stats = Arc::new(Stats {
         limit: opts.read_limit.map(crate::limit::Limiter::new),
+        upload: crate::phase::PhaseClock::new(started),
         ..Default::default()
     });
     let dedup = Arc::new(Dedup {
@@ -398,7 +413,7 @@ async fn snapshot_locked(
             progress.clone(),
             cfg.chunker,
         );
-        let previous = match (&parent, opts.reread || block) {
+        let previous = match (&parent, opts.reread) {
             (Some(p), false) => Some(Previous {
                 root: p.root,
                 vault: vault.clone(),
@@ -457,15 +472,19 @@ async fn snapshot_locked(
         let r = reader
             .join()
             .unwrap_or_else(|_| Err(Error::Internal("reader panicked".into())));
-        let scan_s = started.elapsed().as_secs_f64();
-        let w: Vec<Result<()>> = worker_handles
+        // Reading ends when the large-file chunkers have read their files.
+        let mut w: Vec<Result<()>> = pool_handles
             .into_iter()
-            .chain(pool_handles)
             .map(|h| {
                 h.join()
                     .unwrap_or_else(|_| Err(Error::Internal("worker panicked".into())))
             })
             .collect();
+        let scan_s = started.elapsed().as_secs_f64();
+        w.extend(worker_handles.into_iter().map(|h| {
+            h.join()
+                .unwrap_or_else(|_| Err(Error::Internal("worker panicked".into())))
+        }));
         let c = collector
             .join()
             .unwrap_or_else(|_| Err(Error::Internal("collector panicked".into())));
@@ -510,6 +529,7 @@ async fn snapshot_locked(
     };
 
     // Commit: the index object, then the snapshot record.
+    let bytes_before_commit = stats.bytes_uploaded.load(Ordering::Relaxed);
     let mut seen = Vec::new();
     if !records.is_empty() {
         let name = format!("index/{}", random_hex_id());
@@ -556,6 +576,11 @@ async fn snapshot_locked(
         incomplete: warnings > 0,
         warnings,
         block,
+        unstable: stats
+            .unstable
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone(),
     };
     let name = format!("snapshots/{}", record.id);
     let n = vault.put_meta(&name, &record).await?;
@@ -568,26 +593,50 @@ async fn snapshot_locked(
         stats.bytes_new.load(Ordering::Relaxed),
     );
 
+    let duration_s = started.elapsed().as_secs_f64();
+    let bytes_scanned = stats.bytes_scanned.load(Ordering::Relaxed);
+    let files_unchanged = stats.unchanged.load(Ordering::Relaxed);
+    let report = vec![
+        crate::phase::span(
+            "scan",
+            0.0,
+            scan_s,
+            bytes_scanned,
+            out.files.saturating_sub(files_unchanged),
+            0,
+        ),
+        stats.upload.phase("upload", scan_s),
+        crate::phase::span(
+            "commit",
+            upload_s,
+            duration_s,
+            stats.bytes_uploaded.load(Ordering::Relaxed) - bytes_before_commit,
+            0,
+            seen.len() as u64,
+        ),
+    ];
     Ok(SnapshotSummary {
         snapshot_id: record.id,
         volume: record.volume,
         parent: record.parent,
         files: out.files,
-        files_unchanged: stats.unchanged.load(Ordering::Relaxed),
+        files_unchanged,
         dirs: out.dirs,
-        bytes_scanned: stats.bytes_scanned.load(Ordering::Relaxed),
+        bytes_scanned,
         bytes_new: stats.bytes_new.load(Ordering::Relaxed),
         bytes_uploaded: stats.bytes_uploaded.load(Ordering::Relaxed),
         chunks: stats.chunks.load(Ordering::Relaxed),
         chunks_new: stats.chunks_new.load(Ordering::Relaxed),
         packs_uploaded: stats.packs.load(Ordering::Relaxed),
-        duration_s: started.elapsed().as_secs_f64(),
+        duration_s,
         phases: SnapshotPhases {
             scan_s,
             upload_s,
-            commit_s: started.elapsed().as_secs_f64() - upload_s,
+            commit_s: duration_s - upload_s,
         },
+        report,
         incomplete: record.incomplete,
+        unstable: record.unstable.clone(),
         warnings,
         skipped_special: stats.special.load(Ordering::Relaxed),
     })
@@ -676,11 +725,53 @@ fn read_source(
         let file = File::open(root).map_err(|e| Error::io(root, e))?;
         let md = std::fs::metadata(root).map_err(|e| Error::io(root, e))?;
         let sig = (md.len(), md.mtime(), md.mtime_nsec());
+        // An image file follows the directory rules: unchanged metadata
+        // reuses the parent's chunk list, a changed image is chunked from
+        // it (verified by hash, FastCDC only where it changed). A device's
+        // metadata says nothing of its content: it is always read.
+        let old = match (&previous, md.is_file()) {
+            (Some(p), true) => p.tree(&p.root).and_then(|t| t.entry(BLOCK_ENTRY).cloned()),
+            _ => None,
+        };
+        let meta = Meta::from(&md);
+        if let Some(chunks) = old.as_ref().and_then(|n| source::unchanged(n, &meta)) {
+            let node = source::node_from(
+                Name(BLOCK_ENTRY.to_vec()),
+                &meta,
+                NodeKind::File {
+                    size: md.len(),
+                    chunks,
+                },
+                vec![],
+            );
+            r.stats.unchanged.fetch_add(1, Ordering::Relaxed);
+            r.progress.advance(md.len());
+            r.progress.file_done();
+            r.send(Item::Reused(node))?;
+            return r.send(Item::LeaveDir);
+        }
         r.send(Item::FileStart {
             name: Name(BLOCK_ENTRY.to_vec()),
-            md: Meta::from(&md),
+            md: meta,
             xattrs: vec![],
         })?;
+        let hint = match old.map(|n| n.kind) {
+            Some(NodeKind::File { chunks, .. }) => Some(chunks),
+            _ => None,
+        };
+        if let (Some(hint), Some(pool)) = (hint, r.pool.as_ref()) {
+            let (tx, rx) = crossbeam_channel::bounded(65536);
+            r.send(Item::Stream(rx))?;
+            pool.send(LargeFile {
+                file,
+                path: root.to_path_buf(),
+                sig,
+                hint: Some(hint),
+                pieces: tx,
+            })
+            .map_err(|_| stopped())?;
+            return r.send(Item::LeaveDir);
+        }
         let error = chunk_file(
             file,
             root,
@@ -1115,6 +1206,10 @@ fn end_of_read(path: &Path, sig: (u64, i64, i64), stats: &Stats, progress: &dyn 
             progress,
             format!("{}: changed while it was read (unstable)", path.display()),
         );
+        let mut u = stats.unstable.lock().unwrap_or_else(|e| e.into_inner());
+        if u.len() < MAX_NAMED {
+            u.push(path.display().to_string());
+        }
     }
     progress.file_done();
 }
@@ -1428,6 +1523,8 @@ async fn upload(
         catalog.add_packs(std::slice::from_ref(&rec))?;
         stats.bytes_uploaded.fetch_add(rec.size, Ordering::Relaxed);
         stats.packs.fetch_add(1, Ordering::Relaxed);
+        stats.upload.end(rec.size);
+        stats.upload.count(0, 1);
         crate::telemetry::pack_uploaded(rec.size);
         records.push(rec);
         Ok(())
@@ -1440,6 +1537,7 @@ async fn upload(
             p = packs.recv() => match p {
                 Some(p) => {
                     let vault = vault.clone();
+                    stats.upload.begin();
                     running.spawn(async move { vault.put_pack(&p).await.map(|_| p.record) });
                 }
                 None => break,
