@@ -187,6 +187,19 @@ fn target_changed_behind_our_back_is_corrected() {
     std::fs::write(dst.join("app/conf"), b"not a dir").unwrap();
     env.json(&["restore", "pg", d, "--vault", &vault]);
     assert_same_tree(&src, &dst);
+
+    // The memory vouches for everything now; --reread-target trusts none
+    // of it: every byte is read and compared, nothing needs writing.
+    let quiet = env.json(&["restore", "pg", d, "--vault", &vault]);
+    assert_eq!(quiet["bytes_compared"], 0, "{quiet}");
+    let total: u64 = files_under(&src)
+        .iter()
+        .map(|p| p.symlink_metadata().unwrap().len())
+        .sum();
+    let reread = env.json(&["restore", "pg", d, "--vault", &vault, "--reread-target"]);
+    assert_eq!(reread["bytes_compared"], total, "{reread}");
+    assert_eq!(reread["bytes_written"], 0, "{reread}");
+    assert_eq!(reread["files_unchanged"], 52, "{reread}");
 }
 
 #[test]

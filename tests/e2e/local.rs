@@ -540,6 +540,19 @@ fn unreadable_file_gives_an_incomplete_but_consistent_snapshot() {
     assert!(out.status.success(), "{}", stderr(&out));
     assert_eq!(std::fs::read(dst.join("readable")).unwrap(), b"fine");
     assert!(!dst.join("secret").exists());
+
+    // A target directory the user cannot write: one line, exit 1.
+    let ro = env.path("ro-target");
+    std::fs::create_dir(&ro).unwrap();
+    std::fs::set_permissions(&ro, std::fs::Permissions::from_mode(0o555)).unwrap();
+    let out = as_nobody(&["restore", "v", ro.to_str().unwrap(), "--vault", &vault]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    let e = stderr(&out);
+    assert!(
+        e.starts_with("error: ") && e.contains("ro-target") && e.lines().count() == 1,
+        "{e}"
+    );
+    assert_eq!(std::fs::read_dir(&ro).unwrap().count(), 0);
 }
 
 fn is_root() -> bool {
@@ -584,6 +597,22 @@ fn unwritable_target_is_one_clear_line() {
         "{e}"
     );
     assert_eq!(std::fs::read(&target).unwrap(), b"x");
+
+    // A snapshot id that does not exist, of a volume that does.
+    let out = env.run(&[
+        "restore",
+        "v@0123abcd",
+        env.path("t").to_str().unwrap(),
+        "--vault",
+        &vault,
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    let e = stderr(&out);
+    assert!(
+        e.starts_with("error: ") && e.contains("v@0123abcd") && e.lines().count() == 1,
+        "{e}"
+    );
+    assert!(!env.path("t").exists(), "nothing created for a bad id");
 }
 
 #[test]
