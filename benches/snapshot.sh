@@ -7,6 +7,7 @@
 # snapshot + delta restore, what runs in the downtime window) against
 # `rsync -a --delete`, `rsync -a --delete --inplace --no-whole-file` and
 # `rclone sync` on the same change, each into its own pre-synced copy.
+# Full restores also against `cp -a` of the tree (the disk's limit).
 # Prints one table: operation, tool, wall s, MB/s (of the whole volume),
 # peak RSS, bytes stored/written, and peer/ferry time ratio.
 #
@@ -33,7 +34,7 @@ if [ ! -d pristine ]; then
   # shellcheck disable=SC2086
   python3 "$gen" build pristine $GEN_ARGS >/dev/null
 fi
-rm -rf data vault state restored restic-repo restic-out borg-repo borg-out rsync-target rsync-inplace-target rclone-target sync-target results.tsv
+rm -rf data cp-out vault state restored restic-repo restic-out borg-repo borg-out rsync-target rsync-inplace-target rclone-target sync-target results.tsv
 cp -a pristine data
 export FERRY_PASSPHRASE=bench XDG_STATE_HOME="$work/state" RESTIC_PASSWORD=bench BORG_PASSPHRASE=bench
 export BORG_BASE_DIR="$work/borg-base" RESTIC_CACHE_DIR="$work/restic-cache"
@@ -62,9 +63,14 @@ t "unchanged snapshot" ferry "jq_ bytes_uploaded" -- "$ferry" snapshot data --va
 python3 -c "import json; o=json.load(open('out.txt')); print('  ferry unchanged snapshot: %d files in %.3f s = %.0f files/s (key derivation and catalog open excluded), %d bytes read' % (o['files'], o['duration_s'], o['files']/o['duration_s'], o['bytes_scanned']))"
 has restic && t "unchanged snapshot" restic "echo 0" -- restic backup --repo restic-repo -q data
 has borg && t "unchanged snapshot" borg "echo 0" -- borg create --compression zstd,1 borg-repo::a2 data
-t "full restore" ferry "jq_ bytes_written" -- "$ferry" restore bench restored --vault vault --json
-has restic && t "full restore" restic "dub restic-out" -- restic restore latest --repo restic-repo -q --target restic-out
-has borg && { mkdir -p borg-out; (cd borg-out && t "full restore" borg "dub ." -- borg extract "$work/borg-repo::a1"); }
+# Full restores: each starts with the previous one's dirty pages written back
+# (sync), so writeback pressure favours no one; `cp -a` of the same tree is
+# the disk's own limit.
+sync; t "full restore" ferry "jq_ bytes_written" -- "$ferry" restore bench restored --vault vault --json
+sync; has restic && t "full restore" restic "dub restic-out" -- restic restore latest --repo restic-repo -q --target restic-out
+sync; has borg && { mkdir -p borg-out; (cd borg-out && t "full restore" borg "dub ." -- borg extract "$work/borg-repo::a1"); }
+sync; t "full restore" "cp -a" "dub cp-out" -- cp -a data cp-out
+sync
 
 # Pre-sync the final-delta targets (untimed): ferry sync's own (its default
 # vault, under the state directory) and the peers'; then the 1% mutation.

@@ -906,6 +906,13 @@ struct PackOutcome {
 /// skipped: one request is cheaper than two.
 const MAX_GAP: u64 = 512 * 1024;
 
+/// A span (one ranged read) stops growing at this length. Restore memory is
+/// packs in flight x this, not x the pack size; and buffers this small do
+/// not push glibc's adaptive mmap threshold up to where freed 16 MiB
+/// buffers stay in per-thread arenas (which made a full restore's RSS
+/// several times the data in flight).
+const MAX_SPAN: u64 = 2 * 1024 * 1024;
+
 #[allow(clippy::too_many_arguments)]
 async fn restore_pack(
     vault: &Vault,
@@ -937,7 +944,9 @@ async fn restore_pack(
     for e in entries {
         let end = e.offset + e.stored_len as u64;
         match spans.last_mut() {
-            Some((_, s_end, list)) if e.offset <= *s_end + MAX_GAP => {
+            Some((s_start, s_end, list))
+                if e.offset <= *s_end + MAX_GAP && end - *s_start <= MAX_SPAN =>
+            {
                 *s_end = (*s_end).max(end);
                 list.push(e);
             }
