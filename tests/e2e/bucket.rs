@@ -482,8 +482,54 @@ fn an_interrupted_sync_leaves_no_partial_object_and_the_rerun_cleans_up() {
     for i in 0..5u64 {
         std::fs::write(src.join(format!("small{i}")), noise(1000, i)).unwrap();
     }
-    // Slow parts: kill -9 while the big object's parts are in flight.
+    let open_parts = |root: &std::path::Path| -> Vec<String> {
+        // s3s-fs keeps an open upload's parts as `.upload_id-*` files (it
+        // has no ListMultipartUploads).
+        std::fs::read_dir(root)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with(".upload_id-"))
+            .collect()
+    };
+    // Slow parts. First Ctrl-C while the big object's parts are in flight:
+    // exit 130 at once, and the uploads it opened are aborted.
     s3.put_delay_ms.store(400, Relaxed);
+    let child = env
+        .cmd(&[
+            "bucket",
+            "sync",
+            src.to_str().unwrap(),
+            "s3://resume/dst",
+            "--workers",
+            "2",
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let start = Instant::now();
+    while open_parts(&s3.root).is_empty() {
+        assert!(start.elapsed() < Duration::from_secs(30));
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // The upload is open; let ferry record it and its first parts fly.
+    std::thread::sleep(Duration::from_millis(300));
+    let sent = std::process::Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(sent.success());
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(130), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("open multipart upload(s) aborted"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(open_parts(&s3.root).is_empty(), "Ctrl-C left parts behind");
+    assert!(!read_all(&client(&s3), "resume", "dst/").contains_key("big.bin"));
+
+    // Then kill -9, which can abort nothing: the rerun does.
     let mut child = env
         .cmd(&[
             "bucket",
@@ -524,13 +570,7 @@ fn an_interrupted_sync_leaves_no_partial_object_and_the_rerun_cleans_up() {
     let visible = read_all(&c, "resume", "dst/");
     assert_eq!(visible["big.bin"].body.len(), 40 << 20);
     assert_eq!(visible.len(), 6);
-    // s3s-fs keeps an open upload's parts as `.upload_id-*` files (it has
-    // no ListMultipartUploads): none may be left.
-    let parts: Vec<_> = std::fs::read_dir(&s3.root)
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .filter(|n| n.starts_with(".upload_id-"))
-        .collect();
+    let parts = open_parts(&s3.root);
     assert!(parts.is_empty(), "parts of aborted uploads left: {parts:?}");
     let _ = uploads;
 }

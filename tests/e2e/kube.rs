@@ -196,11 +196,24 @@ fn create_pod(
 /// that mounts claim `stuck` never starts).
 fn start_pod(o: &mut BTreeMap<String, serde_json::Value>, path: &str, v: &serde_json::Value) {
     let claim = &v["spec"]["volumes"][0]["persistentVolumeClaim"]["claimName"];
-    if v["status"]["phase"] != "Pending" || claim == "stuck" {
+    if !path.contains("/pods/") || v["status"]["phase"] != "Pending" || claim == "stuck" {
         return;
     }
     let list = path.rsplit_once('/').unwrap().0.to_string();
     o.get_mut(path).unwrap()["status"]["phase"] = "Running".into();
+    // A Pending (WaitForFirstConsumer) claim is bound when its first pod
+    // starts, to the volume named in its test annotation.
+    let ns = path.split('/').nth(4).unwrap_or("");
+    let claim_path = format!(
+        "/api/v1/namespaces/{ns}/persistentvolumeclaims/{}",
+        claim.as_str().unwrap_or("")
+    );
+    if let Some(c) = o.get_mut(&claim_path)
+        && c["status"]["phase"] == "Pending"
+    {
+        c["spec"]["volumeName"] = c["metadata"]["annotations"]["test/binds-to"].clone();
+        c["status"]["phase"] = "Bound".into();
+    }
     for p in o.get_mut(&list).unwrap()["items"].as_array_mut().unwrap() {
         if p["metadata"]["name"] == v["metadata"]["name"] {
             p["status"]["phase"] = "Running".into();
@@ -363,10 +376,18 @@ fn target_api() -> BTreeMap<String, serde_json::Value> {
     );
     // Claims no pod mounts yet: one a helper pod can mount, one whose
     // helper never starts.
+    // `fresh` is Pending (WaitForFirstConsumer) until its first pod starts.
     for (name, pv) in [("fresh", "pvc-998"), ("stuck", "pvc-997")] {
+        let c = if name == "fresh" {
+            let mut c = claim("shop", name, "", "csi-disk-ssd", "1Gi", "Filesystem");
+            c["metadata"]["annotations"] = serde_json::json!({"test/binds-to": pv});
+            c
+        } else {
+            claim("shop", name, pv, "csi-disk-ssd", "1Gi", "Filesystem")
+        };
         m.insert(
             format!("/api/v1/namespaces/shop/persistentvolumeclaims/{name}"),
-            claim("shop", name, pv, "csi-disk-ssd", "1Gi", "Filesystem"),
+            c,
         );
         m.insert(
             format!("/api/v1/persistentvolumes/{pv}"),
@@ -517,7 +538,23 @@ fn claims_resolve_to_their_node_and_kubelet_path_and_move_between_clusters() {
         "helper deleted: {:?}",
         src_api.pods()
     );
-    // And restored into a claim no pod mounts on the target, read-write.
+    // A Pending claim (WaitForFirstConsumer) needs a first pod: said so.
+    let out = f.run(&[
+        "restore",
+        "orphan",
+        "pvc:shop/fresh",
+        "--kubeconfig",
+        &dst_kc,
+        "--kubelet-dir",
+        &kb,
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = stderr(&out);
+    assert!(
+        err.contains("claim shop/fresh is Pending") && err.contains("--mount-helper"),
+        "{err}"
+    );
+    // And restored into it, read-write: the helper pod binds it.
     let fresh =
         kubelet_b.join("pods/uid-helper-node-b-fresh/volumes/kubernetes.io~csi/pvc-998/mount");
     std::fs::create_dir_all(&fresh).unwrap();

@@ -398,6 +398,22 @@ fn a_migration_presyncs_while_sources_change_cuts_over_and_reports() {
     );
     assert!(states[0].starts_with("copied"), "{c}");
 
+    // The report still compares the pairs it can reach and names the one
+    // it cannot (its bucket is gone).
+    let out = run(&["migration", "report", "shop", "--json"]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let p = &doc["pairs"];
+    assert!(
+        p[2]["error"]
+            .as_str()
+            .is_some_and(|e| e.starts_with("cannot compare") && e.contains("dst-bucket")),
+        "{doc}"
+    );
+    assert_eq!(p[2]["ok"], false);
+    assert!(p[1]["files"].as_u64().unwrap() > 0, "{doc}");
+    assert_eq!(p[1]["ok"], true, "{doc}");
+
     // A quiesce command that fails: nothing copied, the rollback runs.
     std::fs::remove_file(&rolled).unwrap();
     let out = run(&[

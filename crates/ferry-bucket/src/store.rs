@@ -65,7 +65,13 @@ pub struct Download {
 
 enum Body {
     S3(ByteStream),
-    Local(tokio::fs::File),
+    /// A local file, with its size and mtime when opened: checked again at
+    /// the end, so a file rewritten while it was copied is never a torn copy.
+    Local(
+        tokio::fs::File,
+        String,
+        (u64, Option<std::time::SystemTime>),
+    ),
 }
 
 impl Download {
@@ -76,15 +82,25 @@ impl Download {
                 .try_next()
                 .await
                 .map_err(|e| Error::Transfer(format!("reading: {e}"))),
-            Body::Local(f) => {
+            Body::Local(f, key, opened) => {
                 use tokio::io::AsyncReadExt;
                 let mut buf = vec![0u8; 1 << 20];
                 let n = f
                     .read(&mut buf)
                     .await
                     .map_err(|e| Error::Transfer(format!("reading: {e}")))?;
+                if n == 0 {
+                    let m = f
+                        .metadata()
+                        .await
+                        .map_err(|e| Error::Transfer(format!("reading: {e}")))?;
+                    if (m.len(), m.modified().ok()) != *opened {
+                        return Err(Error::Changed(key.clone()));
+                    }
+                    return Ok(None);
+                }
                 buf.truncate(n);
-                Ok((n > 0).then(|| Bytes::from(buf)))
+                Ok(Some(Bytes::from(buf)))
             }
         }
     }
@@ -333,16 +349,16 @@ impl Side {
                 let f = tokio::fs::File::open(&p)
                     .await
                     .map_err(|e| Error::Transfer(format!("{}: {e}", p.display())))?;
-                let size = f
+                let m = f
                     .metadata()
                     .await
-                    .map_err(|e| Error::Transfer(format!("{}: {e}", p.display())))?
-                    .len();
+                    .map_err(|e| Error::Transfer(format!("{}: {e}", p.display())))?;
+                let size = m.len();
                 Ok(Download {
                     size,
                     etag: String::new(),
                     meta: Meta::default(),
-                    body: Body::Local(f),
+                    body: Body::Local(f, key.to_string(), (size, m.modified().ok())),
                 })
             }
         }
@@ -1145,5 +1161,39 @@ mod tests {
         assert!(!r.may_hold_under("a/"));
         assert!(r.may_hold_under("b/"));
         assert_eq!(list(r).await, ["b", "c/x/y"]);
+    }
+
+    /// A local file rewritten while it is read (same size, new content) is
+    /// refused at the end of the read, never handed on as a torn copy; one
+    /// left alone reads whole.
+    #[tokio::test]
+    async fn a_local_file_rewritten_while_read_is_changed() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("obj");
+        std::fs::write(&p, vec![1u8; 3 << 20]).unwrap();
+        let side = Side::Local(LocalSide {
+            root: d.path().into(),
+        });
+        let mut dl = side.get("obj", None, false).await.unwrap();
+        let mut n = 0;
+        while let Some(b) = dl.next().await.unwrap() {
+            n += b.len();
+        }
+        assert_eq!(n, 3 << 20);
+
+        let mut dl = side.get("obj", None, false).await.unwrap();
+        assert!(dl.next().await.unwrap().is_some());
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        std::fs::write(&p, vec![2u8; 3 << 20]).unwrap();
+        let r = loop {
+            match dl.next().await {
+                Ok(Some(_)) => continue,
+                other => break other,
+            }
+        };
+        assert!(
+            matches!(r, Err(Error::Changed(ref k)) if k == "obj"),
+            "{r:?}"
+        );
     }
 }

@@ -184,6 +184,25 @@ fn st(e: ferry_core::catalog::CatalogError) -> Error {
     Error::State(format!("sync state: {e}"))
 }
 
+/// Aborts the multipart uploads recorded as open on `dst` for the keys
+/// `mine` accepts: those of a run that was killed, or of this run when it is
+/// interrupted. Returns how many were aborted.
+pub async fn abort_open_uploads(
+    dst: &Side,
+    state: &dyn SyncState,
+    mine: impl Fn(&str) -> bool,
+) -> Result<u64> {
+    let mut n = 0;
+    for (key, id) in state.uploads().map_err(st)? {
+        if mine(&key) {
+            dst.abort_upload(&key, &id).await?;
+            state.remove_upload(&key, &id).map_err(st)?;
+            n += 1;
+        }
+    }
+    Ok(n)
+}
+
 /// Syncs `src` into `dst`.
 pub async fn sync(
     src: Arc<Side>,
@@ -211,12 +230,8 @@ pub async fn sync(
     // Uploads an interrupted run left open: abort them, nothing is kept.
     if !opts.dry_run {
         // Only this range's: other ranges may be copying right now.
-        let uploads = state.uploads().map_err(st)?;
-        for (key, id) in uploads.into_iter().filter(|(k, _)| opts.range.contains(k)) {
-            dst.abort_upload(&key, &id).await?;
-            state.remove_upload(&key, &id).map_err(st)?;
-            summary.stale_uploads_aborted += 1;
-        }
+        summary.stale_uploads_aborted =
+            abort_open_uploads(&dst, state.as_ref(), |k| opts.range.contains(k)).await?;
     }
 
     let server_side = match (src.as_s3(), dst.as_s3()) {

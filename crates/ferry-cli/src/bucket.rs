@@ -112,20 +112,35 @@ async fn local(
         ferry_bucket::store::open(&sl, &cfg).await?,
         ferry_bucket::store::open(&dl, &cfg).await?,
     );
-    let state = SqliteSyncState::open(&ferry_catalog::bucket::default_path(
-        &sl.to_string(),
-        &dl.to_string(),
-    ))?;
+    let state = Arc::new(SqliteSyncState::open(
+        &ferry_catalog::bucket::default_path(&sl.to_string(), &dl.to_string()),
+    )?);
+    let dst_side = Arc::new(dst_side);
     let bar = Arc::new(Bar::new("bucket sync"));
-    let r = ferry_bucket::sync::sync(
+    let run = ferry_bucket::sync::sync(
         Arc::new(src_side),
-        Arc::new(dst_side),
-        Arc::new(state),
+        dst_side.clone(),
+        state.clone(),
         &opts,
         bar.clone(),
         (sl.to_string(), dl.to_string()),
-    )
-    .await;
+    );
+    // Ctrl-C or SIGTERM: stop copying and abort the multipart uploads this
+    // run opened, so no partial upload is left behind (a kill -9 leaves them
+    // recorded, and the next run aborts them first).
+    let r = tokio::select! {
+        r = run => r,
+        code = crate::fleet::interrupted() => {
+            bar.finish();
+            let n = ferry_bucket::sync::abort_open_uploads(&dst_side, state.as_ref(), |_| true)
+                .await
+                .unwrap_or(0);
+            eprintln!(
+                "interrupted: {n} open multipart upload(s) aborted; run the same command again to resume"
+            );
+            return Ok(code);
+        }
+    };
     bar.finish();
     let s = r?;
     print(g, &s, || {

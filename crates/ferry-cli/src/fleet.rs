@@ -364,16 +364,23 @@ pub async fn agent(
 }
 
 async fn shutdown_signal() {
+    interrupted().await;
+}
+
+/// Waits for Ctrl-C or SIGTERM; returns the shell's exit code for it
+/// (130 or 143).
+pub(crate) async fn interrupted() -> u8 {
     use tokio::signal::unix::{SignalKind, signal};
     match signal(SignalKind::terminate()) {
         Ok(mut term) => {
             tokio::select! {
-                _ = tokio::signal::ctrl_c() => {},
-                _ = term.recv() => {},
+                _ = tokio::signal::ctrl_c() => 130,
+                _ = term.recv() => 143,
             }
         }
         Err(_) => {
             let _ = tokio::signal::ctrl_c().await;
+            130
         }
     }
 }

@@ -1495,7 +1495,20 @@ async fn report(g: &Global, name: &str, output: Option<PathBuf>, args: &PairArgs
             extra: true,
         };
         let t = Instant::now();
-        let cmp = compare_pair(&env, pair, &id, &opts, args).await?;
+        // A pair that cannot be compared (its target gone, its agent down)
+        // is reported as such; the other pairs are still compared.
+        let cmp = match compare_pair(&env, pair, &id, &opts, args).await {
+            Ok(c) => c,
+            Err(e) => {
+                all_ok = false;
+                pairs.push(json!({
+                    "source": pair.source, "target": pair.target, "volume": pair.volume,
+                    "kind": pair.kind, "snapshot_id": id, "ok": false,
+                    "error": format!("cannot compare: {}", crate::ui::one_line(&e)),
+                }));
+                continue;
+            }
+        };
         let ok = cmp.content_equal() && cmp.extra.is_empty();
         all_ok &= ok;
         let timings = cutover.and_then(|c| c.pairs.get(i)).map(|p| {

@@ -370,28 +370,36 @@ impl Vault {
     }
 
     pub async fn get(&self, path: &Path) -> Result<Bytes> {
-        let r = self
-            .store
-            .get(path)
-            .await
-            .map_err(|e| self.err("read", path, e))?;
-        r.bytes().await.map_err(|e| self.err("read", path, e))
+        let started = std::time::Instant::now();
+        let r = match self.store.get(path).await {
+            Ok(r) => r.bytes().await,
+            Err(e) => Err(e),
+        };
+        crate::telemetry::vault_request("get", started, r.is_ok());
+        r.map_err(|e| self.err("read", path, e))
     }
 
     pub async fn list(&self, prefix: &str) -> Result<Vec<ObjectMeta>> {
         let p = Path::from(prefix);
-        self.store
-            .list(Some(&p))
-            .try_collect()
-            .await
-            .map_err(|e| self.err("list", &p, e))
+        let started = std::time::Instant::now();
+        let r: std::result::Result<Vec<ObjectMeta>, _> =
+            self.store.list(Some(&p)).try_collect().await;
+        crate::telemetry::vault_request("list", started, r.is_ok());
+        r.map_err(|e| self.err("list", &p, e))
     }
 
     /// Deletes an object; one already gone is not an error. Only prune
     /// (packs it proved dead), forget (snapshot records) and locks delete.
     pub async fn delete(&self, name: &str) -> Result<()> {
         let path = Path::from(name);
-        match self.store.delete(&path).await {
+        let started = std::time::Instant::now();
+        let r = self.store.delete(&path).await;
+        crate::telemetry::vault_request(
+            "delete",
+            started,
+            matches!(r, Ok(()) | Err(object_store::Error::NotFound { .. })),
+        );
+        match r {
             Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
             Err(e) => Err(self.err("delete", &path, e)),
         }
@@ -411,14 +419,17 @@ impl Vault {
         out.extend_from_slice(&body);
         let path = Path::from(name);
         let len = out.len() as u64;
-        self.store
+        let started = std::time::Instant::now();
+        let r = self
+            .store
             .put_opts(
                 &path,
                 PutPayload::from(out),
                 PutOptions::from(PutMode::Create),
             )
-            .await
-            .map_err(|e| self.err("write", &path, e))?;
+            .await;
+        crate::telemetry::vault_request("put", started, r.is_ok());
+        r.map_err(|e| self.err("write", &path, e))?;
         Ok(len)
     }
 

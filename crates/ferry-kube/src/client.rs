@@ -1,6 +1,7 @@
 //! Reaching the API server: a kubeconfig (`--kubeconfig`, `KUBECONFIG`,
-//! `~/.kube/config`: its current context's server, CA, and a token or a
-//! client certificate) or, inside a pod, the service account.
+//! `~/.kube/config`: its current context's server, CA, and a token, a
+//! client certificate or an exec credential plugin) or, inside a pod, the
+//! service account.
 
 use std::path::{Path, PathBuf};
 
@@ -63,7 +64,92 @@ struct User {
     client_key_data: Option<String>,
     client_certificate: Option<PathBuf>,
     client_key: Option<PathBuf>,
-    exec: Option<serde_yaml_ng::Value>,
+    exec: Option<Exec>,
+}
+
+/// A credential plugin (`aws eks get-token`, `kubelogin`, cloud CLIs): run
+/// once per ferry command, its `ExecCredential` answer gives a token or a
+/// client certificate.
+#[derive(Deserialize, Default)]
+#[serde(default, rename_all = "camelCase")]
+struct Exec {
+    api_version: String,
+    command: String,
+    args: Vec<String>,
+    env: Option<Vec<ExecEnv>>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(default)]
+struct ExecEnv {
+    name: String,
+    value: String,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(default, rename_all = "camelCase")]
+struct ExecStatus {
+    token: Option<String>,
+    client_certificate_data: Option<String>,
+    client_key_data: Option<String>,
+}
+
+/// Runs the plugin; returns (token, PEM identity). Its stderr is passed
+/// through (plugins prompt or explain there); its stdout is the credential
+/// and is never logged.
+fn run_exec(e: &Exec, base: &Path) -> Result<(Option<String>, Option<Vec<u8>>)> {
+    if e.command.is_empty() {
+        return Err(cfg("exec plugin without a command"));
+    }
+    let api = if e.api_version.is_empty() {
+        "client.authentication.k8s.io/v1"
+    } else {
+        e.api_version.as_str()
+    };
+    // A relative command with a slash is relative to the kubeconfig.
+    let cmd = if e.command.contains('/') && !Path::new(&e.command).is_absolute() {
+        base.join(&e.command).display().to_string()
+    } else {
+        e.command.clone()
+    };
+    let mut c = std::process::Command::new(&cmd);
+    c.args(&e.args)
+        .stdin(std::process::Stdio::null())
+        .stderr(std::process::Stdio::inherit())
+        .env(
+            "KUBERNETES_EXEC_INFO",
+            format!(
+                r#"{{"apiVersion":"{api}","kind":"ExecCredential","spec":{{"interactive":false}}}}"#
+            ),
+        );
+    for v in e.env.iter().flatten() {
+        c.env(&v.name, &v.value);
+    }
+    let out = c
+        .output()
+        .map_err(|err| cfg(format!("exec plugin {cmd}: {err}")))?;
+    if !out.status.success() {
+        return Err(cfg(format!("exec plugin {cmd} failed ({})", out.status)));
+    }
+    #[derive(Deserialize)]
+    struct Answer {
+        status: ExecStatus,
+    }
+    let a: Answer = serde_json::from_slice(&out.stdout).map_err(|err| {
+        cfg(format!(
+            "exec plugin {cmd}: its output is not an ExecCredential: {err}"
+        ))
+    })?;
+    let identity = match (a.status.client_certificate_data, a.status.client_key_data) {
+        (Some(c), Some(k)) => Some(format!("{c}\n{k}").into_bytes()),
+        _ => None,
+    };
+    if a.status.token.is_none() && identity.is_none() {
+        return Err(cfg(format!(
+            "exec plugin {cmd} gave neither a token nor a client certificate"
+        )));
+    }
+    Ok((a.status.token, identity))
 }
 
 #[derive(Deserialize, Default)]
@@ -182,13 +268,14 @@ impl Kube {
                 cert.extend_from_slice(&key);
                 identity = Some(cert);
             }
-            if token.is_none() && identity.is_none() && u.exec.is_some() {
-                return Err(cfg(format!(
-                    "{}: user {:?} authenticates with an exec plugin, which ferry does not run; \
-                     use a kubeconfig with a token or a client certificate",
-                    path.display(),
-                    ctx.value.user
-                )));
+            if let (None, None, Some(e)) = (&token, &identity, &u.exec) {
+                (token, identity) = run_exec(e, base).map_err(|err| {
+                    cfg(format!(
+                        "{}: user {:?}: {err}",
+                        path.display(),
+                        ctx.value.user
+                    ))
+                })?;
             }
         }
         Self::build(
@@ -366,7 +453,8 @@ mod tests {
         assert_eq!(k.namespace, "shop");
         assert_eq!(k.token.as_deref(), Some("abc"));
 
-        // A missing context, bad base64, an exec plugin: one clear error.
+        // A missing context, bad base64, an exec plugin that is not installed:
+        // one clear error.
         std::fs::write(&p, "current-context: nope\n").unwrap();
         assert!(
             Kube::from_kubeconfig(&p)
@@ -399,5 +487,61 @@ mod tests {
                 .to_string()
                 .contains("exec plugin")
         );
+    }
+
+    /// An exec plugin (a script here, `aws eks get-token` in life) gives the
+    /// token; its env entries and the exec info reach it; a failing or
+    /// mute plugin is one clear error.
+    #[test]
+    fn an_exec_plugin_gives_the_token() {
+        use std::os::unix::fs::PermissionsExt;
+        let d = tempfile::tempdir().unwrap();
+        let plugin = d.path().join("get-token");
+        std::fs::write(
+            &plugin,
+            "#!/bin/sh\ncase \"$KUBERNETES_EXEC_INFO\" in *ExecCredential*) ;; *) exit 3;; esac\n\
+             [ \"$1\" = --cluster ] || exit 4\n\
+             printf '{\"apiVersion\":\"client.authentication.k8s.io/v1\",\"kind\":\"ExecCredential\",\
+             \"status\":{\"token\":\"%s-%s\"}}' \"$2\" \"$REGION\"\n",
+        )
+        .unwrap();
+        std::fs::set_permissions(&plugin, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let p = d.path().join("config");
+        let config = |command: &str| {
+            [
+                "current-context: t",
+                "clusters:",
+                "- name: c",
+                "  cluster:",
+                "    server: https://x",
+                "contexts:",
+                "- name: t",
+                "  context:",
+                "    cluster: c",
+                "    user: u",
+                "users:",
+                "- name: u",
+                "  user:",
+                "    exec:",
+                "      apiVersion: client.authentication.k8s.io/v1",
+                &format!("      command: {command}"),
+                "      args: [--cluster, prod]",
+                "      env:",
+                "      - name: REGION",
+                "        value: cn-hangzhou",
+            ]
+            .join("\n")
+        };
+        // Relative to the kubeconfig's directory, as kubectl does.
+        std::fs::write(&p, config("./get-token")).unwrap();
+        let k = Kube::from_kubeconfig(&p).unwrap();
+        assert_eq!(k.token.as_deref(), Some("prod-cn-hangzhou"));
+
+        std::fs::write(&plugin, "#!/bin/sh\nexit 1\n").unwrap();
+        let e = Kube::from_kubeconfig(&p).unwrap_err().to_string();
+        assert!(e.contains("exec plugin") && e.contains("failed"), "{e}");
+        std::fs::write(&plugin, "#!/bin/sh\necho '{\"status\":{}}'\n").unwrap();
+        let e = Kube::from_kubeconfig(&p).unwrap_err().to_string();
+        assert!(e.contains("neither a token"), "{e}");
     }
 }

@@ -179,6 +179,15 @@ async fn pods_mounting(kube: &Kube, ns: &str, name: &str) -> Result<Vec<Pod>> {
 /// no running pod mounts is [`Error::NotMounted`].
 pub async fn resolve(kube: &Kube, ns: &str, name: &str, kubelet_dir: &Path) -> Result<Placement> {
     let c = claim(kube, ns, name).await?;
+    if c.status.phase == "Pending" {
+        // WaitForFirstConsumer: the volume is made where the first pod
+        // that uses the claim is scheduled; a helper pod is such a pod.
+        return Err(Error::NotMounted(format!(
+            "claim {ns}/{name} is Pending: its volume is made when a pod first mounts it: \
+             pass --mount-helper (ferry starts a pod that mounts it and deletes it afterwards), \
+             or start one that does"
+        )));
+    }
     if c.status.phase != "Bound" || c.spec.volume_name.is_empty() {
         return Err(Error::Unusable(format!(
             "claim {ns}/{name} is not bound to a volume (phase {:?})",
