@@ -714,3 +714,56 @@ fn several_large_files_chunked_in_parallel_keep_their_order() {
     ]);
     assert_same_tree(&src, &dst);
 }
+
+/// Many small files share one pack span: restore writes them all while
+/// holding few descriptors, so a low open-files limit (64 here; a
+/// million-file volume against the usual 1,024 or 20,000) is no failure.
+#[test]
+fn a_restore_of_many_small_files_stays_under_the_open_files_limit() {
+    let env = Env::new();
+    let vault = init(&env);
+    let src = env.path("src");
+    for d in 0..3 {
+        let dir = src.join(format!("d{d}"));
+        std::fs::create_dir_all(&dir).unwrap();
+        for i in 0..1000u32 {
+            std::fs::write(
+                dir.join(format!("f{i}")),
+                (d * 1000 + i).to_le_bytes().repeat(64),
+            )
+            .unwrap();
+        }
+    }
+    env.json(&[
+        "snapshot",
+        src.to_str().unwrap(),
+        "--vault",
+        &vault,
+        "--volume",
+        "many",
+    ]);
+    let dst = env.path("dst");
+    let mut c = std::process::Command::new("sh");
+    c.args([
+        "-c",
+        "ulimit -n 64 && exec \"$@\"",
+        "sh",
+        env!("CARGO_BIN_EXE_ferry"),
+    ])
+    .args([
+        "restore",
+        "many",
+        dst.to_str().unwrap(),
+        "--vault",
+        &vault,
+        "--json",
+    ]);
+    for (k, v) in &env.vars {
+        c.env(k, v);
+    }
+    let out = c.output().unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(r["files"], 3000, "{r}");
+    assert_same_tree(&src, &dst);
+}

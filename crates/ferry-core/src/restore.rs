@@ -1050,7 +1050,10 @@ fn scatter(
     needs: &[Vec<(u32, u64)>],
     files: &[WriteTarget],
 ) -> Scattered {
-    let mut open: HashMap<u32, File> = HashMap::new();
+    // Only the file written last stays open: a span of small files holds
+    // tens of thousands of blobs, and one descriptor each would run out
+    // (EMFILE); a large file's chunks come one after another anyway.
+    let mut open: Option<(u32, File)> = None;
     let mut out = Scattered {
         written: 0,
         failed_blobs: Vec::new(),
@@ -1071,21 +1074,30 @@ fn scatter(
                 // A new file is all holes until written: zero runs stay holes.
                 continue;
             }
-            let file = match open.entry(*f) {
-                std::collections::hash_map::Entry::Occupied(o) => Ok(o.into_mut()),
-                std::collections::hash_map::Entry::Vacant(v) => OpenOptions::new()
+            if open.as_ref().is_none_or(|(g, _)| g != f) {
+                open = None;
+                match OpenOptions::new()
                     .write(true)
                     .custom_flags(libc::O_NOFOLLOW)
                     .open(&t.path)
-                    .map(|h| v.insert(h)),
-            };
+                {
+                    Ok(h) => open = Some((*f, h)),
+                    Err(err) => {
+                        dead.insert(*f);
+                        out.failed_files
+                            .push((*f, Error::io(&t.dest, err).to_string()));
+                        continue;
+                    }
+                }
+            }
+            let (_, h) = open.as_ref().expect("opened above");
             // A write that fails (a full disk) fails that file only; the
             // message names the file by its real name.
-            match file.and_then(|h| h.write_all_at(&buf, *off)) {
+            match h.write_all_at(&buf, *off) {
                 Ok(()) => out.written += buf.len() as u64,
                 Err(err) => {
                     dead.insert(*f);
-                    open.remove(f);
+                    open = None;
                     out.failed_files
                         .push((*f, Error::io(&t.dest, err).to_string()));
                 }
