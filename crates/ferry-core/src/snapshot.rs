@@ -1064,6 +1064,14 @@ fn chunk_pool(
 /// The cuts are the ones FastCDC makes over the whole file (it restarts at
 /// boundaries FastCDC made before), so dedup is unaffected.
 #[allow(clippy::too_many_arguments)]
+/// A chunk that [`chunk_file_hinted`] hands on.
+enum Out {
+    /// Verified against the parent's chunk at the same offset: length, id.
+    Known(u32, BlobId),
+    /// To store (or dedup): its bytes.
+    New(Vec<u8>),
+}
+
 fn chunk_file_hinted(
     file: File,
     path: &Path,
@@ -1094,20 +1102,24 @@ fn chunk_file_hinted(
     );
     let window = (4 * max).max(1 << 20);
     let level = crate::chunker::level(chunker.normalization);
-    let mut send = |data: Vec<u8>, id: Option<BlobId>| -> Result<()> {
-        let n = data.len() as u64;
+    let mut send = |chunk: Out| -> Result<()> {
         let (tx, rx) = sync_channel(1);
-        match id {
+        let n = match chunk {
             // A chunk of the parent snapshot, verified by its hash where the
             // parent had it: the vault holds it (the parent is live, and
             // prune waits for our shared lock), so it needs no worker and no
-            // dedup lookup.
-            Some(id) => {
+            // dedup lookup, and its bytes are not kept.
+            Out::Known(n, id) => {
                 stats.chunks.fetch_add(1, Ordering::Relaxed);
-                let _ = tx.send(ChunkRef(id, n as u32));
+                let _ = tx.send(ChunkRef(id, n));
+                n as u64
             }
-            None => jobs.send(Job { data, reply: tx }).map_err(|_| stopped())?,
-        }
+            Out::New(data) => {
+                let n = data.len() as u64;
+                jobs.send(Job { data, reply: tx }).map_err(|_| stopped())?;
+                n
+            }
+        };
         emit(rx)?;
         stats.read(n);
         progress.advance(n);
@@ -1125,7 +1137,10 @@ fn chunk_file_hinted(
     // a sure cut only once the next one verifies too (its first byte is
     // then unchanged): until then it is held back, and if the next one
     // fails, chunking restarts from the held chunk's start.
-    let mut held: Option<(u64, Vec<u8>, BlobId)> = None;
+    let mut held: Option<(u64, u32, BlobId)> = None;
+    // Verified chunks are read into this one buffer: they are hashed and
+    // dropped, so a fresh (zeroed) allocation each would be waste.
+    let mut verify_buf = vec![0u8; max];
     let (mut pos, mut i) = (0u64, 0usize);
     while pos < size {
         while i < old_at.len() && old_at[i].0 < pos {
@@ -1139,16 +1154,19 @@ fn chunk_file_hinted(
             .copied()
             .filter(|(at, c)| *at == pos && at + c.1 as u64 <= size && !cut_by_eof(*at, c))
         {
-            let mut buf = vec![0u8; c.1 as usize];
-            if let Err(e) = file.read_exact_at(&mut buf, at) {
+            if verify_buf.len() < c.1 as usize {
+                verify_buf.resize(c.1 as usize, 0);
+            }
+            let buf = &mut verify_buf[..c.1 as usize];
+            if let Err(e) = file.read_exact_at(buf, at) {
                 return fail(e);
             }
-            let id = ids.id(&buf);
+            let id = ids.id(buf);
             if id == c.0 {
-                if let Some((_, b, hid)) = held.take() {
-                    send(b, Some(hid))?;
+                if let Some((_, n, hid)) = held.take() {
+                    send(Out::Known(n, hid))?;
                 }
-                held = Some((at, buf, id));
+                held = Some((at, c.1, id));
                 pos += c.1 as u64;
                 i += 1;
                 continue;
@@ -1176,7 +1194,7 @@ fn chunk_file_hinted(
                     pos += start as u64;
                     continue 'cdc;
                 }
-                send(buf[start..cut].to_vec(), None)?;
+                send(Out::New(buf[start..cut].to_vec()))?;
                 start = cut;
                 if boundaries.contains(&(pos + start as u64)) {
                     pos += start as u64;
@@ -1187,8 +1205,8 @@ fn chunk_file_hinted(
             break;
         }
     }
-    if let Some((_, b, hid)) = held.take() {
-        send(b, Some(hid))?;
+    if let Some((_, n, hid)) = held.take() {
+        send(Out::Known(n, hid))?;
     }
     end_of_read(path, sig, stats, progress);
     Ok(None)
