@@ -1055,6 +1055,14 @@ fn chunk_pool(
     Ok(())
 }
 
+/// A chunk that [`chunk_file_hinted`] hands on.
+enum Out {
+    /// Verified against the parent's chunk at the same offset: length, id.
+    Known(u32, BlobId),
+    /// To store (or dedup): its bytes.
+    New(Vec<u8>),
+}
+
 /// Chunks a changed large file using its chunk list in the parent snapshot:
 /// each old chunk still at its offset is verified by hashing it (no
 /// content-defined chunking needed: its boundaries are known); from the
@@ -1064,14 +1072,6 @@ fn chunk_pool(
 /// The cuts are the ones FastCDC makes over the whole file (it restarts at
 /// boundaries FastCDC made before), so dedup is unaffected.
 #[allow(clippy::too_many_arguments)]
-/// A chunk that [`chunk_file_hinted`] hands on.
-enum Out {
-    /// Verified against the parent's chunk at the same offset: length, id.
-    Known(u32, BlobId),
-    /// To store (or dedup): its bytes.
-    New(Vec<u8>),
-}
-
 fn chunk_file_hinted(
     file: File,
     path: &Path,
