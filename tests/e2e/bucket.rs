@@ -494,8 +494,8 @@ fn an_interrupted_sync_leaves_no_partial_object_and_the_rerun_cleans_up() {
     // Slow parts. First Ctrl-C while the big object's parts are in flight:
     // exit 130 at once, and the uploads it opened are aborted.
     s3.put_delay_ms.store(400, Relaxed);
-    let child = env
-        .cmd(&[
+    let spawn_sync = |err: Stdio| {
+        env.cmd(&[
             "bucket",
             "sync",
             src.to_str().unwrap(),
@@ -504,9 +504,11 @@ fn an_interrupted_sync_leaves_no_partial_object_and_the_rerun_cleans_up() {
             "2",
         ])
         .stdout(Stdio::null())
-        .stderr(Stdio::piped())
+        .stderr(err)
         .spawn()
-        .unwrap();
+        .unwrap()
+    };
+    let child = spawn_sync(Stdio::piped());
     let start = Instant::now();
     while open_parts(&s3.root).is_empty() {
         assert!(start.elapsed() < Duration::from_secs(30));
@@ -530,19 +532,7 @@ fn an_interrupted_sync_leaves_no_partial_object_and_the_rerun_cleans_up() {
     assert!(!read_all(&client(&s3), "resume", "dst/").contains_key("big.bin"));
 
     // Then kill -9, which can abort nothing: the rerun does.
-    let mut child = env
-        .cmd(&[
-            "bucket",
-            "sync",
-            src.to_str().unwrap(),
-            "s3://resume/dst",
-            "--workers",
-            "2",
-        ])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut child = spawn_sync(Stdio::null());
     let uploads = s3.root.join("resume");
     let start = Instant::now();
     // Wait for the first part to land somewhere under the server's root.
