@@ -213,6 +213,47 @@ struct Job {
     reply: SyncSender<ChunkRef>,
 }
 
+/// Items sent to the collector per batch, not one by one: a walk of
+/// unchanged files produces items faster than a channel can wake the
+/// collector for each. A batch leaves when full, before a large file is
+/// handed to the chunker pool (the collector must be able to drain its
+/// stream meanwhile), and at the end.
+struct Items {
+    tx: crossbeam_channel::Sender<Vec<Item>>,
+    batch: std::cell::RefCell<Vec<Item>>,
+}
+
+const ITEM_BATCH: usize = 256;
+
+impl Items {
+    fn new(tx: crossbeam_channel::Sender<Vec<Item>>) -> Self {
+        Items {
+            tx,
+            batch: std::cell::RefCell::new(Vec::with_capacity(ITEM_BATCH)),
+        }
+    }
+
+    fn send(&self, item: Item) -> Result<()> {
+        let full = {
+            let mut b = self.batch.borrow_mut();
+            b.push(item);
+            if b.len() < ITEM_BATCH {
+                return Ok(());
+            }
+            std::mem::replace(&mut *b, Vec::with_capacity(ITEM_BATCH))
+        };
+        self.tx.send(full).map_err(|_| stopped())
+    }
+
+    fn flush(&self) -> Result<()> {
+        let b = std::mem::take(&mut *self.batch.borrow_mut());
+        if b.is_empty() {
+            return Ok(());
+        }
+        self.tx.send(b).map_err(|_| stopped())
+    }
+}
+
 enum Item {
     EnterDir {
         name: Name,
@@ -363,7 +404,7 @@ async fn snapshot_locked(
     ));
 
     let (jobs_tx, jobs_rx) = crossbeam_channel::bounded::<Job>(workers * DEDUP_BATCH / 2);
-    let (items_tx, items_rx) = crossbeam_channel::bounded::<Item>(4096);
+    let (items_tx, items_rx) = crossbeam_channel::bounded::<Vec<Item>>(16);
 
     let mut worker_handles = Vec::new();
     for _ in 0..workers {
@@ -422,27 +463,31 @@ async fn snapshot_locked(
             }),
             _ => None,
         };
-        std::thread::spawn(move || match src {
-            Ok(path) => read_source(
-                &path,
-                chunker,
-                previous,
-                &items_tx,
-                &jobs_tx,
-                &stats,
-                progress.as_ref(),
-                Some(pool_tx),
-                block,
-            ),
-            Err(objects) => objects::read_objects(
-                objects.as_ref(),
-                chunker,
-                previous,
-                &items_tx,
-                &jobs_tx,
-                &stats,
-                progress.as_ref(),
-            ),
+        std::thread::spawn(move || {
+            let items = Items::new(items_tx);
+            match src {
+                Ok(path) => read_source(
+                    &path,
+                    chunker,
+                    previous,
+                    &items,
+                    &jobs_tx,
+                    &stats,
+                    progress.as_ref(),
+                    Some(pool_tx),
+                    block,
+                ),
+                Err(objects) => objects::read_objects(
+                    objects.as_ref(),
+                    chunker,
+                    previous,
+                    &items,
+                    &jobs_tx,
+                    &stats,
+                    progress.as_ref(),
+                ),
+            }
+            .and_then(|()| items.flush())
         })
     };
 
@@ -698,7 +743,7 @@ fn read_source(
     root: &Path,
     chunker: ChunkerParams,
     previous: Option<Previous>,
-    items: &crossbeam_channel::Sender<Item>,
+    items: &Items,
     jobs: &crossbeam_channel::Sender<Job>,
     stats: &Stats,
     progress: &dyn Progress,
@@ -762,6 +807,7 @@ fn read_source(
         if let (Some(hint), Some(pool)) = (hint, r.pool.as_ref()) {
             let (tx, rx) = crossbeam_channel::bounded(65536);
             r.send(Item::Stream(rx))?;
+            r.items.flush()?;
             pool.send(LargeFile {
                 file,
                 path: root.to_path_buf(),
@@ -795,7 +841,7 @@ fn read_source(
 
 struct Reader<'a> {
     chunker: ChunkerParams,
-    items: &'a crossbeam_channel::Sender<Item>,
+    items: &'a Items,
     jobs: &'a crossbeam_channel::Sender<Job>,
     stats: &'a Stats,
     progress: &'a dyn Progress,
@@ -807,7 +853,7 @@ struct Reader<'a> {
 
 impl Reader<'_> {
     fn send(&self, item: Item) -> Result<()> {
-        self.items.send(item).map_err(|_| stopped())
+        self.items.send(item)
     }
 
     fn warn(&self, msg: String) {
@@ -967,6 +1013,9 @@ impl Reader<'_> {
             // bounded by the jobs channel.
             let (tx, rx) = crossbeam_channel::bounded(65536);
             self.send(Item::Stream(rx))?;
+            // The collector must see the stream before the pool may block
+            // on it: handing the file over can wait for a busy pool.
+            self.items.flush()?;
             return pool
                 .send(LargeFile {
                     file,
@@ -1409,7 +1458,7 @@ fn end_file(
 /// Builds tree blobs bottom up from the reader's ordered items.
 #[allow(clippy::too_many_arguments)]
 fn collect(
-    items: crossbeam_channel::Receiver<Item>,
+    items: crossbeam_channel::Receiver<Vec<Item>>,
     dedup: &Dedup,
     key: &[u8; 32],
     ids: &IdHasher,
@@ -1423,7 +1472,7 @@ fn collect(
     let mut file: Option<OpenFile> = None;
     let (mut files, mut dirs, mut bytes) = (0u64, 0u64, 0u64);
     let mut root = None;
-    for item in items {
+    for item in items.into_iter().flatten() {
         match item {
             Item::EnterDir { name, md, xattrs } => stack.push(OpenDir {
                 name,

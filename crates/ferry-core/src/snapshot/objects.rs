@@ -6,7 +6,7 @@
 
 use std::collections::HashSet;
 
-use super::{Item, Job, Previous, Stats, chunk_reader, stopped, warn};
+use super::{Item, Items, Job, Previous, Stats, chunk_reader, warn};
 use crate::config::ChunkerParams;
 use crate::error::Result;
 use crate::manifest::{Name, Node, NodeKind, Tree};
@@ -32,12 +32,12 @@ pub(super) fn read_objects(
     src: &dyn ObjectSource,
     chunker: ChunkerParams,
     previous: Option<Previous>,
-    items: &crossbeam_channel::Sender<Item>,
+    items: &Items,
     jobs: &crossbeam_channel::Sender<Job>,
     stats: &Stats,
     progress: &dyn Progress,
 ) -> Result<()> {
-    let send = |item: Item| items.send(item).map_err(|_| stopped());
+    let send = |item: Item| items.send(item);
     let root_old = previous.as_ref().and_then(|p| p.tree(&p.root));
     send(Item::EnterDir {
         name: Name(b".".to_vec()),
@@ -126,12 +126,12 @@ fn read_object(
     file: &str,
     reuse: Option<(Vec<crate::manifest::ChunkRef>, Vec<crate::manifest::Xattr>)>,
     chunker: &ChunkerParams,
-    items: &crossbeam_channel::Sender<Item>,
+    items: &Items,
     jobs: &crossbeam_channel::Sender<Job>,
     stats: &Stats,
     progress: &dyn Progress,
 ) -> Result<()> {
-    let send = |item: Item| items.send(item).map_err(|_| stopped());
+    let send = |item: Item| items.send(item);
     let name = Name(file.as_bytes().to_vec());
     let md = objects::object_meta(e);
     if let Some((chunks, xattrs)) = reuse {
