@@ -158,11 +158,11 @@ pub async fn restore_block(
     let t = transfer(
         &vault,
         catalog.as_ref(),
-        vec![WriteTarget {
+        vec![std::sync::Arc::new(WriteTarget {
             path: target.to_path_buf(),
             dest: target.to_path_buf(),
             fresh,
-        }],
+        })],
         needs,
         opts.packs_in_flight,
         &progress,

@@ -140,9 +140,10 @@ pub struct WriteTarget {
     pub(crate) fresh: bool,
 }
 
+/// One file to write. `write` is shared with the transfer (no copy of its
+/// two paths per file); `write.dest` is the real name.
 struct FilePlan {
-    write: WriteTarget,
-    dest: PathBuf,
+    write: Arc<WriteTarget>,
     rel: Vec<u8>,
     node: Node,
 }
@@ -514,12 +515,11 @@ impl Walker<'_> {
                 }
                 plan.patched += 1;
                 plan.files.push(FilePlan {
-                    write: WriteTarget {
+                    write: Arc::new(WriteTarget {
                         path: path.clone(),
-                        dest: path.clone(),
+                        dest: path,
                         fresh: false,
-                    },
-                    dest: path,
+                    }),
                     rel,
                     node,
                 });
@@ -537,12 +537,11 @@ impl Walker<'_> {
                     .open(&tmp)
                     .map_err(|e| Error::io(&tmp, e))?;
                 plan.files.push(FilePlan {
-                    write: WriteTarget {
+                    write: Arc::new(WriteTarget {
                         path: tmp.clone(),
-                        dest: path.clone(),
+                        dest: path,
                         fresh: true,
-                    },
-                    dest: path,
+                    }),
                     rel,
                     node: node.clone(),
                 });
@@ -624,7 +623,7 @@ async fn restore_locked(
     progress.add_total(plan.files.len() as u64, plan.bytes_planned);
 
     let transfer_start = Instant::now();
-    let files: Vec<WriteTarget> = plan.files.iter().map(|f| f.write.clone()).collect();
+    let files: Vec<Arc<WriteTarget>> = plan.files.iter().map(|f| f.write.clone()).collect();
     let needs = std::mem::take(&mut plan.needs);
     let t = transfer(
         &vault,
@@ -802,7 +801,7 @@ pub(crate) struct Transfer {
 pub(crate) async fn transfer(
     vault: &Arc<Vault>,
     catalog: &dyn Catalog,
-    files: Vec<WriteTarget>,
+    files: Vec<Arc<WriteTarget>>,
     needs: HashMap<BlobId, Vec<(u32, u64)>>,
     in_flight: usize,
     progress: &Arc<dyn Progress>,
@@ -919,7 +918,7 @@ async fn restore_pack(
     pack: PackId,
     salt: [u8; 32],
     mut entries: Vec<PackEntry>,
-    files: &Arc<Vec<WriteTarget>>,
+    files: &Arc<Vec<Arc<WriteTarget>>>,
     needs: &HashMap<BlobId, Vec<(u32, u64)>>,
     progress: &dyn Progress,
     clocks: &Arc<Clocks>,
@@ -1048,7 +1047,7 @@ fn scatter(
     bytes: &[u8],
     list: &[PackEntry],
     needs: &[Vec<(u32, u64)>],
-    files: &[WriteTarget],
+    files: &[Arc<WriteTarget>],
 ) -> Scattered {
     // Only the file written last stays open: a span of small files holds
     // tens of thousands of blobs, and one descriptor each would run out
@@ -1152,7 +1151,7 @@ fn finish(
             if f.write.fresh {
                 let _ = std::fs::remove_file(&f.write.path);
             }
-            out.failed.push(f.dest.clone());
+            out.failed.push(f.write.dest.clone());
             continue;
         }
         out.warnings += apply_meta(&f.write.path, &f.node, is_root, false)?;
@@ -1160,12 +1159,13 @@ fn finish(
             out.warnings += drop_stale_xattrs(&f.write.path, &f.node);
         }
         if f.write.fresh {
-            if std::fs::symlink_metadata(&f.dest).is_ok_and(|md| md.is_dir()) {
-                remove_any(&f.dest)?;
+            if std::fs::symlink_metadata(&f.write.dest).is_ok_and(|md| md.is_dir()) {
+                remove_any(&f.write.dest)?;
             }
-            std::fs::rename(&f.write.path, &f.dest).map_err(|e| Error::io(&f.dest, e))?;
+            std::fs::rename(&f.write.path, &f.write.dest)
+                .map_err(|e| Error::io(&f.write.dest, e))?;
         }
-        remember(&f.dest, &f.rel, &f.node, &mut memory)?;
+        remember(&f.write.dest, &f.rel, &f.node, &mut memory)?;
         out.written += 1;
     }
     for u in &plan.unchanged {
