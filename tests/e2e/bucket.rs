@@ -516,8 +516,9 @@ fn an_interrupted_sync_leaves_no_partial_object_and_the_rerun_cleans_up() {
     }
     // The upload is open; let ferry record it and its first parts fly.
     std::thread::sleep(Duration::from_millis(300));
-    let sent = std::process::Command::new("kill")
-        .args(["-INT", &child.id().to_string()])
+    // The shell's own kill: no procps needed.
+    let sent = std::process::Command::new("sh")
+        .args(["-c", &format!("kill -INT {}", child.id())])
         .status()
         .unwrap();
     assert!(sent.success());
