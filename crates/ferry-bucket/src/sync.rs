@@ -259,18 +259,20 @@ pub async fn sync(
     let workers = opts.workers.max(1);
     let (task_tx, task_rx) = async_channel(workers * 4);
     let (out_tx, mut out_rx) = mpsc::channel::<Outcome>(workers * 4);
-    let mut pool = Vec::new();
+    // A JoinSet: when the sync is dropped (Ctrl-C), its copies stop at
+    // once and start no new upload while the open ones are aborted.
+    let mut pool = tokio::task::JoinSet::new();
     if !opts.dry_run {
         for _ in 0..workers {
             let (rx, tx, ctx) = (task_rx.clone(), out_tx.clone(), ctx.clone());
-            pool.push(tokio::spawn(async move {
+            pool.spawn(async move {
                 while let Ok(t) = rx.recv().await {
                     let o = run_task(&ctx, t).await;
                     if tx.send(o).await.is_err() {
                         break;
                     }
                 }
-            }));
+            });
         }
     }
     drop(out_tx);
@@ -401,9 +403,7 @@ pub async fn sync(
     drop(task_tx);
     lister_s.await.ok();
     lister_d.await.ok();
-    for w in pool {
-        w.await.ok();
-    }
+    while pool.join_next().await.is_some() {}
     let c = collector
         .await
         .map_err(|e| Error::State(format!("collector: {e}")))??;
