@@ -132,12 +132,14 @@ async fn local(
         r = run => r,
         code = crate::fleet::interrupted() => {
             bar.finish();
-            let n = ferry_bucket::sync::abort_open_uploads(&dst_side, state.as_ref(), |_| true)
-                .await
-                .unwrap_or(0);
-            eprintln!(
-                "interrupted: {n} open multipart upload(s) aborted; run the same command again to resume"
-            );
+            match ferry_bucket::sync::abort_open_uploads(&dst_side, state.as_ref(), |_| true).await {
+                Ok(n) => eprintln!(
+                    "interrupted: {n} open multipart upload(s) aborted; run the same command again to resume"
+                ),
+                Err(e) => eprintln!(
+                    "interrupted: open multipart uploads not aborted ({e}); the next run of the same command aborts them"
+                ),
+            }
             return Ok(code);
         }
     };
