@@ -215,8 +215,10 @@ fn prune_and_snapshots_exclude_each_other_through_the_vault_lock() {
         std::fs::write(src.join(format!("old{i}")), noise(1_000_000, i)).unwrap();
     }
     s3.put_delay_ms.store(150, Relaxed);
+    // Either may take the lock first (the prune has a head start, which a
+    // busy machine can eat): the prune waits for the snapshot if need be.
     let prune = env
-        .cmd(&["prune", "--json"])
+        .cmd(&["prune", "--json", "--lock-wait", "120"])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -404,4 +406,37 @@ fn kill_9_during_snapshot_restore_and_prune_loses_nothing() {
     let d = env.path("after-rebuild");
     env.json(&["restore", "v", s(&d), "--verify"]);
     assert_same_tree(&src, &d);
+}
+
+/// A snapshot of more blobs than one index object lists writes its index as
+/// the packs come (its memory for them stays bounded): a catalog rebuilt
+/// from those objects alone restores it, and a prune deletes none of it.
+#[test]
+fn a_large_snapshot_writes_its_index_as_it_goes_and_a_rebuilt_catalog_restores_it() {
+    let env = local_env("1M");
+    let src = env.path("src");
+    // 20,000 distinct incompressible 1 KiB files: about 20 packs of 1 MiB
+    // holding more blobs than the 16,384 one index object lists.
+    for d in 0..20u64 {
+        let dir = src.join(format!("d{d:02}"));
+        std::fs::create_dir_all(&dir).unwrap();
+        for i in 0..1000u64 {
+            std::fs::write(dir.join(format!("f{i:03}")), noise(1024, d * 1000 + i)).unwrap();
+        }
+    }
+    let snap = env.json(&["snapshot", s(&src), "--volume", "many"]);
+    assert_eq!(snap["files"], 20_000, "{snap}");
+    let indexes = files_under(&env.path("vault/index")).len();
+    assert!(indexes >= 2, "{indexes} index object(s) for 20,000 blobs");
+
+    let r = env.json(&["catalog", "rebuild"]);
+    assert_eq!(r["index_objects"], indexes as u64, "{r}");
+    // Every pack was indexed: the rebuild read no pack header.
+    assert_eq!(r["packs_from_headers"], 0, "{r}");
+    let p = env.json(&["prune"]);
+    assert_eq!(p["packs_deleted"], 0, "{p}");
+    let dst = env.path("dst");
+    let restored = env.json(&["restore", "many", s(&dst), "--verify"]);
+    assert_eq!(restored["files"], 20_000, "{restored}");
+    assert_same_tree(&src, &dst);
 }

@@ -200,11 +200,24 @@ impl Dedup {
                 .map(|(id, _)| *id)
                 .collect()
         };
+        // Only ids asked about may be claimed here: one claimed before the
+        // lookup may have been released since (its pack is recorded).
+        let asked: HashSet<&BlobId> = ask.iter().collect();
         let mut claimed = self.claimed.lock().expect("poisoned");
         Ok(ids
             .iter()
-            .map(|id| !known.contains(id) && claimed.insert(*id))
+            .map(|id| asked.contains(id) && !known.contains(id) && claimed.insert(*id))
             .collect())
+    }
+
+    /// Forgets the claims on a recorded pack's blobs: the catalog answers for
+    /// them now, so the claims held in memory are only those in flight, not
+    /// one per new chunk of the whole snapshot.
+    fn release(&self, record: &PackRecord) {
+        let mut claimed = self.claimed.lock().expect("poisoned");
+        for b in &record.blobs {
+            claimed.remove(&b.id);
+        }
     }
 }
 
@@ -398,6 +411,7 @@ async fn snapshot_locked(
     let uploader = tokio::spawn(upload(
         vault.clone(),
         catalog.clone(),
+        dedup.clone(),
         packs_rx,
         opts.uploads.max(1),
         stats.clone(),
@@ -544,7 +558,7 @@ async fn snapshot_locked(
     // The first real cause wins over the "stopped" errors it caused.
     let (reader_r, worker_rs, collect_r, scan_s) = joined;
     let mut errors: Vec<Error> = Vec::new();
-    let records = match uploaded {
+    let uploaded = match uploaded {
         Ok(r) => Some(r),
         Err(e) => {
             errors.push(e);
@@ -569,13 +583,13 @@ async fn snapshot_locked(
     {
         return Err(e);
     }
-    let (Some(records), Some(out)) = (records, out) else {
+    let (Some(Uploaded { records, indexes }), Some(out)) = (uploaded, out) else {
         return Err(stopped());
     };
 
-    // Commit: the index object, then the snapshot record.
+    // Commit: the last index object, then the snapshot record.
     let bytes_before_commit = stats.bytes_uploaded.load(Ordering::Relaxed);
-    let mut seen = Vec::new();
+    let mut seen = indexes;
     if !records.is_empty() {
         let name = format!("index/{}", random_hex_id());
         let n = vault
@@ -917,7 +931,11 @@ impl Reader<'_> {
                 }
                 EntryType::File => {
                     let old = old_node(&name);
-                    let reuse = old.and_then(|n| source::unchanged(n, &Meta::from(&md)));
+                    // An unchanged file keeps its extended attributes too:
+                    // setting or removing one moves the ctime.
+                    let reuse = old.and_then(|n| {
+                        source::unchanged(n, &Meta::from(&md)).map(|c| (c, n.xattrs.clone()))
+                    });
                     let hint = match old.map(|n| &n.kind) {
                         Some(NodeKind::File { chunks, .. }) if reuse.is_none() => {
                             Some(chunks.clone())
@@ -954,7 +972,7 @@ impl Reader<'_> {
         name: Name,
         md: Metadata,
         rel: Vec<u8>,
-        reuse: Option<Vec<ChunkRef>>,
+        reuse: Option<(Vec<ChunkRef>, Vec<Xattr>)>,
         hint: Option<Vec<ChunkRef>>,
     ) -> Result<()> {
         if md.nlink() > 1 {
@@ -971,11 +989,10 @@ impl Reader<'_> {
                 return self.send(Item::Leaf(node));
             }
         }
-        if let Some(chunks) = reuse {
+        if let Some((chunks, xattrs)) = reuse {
             if md.nlink() > 1 {
                 self.links.insert((md.dev(), md.ino()), rel);
             }
-            let xattrs = self.xattrs(path);
             let size = md.len();
             let node = source::node_from(
                 name,
@@ -1149,7 +1166,13 @@ fn chunk_file_hinted(
         chunker.avg as usize,
         chunker.max as usize,
     );
-    let window = (4 * max).max(1 << 20);
+    // FastCDC's window: enough for two chunks (a cut is mostly found within
+    // one or two after a change), doubled while a changed region goes on.
+    // One buffer for the whole file: a fresh zeroed megabyte per changed
+    // page cost more than reading and hashing the file.
+    let (first_window, max_window) = (2 * max, (16 * max).max(4 << 20));
+    let mut window;
+    let mut cdc_buf: Vec<u8> = Vec::new();
     let level = crate::chunker::level(chunker.normalization);
     let mut send = |chunk: Out| -> Result<()> {
         let (tx, rx) = sync_channel(1);
@@ -1228,19 +1251,25 @@ fn chunk_file_hinted(
         }
         // FastCDC from `pos` (a cut of the full-file chunking) until a cut
         // lands on an old boundary.
+        window = first_window;
         'cdc: loop {
             let len = window.min((size - pos) as usize);
-            let mut buf = vec![0u8; len];
-            if let Err(e) = file.read_exact_at(&mut buf, pos) {
+            if cdc_buf.len() < len {
+                cdc_buf.resize(len, 0);
+            }
+            let buf = &mut cdc_buf[..len];
+            if let Err(e) = file.read_exact_at(buf, pos) {
                 return fail(e);
             }
+            let buf = &*buf;
             let at_eof = pos + len as u64 >= size;
-            let cdc = fastcdc::v2020::FastCDC::with_level(&buf, min, avg, max, level);
+            let cdc = fastcdc::v2020::FastCDC::with_level(buf, min, avg, max, level);
             let mut start = 0usize;
             while start < len {
                 let (_, cut) = cdc.cut(start, len - start);
                 if cut >= len && !at_eof && len - start < max {
                     pos += start as u64;
+                    window = (window * 2).min(max_window);
                     continue 'cdc;
                 }
                 send(Out::New(buf[start..cut].to_vec()))?;
@@ -1491,14 +1520,17 @@ fn collect(
                 let tree = Tree { entries };
                 let blob = tree.encode();
                 let id = ids.id(&blob);
+                // A tree the vault already holds (most of them in a
+                // pre-sync) is not cached again: the cache is filled on
+                // first read where it lacks one.
                 if dedup.claim(id)? {
                     pack.add(BlobKind::Tree, id, &blob, level);
                     if pack.is_full() {
                         let full = std::mem::replace(&mut pack, PackWriter::new(key, pack_size));
                         packs.blocking_send(full.finish()).map_err(|_| stopped())?;
                     }
+                    catalog.put_tree(&id, &blob)?;
                 }
-                catalog.put_tree(&id, &blob)?;
                 match stack.last_mut() {
                     Some(parent) => {
                         dirs += 1;
@@ -1579,15 +1611,20 @@ fn collect(
 async fn upload(
     vault: Arc<Vault>,
     catalog: Arc<dyn Catalog>,
+    dedup: Arc<Dedup>,
     mut packs: mpsc::Receiver<FinishedPack>,
     concurrency: usize,
     stats: Arc<Stats>,
-) -> Result<Vec<PackRecord>> {
+) -> Result<Uploaded> {
     let mut running = tokio::task::JoinSet::new();
-    let mut records = Vec::new();
-    let mut done = |r: Result<Result<PackRecord>, tokio::task::JoinError>| -> Result<()> {
+    let mut records: Vec<PackRecord> = Vec::new();
+    let mut indexes = Vec::new();
+    let done = |r: Result<Result<PackRecord>, tokio::task::JoinError>,
+                records: &mut Vec<PackRecord>|
+     -> Result<()> {
         let rec = r.map_err(|e| Error::Internal(e.to_string()))??;
         catalog.add_packs(std::slice::from_ref(&rec))?;
+        dedup.release(&rec);
         stats.bytes_uploaded.fetch_add(rec.size, Ordering::Relaxed);
         stats.packs.fetch_add(1, Ordering::Relaxed);
         stats.upload.end(rec.size);
@@ -1598,7 +1635,18 @@ async fn upload(
     };
     loop {
         while running.len() >= concurrency {
-            done(running.join_next().await.expect("not empty"))?;
+            done(running.join_next().await.expect("not empty"), &mut records)?;
+        }
+        if records.iter().map(|r| r.blobs.len()).sum::<usize>() >= INDEX_BLOBS {
+            // Index objects as the packs come, not one at the end: the
+            // records held in memory stay bounded. Each lists only packs
+            // already in the vault; should the snapshot fail, they index
+            // packs no snapshot uses, which prune deletes.
+            let name = format!("index/{}", random_hex_id());
+            let packs = std::mem::take(&mut records);
+            let n = vault.put_meta(&name, &IndexObject { packs }).await?;
+            stats.bytes_uploaded.fetch_add(n, Ordering::Relaxed);
+            indexes.push(name);
         }
         tokio::select! {
             p = packs.recv() => match p {
@@ -1609,13 +1657,23 @@ async fn upload(
                 }
                 None => break,
             },
-            Some(r) = running.join_next(), if !running.is_empty() => done(r)?,
+            Some(r) = running.join_next(), if !running.is_empty() => done(r, &mut records)?,
         }
     }
     while let Some(r) = running.join_next().await {
-        done(r)?;
+        done(r, &mut records)?;
     }
-    Ok(records)
+    Ok(Uploaded { records, indexes })
+}
+
+/// Blob entries an index object lists (about 1 MB of it in memory).
+const INDEX_BLOBS: usize = 16_384;
+
+/// What [`upload`] leaves to the commit: the records not yet in an index
+/// object, and the index objects it wrote.
+struct Uploaded {
+    records: Vec<PackRecord>,
+    indexes: Vec<String>,
 }
 
 #[cfg(test)]
