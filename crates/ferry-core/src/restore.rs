@@ -1,7 +1,10 @@
 //! Restore: from the vault back into files under a target directory, which
 //! may be empty or may hold an earlier restore (the final delta).
 //!
-//! Plan, fetch, scatter, finish:
+//! Plan, fetch, scatter, finish, a batch of directories (about
+//! [`BATCH_FILES`] files) at a time, so memory does not grow with the number
+//! of files; the trees are loaded and decoded ahead of the walk on another
+//! task:
 //! 1. Walk the snapshot's trees beside the target. Per file, decide:
 //!    - **unchanged**: the target's memory ([`crate::target`]) says ferry left
 //!      this very content there and the file's size, mtime, ctime and inode
@@ -22,8 +25,9 @@
 //!    blob is decrypted, verified against its id and written with positioned
 //!    writes to every place that needs it. All-zero chunks of fresh files are
 //!    not written: they stay holes (sparse files).
-//! 3. Metadata; renames; hard links; directory metadata, deepest first; the
-//!    target's memory is replaced.
+//! 3. Metadata, renames and the target's memory of the batch's files; after
+//!    the last batch, hard links and directory metadata, deepest first, and
+//!    the memory names the snapshot the target now holds.
 //! 4. With `verify`: every file is read back and hashed against the
 //!    snapshot.
 //!
@@ -311,34 +315,102 @@ pub(crate) fn changed_by_reading(
     Ok((out, read))
 }
 
+/// A directory's tree and the tree the target last got at the same place.
+type TreePair = (BlobId, Tree, Option<Tree>);
+
+/// Trees loaded ahead of the planner that may wait (a few directories).
+const TREES_AHEAD: usize = 32;
+
+/// Files (to write or already in place) a restore plans before it writes
+/// them: its memory per file is held for one batch at a time. A batch ends
+/// with a directory, so one directory larger than this is one batch.
+const BATCH_FILES: usize = 8192;
+
+/// Loads the snapshot's trees, each beside the tree the target last got at
+/// the same place, ahead of the planner and in the order it walks them
+/// (depth first, last entry first), on another core: loading and decoding
+/// trees was half the planning time of a final delta.
+fn prefetch_trees(
+    vault: Arc<Vault>,
+    catalog: Arc<dyn Catalog>,
+    root: BlobId,
+    old_root: Option<BlobId>,
+) -> (
+    tokio::sync::mpsc::Receiver<Result<TreePair>>,
+    tokio::task::JoinHandle<()>,
+) {
+    let (tx, rx) = tokio::sync::mpsc::channel(TREES_AHEAD);
+    let task = tokio::spawn(async move {
+        let load = |id: BlobId| {
+            let (vault, catalog) = (vault.clone(), catalog.clone());
+            async move { crate::sync::load_tree(&vault, catalog.as_ref(), &id).await }
+        };
+        let mut stack = vec![(root, old_root)];
+        while let Some((tree_id, old_id)) = stack.pop() {
+            let tree = match load(tree_id).await {
+                Ok(t) => t,
+                Err(e) => {
+                    let _ = tx.send(Err(e)).await;
+                    return;
+                }
+            };
+            let old = match old_id {
+                // Unchanged directory: the same listing, parsed once.
+                Some(id) if id == tree_id => Some(tree.clone()),
+                Some(id) => load(id).await.ok(),
+                None => None,
+            };
+            for node in &tree.entries {
+                if let NodeKind::Dir { subtree } = &node.kind {
+                    let old_sub = match old.as_ref().and_then(|o| o.entry(&node.name.0)) {
+                        Some(Node {
+                            kind: NodeKind::Dir { subtree },
+                            ..
+                        }) => Some(*subtree),
+                        _ => None,
+                    };
+                    stack.push((*subtree, old_sub));
+                }
+            }
+            if tx.send(Ok((tree_id, tree, old))).await.is_err() {
+                return;
+            }
+        }
+    });
+    (rx, task)
+}
+
 struct Walker<'a> {
     vault: &'a Vault,
-    catalog: &'a dyn Catalog,
     state: &'a dyn TargetState,
     opts: &'a RestoreOptions,
 }
 
-impl Walker<'_> {
-    async fn tree(&self, id: &BlobId) -> Result<Tree> {
-        crate::sync::load_tree(self.vault, self.catalog, id).await
-    }
+/// Directories still to plan: (tree id, path, path from the target).
+type WalkStack = Vec<(BlobId, PathBuf, Vec<u8>)>;
 
+impl Walker<'_> {
+    /// Plans whole directories from `stack` until the batch holds
+    /// [`BATCH_FILES`] files or the walk is done (then true); `trees` yields
+    /// the snapshot's trees in the order this walk pops them (see
+    /// [`prefetch_trees`]).
     async fn plan(
         &self,
-        snap: &SnapshotRecord,
-        target: &Path,
-        old_root: Option<BlobId>,
+        stack: &mut WalkStack,
+        trees: &mut tokio::sync::mpsc::Receiver<Result<TreePair>>,
         plan: &mut Plan,
-    ) -> Result<()> {
-        let mut stack = vec![(snap.root, target.to_path_buf(), Vec::<u8>::new(), old_root)];
-        while let Some((tree_id, dir, rel, old_id)) = stack.pop() {
-            let tree = self.tree(&tree_id).await?;
-            let old = match old_id {
-                // Unchanged directory: the same listing, parsed once.
-                Some(id) if id == tree_id => Some(tree.clone()),
-                Some(id) => self.tree(&id).await.ok(),
-                None => None,
+    ) -> Result<bool> {
+        while plan.files.len() + plan.unchanged.len() < BATCH_FILES {
+            let Some((tree_id, dir, rel)) = stack.pop() else {
+                return Ok(true);
             };
+            let (loaded_id, tree, old) = trees
+                .recv()
+                .await
+                .ok_or_else(|| Error::Internal("tree loader stopped".into()))??;
+            if loaded_id != tree_id {
+                return Err(Error::Internal("tree loader out of step".into()));
+            }
             let old_node = |name: &Name| -> Option<Node> { old.as_ref()?.entry(&name.0).cloned() };
             let memory: HashMap<Vec<u8>, TargetFile> = if self.opts.reread_target {
                 HashMap::new()
@@ -366,11 +438,7 @@ impl Walker<'_> {
                         }
                         ensure_dir(&path)?;
                         plan.dir_count += 1;
-                        let old_sub = match old_node(&node.name).map(|n| n.kind) {
-                            Some(NodeKind::Dir { subtree }) => Some(subtree),
-                            _ => None,
-                        };
-                        stack.push((*subtree, path.clone(), child_rel, old_sub));
+                        stack.push((*subtree, path.clone(), child_rel));
                         plan.dirs.push((path, node));
                     }
                     NodeKind::File { .. } => {
@@ -395,7 +463,7 @@ impl Walker<'_> {
                 }
             }
         }
-        Ok(())
+        Ok(stack.is_empty())
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -606,101 +674,142 @@ async fn restore_locked(
             .map(|s| s.root),
         None => None,
     };
-    let mut plan = Plan::default();
     let walker = Walker {
         vault: &vault,
-        catalog: catalog.as_ref(),
         state: state.as_ref(),
         opts,
     };
-    if let Err(e) = walker.plan(snap, target, old_root, &mut plan).await {
-        for f in plan.files.iter().filter(|f| f.write.fresh) {
-            let _ = std::fs::remove_file(&f.write.path);
-        }
-        return Err(e);
-    }
-    let plan_s = started.elapsed().as_secs_f64();
-    progress.add_total(plan.files.len() as u64, plan.bytes_planned);
-
-    let transfer_start = Instant::now();
-    let files: Vec<Arc<WriteTarget>> = plan.files.iter().map(|f| f.write.clone()).collect();
-    let needs = std::mem::take(&mut plan.needs);
-    let t = transfer(
-        &vault,
-        catalog.as_ref(),
-        files,
-        needs,
-        opts.packs_in_flight,
-        &progress,
-        started,
-    )
-    .await?;
-    let failures = t.failures;
-    let mut pack_errors = t.pack_errors;
+    let (mut trees, loader) = prefetch_trees(vault.clone(), catalog.clone(), snap.root, old_root);
+    let mut stack: WalkStack = vec![(snap.root, target.to_path_buf(), Vec::new())];
     let mut summary = RestoreSummary {
         snapshot_id: snap.id.clone(),
         volume: snap.volume.clone(),
-        files: (plan.files.len() + plan.unchanged.len() + plan.hardlinks.len()) as u64,
-        dirs: plan.dir_count,
-        files_unchanged: plan.unchanged.len() as u64,
-        files_patched: plan.patched,
-        files_deleted: plan.deleted,
-        extra_entries: plan.extra,
-        bytes_compared: plan.bytes_compared,
-        bytes_written: t.bytes_written,
-        bytes_fetched: t.bytes_fetched,
-        packs_fetched: t.packs_fetched,
         ..Default::default()
     };
-    let transfer_s = transfer_start.elapsed().as_secs_f64();
+    // Kept to the end: directory metadata goes on deepest first once every
+    // file is in place, and a hard link's first name may come in a later
+    // batch. One entry per directory or link, not per file.
+    let mut dirs: Vec<(PathBuf, Node)> = Vec::new();
+    let mut hardlinks: Vec<(PathBuf, Name)> = Vec::new();
+    let (mut fetch, mut write) = (None::<crate::phase::Phase>, None::<crate::phase::Phase>);
+    let (mut bytes_compared, mut finished) = (0, 0u64);
+    let mut plan_end_s: f64;
+    let mut failed: Vec<PathBuf> = Vec::new();
+    let mut pack_errors: Vec<String> = Vec::new();
+    // Batch by batch: plan some directories, fetch and write their files,
+    // rename them into place. What a restore holds per file lives only as
+    // long as its batch: millions of files need no more memory than
+    // thousands.
+    loop {
+        let plan_start = Instant::now();
+        let mut plan = Plan::default();
+        let planned = walker.plan(&mut stack, &mut trees, &mut plan).await;
+        let done = match planned {
+            Ok(done) => done,
+            Err(e) => {
+                for f in plan.files.iter().filter(|f| f.write.fresh) {
+                    let _ = std::fs::remove_file(&f.write.path);
+                }
+                // The loader may wait on a full channel: dropping it stops it.
+                drop(trees);
+                let _ = loader.await;
+                return Err(e);
+            }
+        };
+        summary.phases.plan_s += plan_start.elapsed().as_secs_f64();
+        plan_end_s = started.elapsed().as_secs_f64();
+        progress.add_total(plan.files.len() as u64, plan.bytes_planned);
+
+        let transfer_start = Instant::now();
+        let files: Vec<Arc<WriteTarget>> = plan.files.iter().map(|f| f.write.clone()).collect();
+        let needs = std::mem::take(&mut plan.needs);
+        let t = transfer(
+            &vault,
+            catalog.as_ref(),
+            files,
+            needs,
+            opts.packs_in_flight,
+            &progress,
+            started,
+        )
+        .await?;
+        summary.phases.transfer_s += transfer_start.elapsed().as_secs_f64();
+        summary.files += (plan.files.len() + plan.unchanged.len() + plan.hardlinks.len()) as u64;
+        summary.dirs += plan.dir_count;
+        summary.files_unchanged += plan.unchanged.len() as u64;
+        summary.files_patched += plan.patched;
+        summary.files_deleted += plan.deleted;
+        summary.extra_entries += plan.extra;
+        summary.bytes_written += t.bytes_written;
+        summary.bytes_fetched += t.bytes_fetched;
+        summary.packs_fetched += t.packs_fetched;
+        bytes_compared += plan.bytes_compared;
+        pack_errors.extend(t.pack_errors);
+        fetch = Some(merge_phase(fetch, t.fetch));
+        write = Some(merge_phase(write, t.write));
+
+        let finish_start = Instant::now();
+        dirs.append(&mut plan.dirs);
+        hardlinks.append(&mut plan.hardlinks);
+        let (failures, st) = (t.failures, state.clone());
+        let fin = tokio::task::spawn_blocking(move || {
+            finish_files(&plan, failures, st.as_ref()).map(|f| (f, plan.deleted))
+        })
+        .await
+        .map_err(|e| Error::Internal(e.to_string()))??;
+        let (fin, deleted) = fin;
+        summary.files_written += fin.written;
+        summary.warnings += fin.warnings;
+        finished += fin.written + deleted;
+        failed.extend(fin.failed);
+        summary.phases.finish_s += finish_start.elapsed().as_secs_f64();
+        if done {
+            break;
+        }
+    }
+    drop(trees);
+    loader.await.map_err(|e| Error::Internal(e.to_string()))?;
+    summary.bytes_compared = bytes_compared;
 
     let finish_start = Instant::now();
-    let plan = Arc::new(plan);
-    let done = {
-        let (plan, target, root_node, state, snap_id) = (
-            plan.clone(),
-            target.to_path_buf(),
-            snap.root_node.clone(),
-            state.clone(),
-            snap.id.clone(),
-        );
+    let fin = {
+        let (target, root_node, state) =
+            (target.to_path_buf(), snap.root_node.clone(), state.clone());
+        let snap_id = failed.is_empty().then(|| snap.id.clone());
         tokio::task::spawn_blocking(move || {
-            finish(
-                &plan,
+            finish_tree(
+                &hardlinks,
+                &dirs,
                 &target,
                 &root_node,
-                failures,
                 state.as_ref(),
-                &snap_id,
+                snap_id.as_deref(),
             )
         })
+        .await
+        .map_err(|e| Error::Internal(e.to_string()))??
     };
-    let fin = done.await.map_err(|e| Error::Internal(e.to_string()))??;
-    summary.files_written = fin.written;
-    summary.warnings = fin.warnings;
-    summary.phases = RestorePhases {
-        plan_s,
-        transfer_s,
-        finish_s: finish_start.elapsed().as_secs_f64(),
-        verify_s: 0.0,
-    };
+    summary.files_written += fin.written;
+    summary.warnings += fin.warnings;
+    failed.extend(fin.failed);
+    let finish_tree_s = finish_start.elapsed().as_secs_f64();
+    summary.phases.finish_s += finish_tree_s;
     let finish_end_s = started.elapsed().as_secs_f64();
     summary.report = vec![
-        crate::phase::span("plan", 0.0, plan_s, plan.bytes_compared, summary.files, 0),
-        t.fetch,
-        t.write,
+        crate::phase::span("plan", 0.0, plan_end_s, bytes_compared, summary.files, 0),
+        fetch.unwrap_or_default(),
+        write.unwrap_or_default(),
         crate::phase::span(
             "finish",
-            finish_end_s - summary.phases.finish_s,
+            (finish_end_s - summary.phases.finish_s).max(0.0),
             finish_end_s,
             0,
-            fin.written + plan.deleted,
+            finished + fin.written,
             0,
         ),
     ];
-    if !fin.failed.is_empty() {
-        let mut names: Vec<String> = fin
-            .failed
+    if !failed.is_empty() {
+        let mut names: Vec<String> = failed
             .iter()
             .map(|p| p.strip_prefix(target).unwrap_or(p).display().to_string())
             .collect();
@@ -717,7 +826,7 @@ async fn restore_locked(
             target: target.to_path_buf(),
             summary: format!(
                 "{cause}; {} file(s) not restored: {}{}",
-                fin.failed.len(),
+                failed.len(),
                 names.join(", "),
                 if more > 0 {
                     format!(" (+{more} more)")
@@ -765,6 +874,27 @@ async fn restore_locked(
     }
     summary.duration_s = started.elapsed().as_secs_f64();
     Ok(summary)
+}
+
+/// One phase over several batches: the earliest start, the latest end, the
+/// sums. A batch where the phase did nothing does not move its window.
+fn merge_phase(acc: Option<crate::phase::Phase>, p: crate::phase::Phase) -> crate::phase::Phase {
+    let Some(mut a) = acc else { return p };
+    let idle = |p: &crate::phase::Phase| p.seconds == 0.0 && p.bytes == 0 && p.objects == 0;
+    if idle(&p) {
+        return a;
+    }
+    if !idle(&a) {
+        a.start_s = a.start_s.min(p.start_s);
+        a.end_s = a.end_s.max(p.end_s);
+    } else {
+        (a.start_s, a.end_s) = (p.start_s, p.end_s);
+    }
+    a.seconds = a.end_s - a.start_s;
+    a.bytes += p.bytes;
+    a.files += p.files;
+    a.objects += p.objects;
+    a
 }
 
 /// Reads every file of the snapshot back from `target` and checks it chunk
@@ -1121,14 +1251,12 @@ struct Finished {
     failed: Vec<PathBuf>,
 }
 
-/// Metadata, renames, links, and the target's memory.
-fn finish(
+/// A batch's files: metadata, renames into place, symlinks, and the
+/// target's memory of them.
+fn finish_files(
     plan: &Plan,
-    target: &Path,
-    root: &Node,
     failures: Vec<(u32, String)>,
     state: &dyn TargetState,
-    snap_id: &str,
 ) -> Result<Finished> {
     let failed: HashSet<u32> = failures.iter().map(|(f, _)| *f).collect();
     let mut out = Finished {
@@ -1192,7 +1320,28 @@ fn finish(
             out.warnings += apply_meta(path, node, is_root, true)?;
         }
     }
-    for (path, rel) in &plan.hardlinks {
+    state.update(&memory, None)?;
+    Ok(out)
+}
+
+/// After every batch: hard links, directory metadata (deepest first) and
+/// the root's; then the target's memory names the snapshot it holds
+/// (`snap_id`, when every file made it).
+fn finish_tree(
+    hardlinks: &[(PathBuf, Name)],
+    dirs: &[(PathBuf, Node)],
+    target: &Path,
+    root: &Node,
+    state: &dyn TargetState,
+    snap_id: Option<&str>,
+) -> Result<Finished> {
+    let mut out = Finished {
+        written: 0,
+        warnings: 0,
+        failed: Vec::new(),
+    };
+    let is_root = effective_uid() == 0;
+    for (path, rel) in hardlinks {
         // Every directory on the way must be a real one: a symlink (even
         // one this restore made) must not lead the link outside the target.
         let mut src = target.to_path_buf();
@@ -1224,7 +1373,7 @@ fn finish(
             out.written += 1;
         }
     }
-    for (path, node) in plan.dirs.iter().rev() {
+    for (path, node) in dirs.iter().rev() {
         let md = std::fs::symlink_metadata(path).map_err(|e| Error::io(path, e))?;
         if meta_differs(&md, node, is_root) || xattrs_differ(path, node) {
             out.warnings += apply_meta(path, node, is_root, false)?;
@@ -1235,7 +1384,7 @@ fn finish(
     if meta_differs(&md, root, is_root) {
         out.warnings += apply_meta(target, root, is_root, false)?;
     }
-    state.update(&memory, out.failed.is_empty().then_some(snap_id))?;
+    state.update(&[], snap_id.filter(|_| out.failed.is_empty()))?;
     Ok(out)
 }
 
@@ -1306,16 +1455,14 @@ mod tests {
             },
             vec![],
         );
-        let mut plan = Plan::default();
-        plan.hardlinks
-            .push((target.join("copy"), Name(b"evil/secret".to_vec())));
-        let fin = finish(
-            &plan,
+        let links = vec![(target.join("copy"), Name(b"evil/secret".to_vec()))];
+        let fin = finish_tree(
+            &links,
+            &[],
             &target,
             &root,
-            vec![],
             &crate::target::NoTargetState,
-            "s",
+            Some("s"),
         )
         .unwrap();
         assert_eq!(fin.failed, vec![target.join("copy")]);
@@ -1323,16 +1470,14 @@ mod tests {
         // A link through a real directory still works.
         std::fs::create_dir(target.join("d")).unwrap();
         std::fs::write(target.join("d/f"), b"ours").unwrap();
-        let mut plan = Plan::default();
-        plan.hardlinks
-            .push((target.join("link"), Name(b"d/f".to_vec())));
-        let fin = finish(
-            &plan,
+        let links = vec![(target.join("link"), Name(b"d/f".to_vec()))];
+        let fin = finish_tree(
+            &links,
+            &[],
             &target,
             &root,
-            vec![],
             &crate::target::NoTargetState,
-            "s",
+            Some("s"),
         )
         .unwrap();
         assert!(fin.failed.is_empty());
