@@ -2,7 +2,8 @@
 # How ferry's peak memory grows with the number of files: two volumes of
 # small files (N1 and N2 files of 1 KiB in directories of 1,000), an initial
 # snapshot, an unchanged snapshot and a full restore of each; prints the peak
-# RSS of each and the growth per file between the two sizes.
+# RSS and the peak anonymous RSS of each, and their growth per file between
+# the two sizes.
 #
 # Usage: benches/files_memory.sh [WORKDIR]   (N1=20000 N2=200000 by default)
 set -euo pipefail
@@ -31,9 +32,27 @@ for i in range(n):
 PY
 }
 
-rss() { # peak RSS in KiB of the command
-  /usr/bin/time -f '%M' -o "$work/time.out" "$@" >/dev/null 2>"$work/err.txt" || { tail -3 "$work/err.txt"; exit 1; }
-  tail -1 "$work/time.out"
+# peak RSS and peak anonymous RSS (RssAnon sampled every 5 ms), in KiB, of
+# the command. RSS also counts the catalog's memory-mapped SQLite pages
+# (page cache, which the kernel reclaims under pressure and which grow with
+# the catalog on disk); RssAnon is the process's own memory.
+rss() {
+  python3 - "$@" 2>"$work/err.txt" <<'PY' || { tail -3 "$work/err.txt"; exit 1; }
+import resource, subprocess, sys, time
+p = subprocess.Popen(sys.argv[1:], stdout=subprocess.DEVNULL)
+anon = 0
+while p.poll() is None:
+    try:
+        for line in open("/proc/%d/status" % p.pid):
+            if line.startswith("RssAnon:"):
+                anon = max(anon, int(line.split()[1]))
+    except OSError:
+        pass
+    time.sleep(0.005)
+if p.returncode != 0:
+    sys.exit("%s failed: %d" % (sys.argv[1:3], p.returncode))
+print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, anon)
+PY
 }
 
 declare -A R
@@ -46,10 +65,11 @@ for n in "$N1" "$N2"; do
   R[restore$n]=$(rss "$ferry" restore v "out$n" --vault "vault$n" --json)
   rm -rf "out$n"
 done
-printf '%-20s %12s %12s %16s\n' operation "RSS MiB @$N1" "RSS MiB @$N2" "bytes per file"
+printf '%-20s %10s %10s %9s %11s %11s %10s\n' operation "RSS@$N1" "RSS@$N2" "B/file" "anon@$N1" "anon@$N2" "B/file"
 for op in snap again restore; do
-  a=${R[$op$N1]} b=${R[$op$N2]}
+  read -r a aa <<<"${R[$op$N1]}"
+  read -r b ba <<<"${R[$op$N2]}"
   case $op in snap) name="initial snapshot" ;; again) name="unchanged snapshot" ;; restore) name="full restore" ;; esac
-  awk -v n="$name" -v a="$a" -v b="$b" -v n1="$N1" -v n2="$N2" \
-    'BEGIN { printf "%-20s %12.0f %12.0f %16.0f\n", n, a / 1024, b / 1024, (b - a) * 1024 / (n2 - n1) }'
+  awk -v n="$name" -v a="$a" -v b="$b" -v aa="$aa" -v ba="$ba" -v n1="$N1" -v n2="$N2" \
+    'BEGIN { printf "%-20s %8.0f Mi %8.0f Mi %9.0f %8.0f Mi %8.0f Mi %10.0f\n", n, a / 1024, b / 1024, (b - a) * 1024 / (n2 - n1), aa / 1024, ba / 1024, (ba - aa) * 1024 / (n2 - n1) }'
 done

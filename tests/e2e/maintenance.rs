@@ -436,7 +436,15 @@ fn a_large_snapshot_writes_its_index_as_it_goes_and_a_rebuilt_catalog_restores_i
     let p = env.json(&["prune"]);
     assert_eq!(p["packs_deleted"], 0, "{p}");
     let dst = env.path("dst");
-    let restored = env.json(&["restore", "many", s(&dst), "--verify"]);
+    // In batches of 3,000 files (three directories each).
+    let restored = env.json(&[
+        "restore",
+        "many",
+        s(&dst),
+        "--verify",
+        "--batch-files",
+        "3000",
+    ]);
     assert_eq!(restored["files"], 20_000, "{restored}");
     assert_same_tree(&src, &dst);
 }

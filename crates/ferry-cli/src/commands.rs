@@ -590,6 +590,7 @@ pub(crate) async fn restore_into(
         verify: delta.verify,
         reread_target: delta.reread_target,
         no_lock: delta.no_lock,
+        batch_files: delta.batch_files as usize,
         ..Default::default()
     };
     let bar = Arc::new(Bar::new("restore"));

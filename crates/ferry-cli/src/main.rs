@@ -378,6 +378,11 @@ pub struct DeltaArgs {
     /// Take no vault lock (for read-only vault credentials; do not prune meanwhile).
     #[arg(long)]
     pub no_lock: bool,
+    /// Files planned and written per batch: a restore's memory is about 1.2 KB per file of
+    /// one batch (whole directories; fewer files, more pack fetches).
+    #[arg(long, value_name = "N", default_value_t = ferry_core::restore::BATCH_FILES as u64,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub batch_files: u64,
 }
 
 /// How `pvc:` arguments reach the cluster.

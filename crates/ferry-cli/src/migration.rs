@@ -514,6 +514,7 @@ async fn run_pair_inner(
                 verify: false,
                 reread_target: false,
                 no_lock: false,
+                batch_files: ferry_core::restore::BATCH_FILES as u64,
             };
             let r = crate::commands::restore_into(
                 vault.clone(),

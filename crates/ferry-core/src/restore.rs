@@ -74,6 +74,8 @@ pub struct RestoreOptions {
     /// Take no vault lock (a read-only vault). A prune running at the same
     /// time may then delete what this restore is about to read.
     pub no_lock: bool,
+    /// Files planned and written per batch (see [`BATCH_FILES`]).
+    pub batch_files: usize,
 }
 
 impl Default for RestoreOptions {
@@ -84,6 +86,7 @@ impl Default for RestoreOptions {
             verify: false,
             reread_target: false,
             no_lock: false,
+            batch_files: BATCH_FILES,
         }
     }
 }
@@ -322,13 +325,15 @@ type TreePair = (BlobId, Tree, Option<Tree>);
 const TREES_AHEAD: usize = 32;
 
 /// Files (to write or already in place) a restore plans before it writes
-/// them: its memory per file is held for one batch at a time. A batch ends
+/// them, by default: its memory per file is held for one batch at a time. A batch ends
 /// with a directory, so one directory larger than this is one batch.
-const BATCH_FILES: usize = 8192;
+/// Packs mix the files written at the same time, so a pack whose files fall
+/// in two batches is fetched twice: batches are large enough that few do.
+pub const BATCH_FILES: usize = 32_768;
 
 /// Loads the snapshot's trees, each beside the tree the target last got at
 /// the same place, ahead of the planner and in the order it walks them
-/// (depth first, last entry first), on another core: loading and decoding
+/// (depth first, in the snapshot's order), on another core: loading and decoding
 /// trees was half the planning time of a final delta.
 fn prefetch_trees(
     vault: Arc<Vault>,
@@ -360,7 +365,8 @@ fn prefetch_trees(
                 Some(id) => load(id).await.ok(),
                 None => None,
             };
-            for node in &tree.entries {
+            // Pushed last first, so popped in the snapshot's order.
+            for node in tree.entries.iter().rev() {
                 if let NodeKind::Dir { subtree } = &node.kind {
                     let old_sub = match old.as_ref().and_then(|o| o.entry(&node.name.0)) {
                         Some(Node {
@@ -391,7 +397,7 @@ type WalkStack = Vec<(BlobId, PathBuf, Vec<u8>)>;
 
 impl Walker<'_> {
     /// Plans whole directories from `stack` until the batch holds
-    /// [`BATCH_FILES`] files or the walk is done (then true); `trees` yields
+    /// `batch_files` files or the walk is done (then true); `trees` yields
     /// the snapshot's trees in the order this walk pops them (see
     /// [`prefetch_trees`]).
     async fn plan(
@@ -400,7 +406,7 @@ impl Walker<'_> {
         trees: &mut tokio::sync::mpsc::Receiver<Result<TreePair>>,
         plan: &mut Plan,
     ) -> Result<bool> {
-        while plan.files.len() + plan.unchanged.len() < BATCH_FILES {
+        while plan.files.len() + plan.unchanged.len() < self.opts.batch_files.max(1) {
             let Some((tree_id, dir, rel)) = stack.pop() else {
                 return Ok(true);
             };
@@ -426,6 +432,7 @@ impl Walker<'_> {
                 .map(|e| e.map(|e| Name::from_os(&e.file_name()).0))
                 .collect::<std::io::Result<_>>()
                 .map_err(|e| Error::io(&dir, e))?;
+            let mut subdirs = Vec::new();
             for node in tree.entries {
                 existing.remove(&node.name.0);
                 let path = join_safe(&dir, &node.name)?;
@@ -438,7 +445,7 @@ impl Walker<'_> {
                         }
                         ensure_dir(&path)?;
                         plan.dir_count += 1;
-                        stack.push((*subtree, path.clone(), child_rel));
+                        subdirs.push((*subtree, path.clone(), child_rel));
                         plan.dirs.push((path, node));
                     }
                     NodeKind::File { .. } => {
@@ -450,6 +457,9 @@ impl Walker<'_> {
                     NodeKind::Hardlink { target } => plan.hardlinks.push((path, target.clone())),
                 }
             }
+            // Popped in the snapshot's order, as the prefetcher loads them:
+            // a batch then needs the packs the snapshot wrote at the time.
+            stack.extend(subdirs.into_iter().rev());
             for name in existing {
                 let path = dir.join(Name(name.clone()).as_os());
                 if is_our_tmp(&name) {
