@@ -66,25 +66,21 @@ fn snapshot_and_restore_round_trip_with_metadata() {
     // two names, directory metadata and the root come in different ones),
     // the same tree; a delta restore in batches rewrites only what changed.
     let dst1 = env.path("dst1");
-    let args = |d: &str| -> Vec<String> {
-        [
+    let d1 = dst1.to_str().unwrap();
+    let batched = |extra: &[&str]| {
+        let mut a = vec![
             "restore",
             "pg-data",
-            d,
+            d1,
             "--vault",
             &vault,
             "--batch-files",
             "1",
-        ]
-        .map(String::from)
-        .to_vec()
+        ];
+        a.extend_from_slice(extra);
+        env.json(&a)
     };
-    let r1 = env.json(
-        &args(dst1.to_str().unwrap())
-            .iter()
-            .map(|a| a.as_str())
-            .collect::<Vec<_>>(),
-    );
+    let r1 = batched(&[]);
     assert_eq!(r1["files"], 9, "{r1}");
     assert_same_tree(&src, &dst1);
     std::fs::write(src.join("a/b/c/dup1"), noise(200_000, 7)).unwrap();
@@ -97,9 +93,7 @@ fn snapshot_and_restore_round_trip_with_metadata() {
         "--volume",
         "pg-data",
     ]);
-    let mut a = args(dst1.to_str().unwrap());
-    a.push("--delete".into());
-    let r2 = env.json(&a.iter().map(|a| a.as_str()).collect::<Vec<_>>());
+    let r2 = batched(&["--delete"]);
     assert_eq!(r2["files_written"], 1, "{r2}");
     assert_eq!(r2["files_deleted"], 1, "{r2}");
     assert_same_tree(&src, &dst1);
