@@ -113,15 +113,17 @@ for ((seed = 2; seed <= ${ROUNDS:-3}; seed++)); do
   final_delta "$seed"
 done
 
-# The stage benches, for the machine's limit (STAGES=0 skips them).
+# The stage benches, for the machine's limit (STAGES=0 skips them): on
+# their synthetic input and on a sample of the benchmark volume itself.
 if [ "${STAGES:-1}" = 1 ]; then
   cargo bench -q -p ferry-bench --bench stages --manifest-path "$here/Cargo.toml" -- --noplot >/dev/null 2>&1 || echo "stage benches failed"
+  FERRY_STAGE_INPUT="$work/pristine" cargo bench -q -p ferry-bench --bench stages --manifest-path "$here/Cargo.toml" -- --noplot >/dev/null 2>&1 || echo "stage benches (volume sample) failed"
 fi
 
-python3 - "$size" "${changed:-0}" "$here/target/criterion/stage" "$(nproc)" <<'PY'
+python3 - "$size" "${changed:-0}" "$here/target/criterion" "$(nproc)" <<'PY'
 import json, os, sys
 size, changed = int(sys.argv[1]), int(sys.argv[2])
-stage_dir, cores = sys.argv[3], int(sys.argv[4])
+criterion_dir, cores = sys.argv[3], int(sys.argv[4])
 rows = [l.rstrip("\n").split("\t") for l in open("results.tsv")]
 rows = [(op, tool, float(w), int(r), int(float(s or 0))) for op, tool, w, r, s in rows]
 # Repeated operations (the final delta): one row per tool, the median wall.
@@ -152,20 +154,23 @@ print("final delta (one ferry sync): %.2f s, snapshot %.2f s %s, restore %.2f s 
       % (y["duration_s"], y["snapshot"]["duration_s"], {k: round(v, 2) for k, v in y["snapshot"]["phases"].items()},
          y["restore"]["duration_s"], {k: round(v, 2) for k, v in y["restore"]["phases"].items()}, y["bytes_written"] / 1e6))
 # The pipeline's limit on this machine: cores / the sum of the per-byte costs
-# of the stages every new byte goes through (criterion's mean per stage).
-def rate(name):
+# of the stages every new byte goes through (criterion's mean per stage),
+# on the stages' synthetic input and on the volume's own bytes; ferry's
+# fraction is of the latter, the limit for this data.
+def rate(group, name):
     try:
-        est = json.load(open(os.path.join(stage_dir, name, "new", "estimates.json")))
-        bench = json.load(open(os.path.join(stage_dir, name, "new", "benchmark.json")))
+        d = os.path.join(criterion_dir, group, name, "new")
+        est, bench = json.load(open(os.path.join(d, "estimates.json"))), json.load(open(os.path.join(d, "benchmark.json")))
         return bench["throughput"]["Bytes"] / (est["mean"]["point_estimate"] / 1e9)
     except (OSError, KeyError, ValueError):
         return None
-rates = {n: rate(n) for n in ["fastcdc", "blake3_keyed", "zstd_1", "aes256gcm"]}
-if all(rates.values()):
-    limit = cores / sum(1 / r for r in rates.values())
-    got = size / ferry["initial snapshot"]
-    print("stages (MiB/s per core): %s; pipeline limit on %d cores %.0f MiB/s; ferry's initial snapshot %.0f MiB/s = %.0f%% of it"
-          % ({n: round(r / 2**20) for n, r in rates.items()}, cores, limit / 2**20, got / 2**20, 100 * got / limit))
+got = size / ferry["initial snapshot"]
+for group, label in [("stage", "synthetic input"), ("stage_volume", "the volume's own bytes")]:
+    rates = {n: rate(group, n) for n in ["fastcdc", "blake3_keyed", "zstd_1", "aes256gcm"]}
+    if all(rates.values()):
+        limit = cores / sum(1 / r for r in rates.values())
+        print("stages on %s (MiB/s per core): %s; pipeline limit on %d cores %.0f MiB/s; ferry's initial snapshot %.0f MiB/s = %.0f%% of it"
+              % (label, {n: round(r / 2**20) for n, r in rates.items()}, cores, limit / 2**20, got / 2**20, 100 * got / limit))
 PY
 echo "ferry's delta restore $restored_ok the source"
 diff -r --no-dereference data sync-target >/dev/null && echo "ferry's sync target equals the source" || echo "MISMATCH between data and sync-target"

@@ -3,7 +3,13 @@
 //! Run: `cargo bench -p ferry-bench --bench stages`.
 //!
 //! Input: 16 MiB of half-compressible data (text-like runs mixed with
-//! noise), like the volumes `shared/bench/gen_dataset.py` builds.
+//! noise), group `stage`. With `FERRY_STAGE_INPUT=DIR`, group
+//! `stage_volume`: 16 MiB sampled from the files under DIR (windows of
+//! 64 KiB at even steps through them), so that the stages see the mix of
+//! the volume being snapshotted. The two differ most for zstd: real
+//! text and database pages compress several times slower than the
+//! synthetic runs, and the machine's limit for a volume is the limit on
+//! its own bytes.
 
 use std::hint::black_box;
 
@@ -15,6 +21,58 @@ use ferry_core::id::{BlobKind, IdHasher};
 use ferry_core::pack::{PackWriter, read_whole};
 
 const SIZE: usize = 16 << 20;
+
+/// `SIZE` bytes from the files under `dir`: the files (sorted walk) read as
+/// one stream, as tar would, and 256 windows of 64 KiB taken at even
+/// steps along it. Each window is contiguous real content; each kind of
+/// data gets windows in proportion to its bytes.
+fn sample(dir: &std::path::Path) -> Vec<u8> {
+    use std::io::{Read, Seek, SeekFrom};
+    fn walk(dir: &std::path::Path, out: &mut Vec<(std::path::PathBuf, u64)>) {
+        let mut entries: Vec<_> = std::fs::read_dir(dir)
+            .expect("FERRY_STAGE_INPUT: a readable directory")
+            .map(|e| e.unwrap().path())
+            .collect();
+        entries.sort();
+        for p in entries {
+            let md = std::fs::symlink_metadata(&p).unwrap();
+            if md.is_dir() {
+                walk(&p, out);
+            } else if md.is_file() && md.len() > 0 {
+                out.push((p, md.len()));
+            }
+        }
+    }
+    const WINDOW: usize = 64 << 10;
+    let mut files = Vec::new();
+    walk(dir, &mut files);
+    // starts[i]: where file i begins in the stream.
+    let starts: Vec<u64> = files
+        .iter()
+        .scan(0u64, |at, f| {
+            let s = *at;
+            *at += f.1;
+            Some(s)
+        })
+        .collect();
+    let total: u64 = files.iter().map(|f| f.1).sum();
+    let windows = SIZE / WINDOW;
+    let mut out = Vec::with_capacity(SIZE);
+    for w in 0..windows as u64 {
+        let mut at = total.saturating_sub(WINDOW as u64) * w / windows as u64;
+        let mut i = starts.partition_point(|&s| s <= at) - 1;
+        let mut left = WINDOW;
+        while left > 0 && i < files.len() {
+            let mut f = std::fs::File::open(&files[i].0).unwrap();
+            f.seek(SeekFrom::Start(at - starts[i])).unwrap();
+            let n = f.take(left as u64).read_to_end(&mut out).unwrap();
+            left -= n;
+            at += n as u64;
+            i += 1;
+        }
+    }
+    out
+}
 
 fn input() -> Vec<u8> {
     let mut x = 0x2545F4914F6CDD1Du64;
@@ -49,14 +107,17 @@ fn input() -> Vec<u8> {
 }
 
 fn stages(c: &mut Criterion) {
-    let data = input();
+    let (data, group) = match std::env::var_os("FERRY_STAGE_INPUT") {
+        Some(dir) => (sample(std::path::Path::new(&dir)), "stage_volume"),
+        None => (input(), "stage"),
+    };
     let params = ChunkerParams::default();
     let chunks: Vec<Vec<u8>> = Chunker::new(&data[..], &params)
         .map(|c| c.unwrap())
         .collect();
     let ids = IdHasher::new([7; 32]);
-    let mut g = c.benchmark_group("stage");
-    g.throughput(Throughput::Bytes(SIZE as u64));
+    let mut g = c.benchmark_group(group);
+    g.throughput(Throughput::Bytes(data.len() as u64));
     g.sample_size(10);
 
     g.bench_function("fastcdc", |b| {
