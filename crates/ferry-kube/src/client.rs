@@ -4,6 +4,8 @@
 //! service account.
 
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::{Duration, Instant, SystemTime};
 
 use base64::Engine;
 use serde::Deserialize;
@@ -13,7 +15,7 @@ use crate::{Error, Result};
 
 pub struct Kube {
     server: String,
-    token: Option<String>,
+    token: TokenSource,
     http: reqwest::Client,
     /// The context's namespace (`default` if none).
     pub namespace: String,
@@ -67,10 +69,11 @@ struct User {
     exec: Option<Exec>,
 }
 
-/// A credential plugin (`aws eks get-token`, `kubelogin`, cloud CLIs): run
-/// once per ferry command, its `ExecCredential` answer gives a token or a
-/// client certificate.
-#[derive(Deserialize, Default)]
+/// A credential plugin (`aws eks get-token`, `kubelogin`, cloud CLIs): its
+/// `ExecCredential` answer gives a token or a client certificate. A token
+/// is fetched again before its `expirationTimestamp` and after a 401 (an
+/// EKS token lasts 15 minutes; a cutover can last longer).
+#[derive(Deserialize, Default, Clone)]
 #[serde(default, rename_all = "camelCase")]
 struct Exec {
     api_version: String,
@@ -79,7 +82,7 @@ struct Exec {
     env: Option<Vec<ExecEnv>>,
 }
 
-#[derive(Deserialize, Default)]
+#[derive(Deserialize, Default, Clone)]
 #[serde(default)]
 struct ExecEnv {
     name: String,
@@ -92,12 +95,20 @@ struct ExecStatus {
     token: Option<String>,
     client_certificate_data: Option<String>,
     client_key_data: Option<String>,
+    expiration_timestamp: Option<String>,
 }
 
-/// Runs the plugin; returns (token, PEM identity). Its stderr is passed
-/// through (plugins prompt or explain there); its stdout is the credential
-/// and is never logged.
-fn run_exec(e: &Exec, base: &Path) -> Result<(Option<String>, Option<Vec<u8>>)> {
+/// What a plugin answered: a token (with its expiry, when it gave one) or
+/// a PEM identity.
+struct ExecAnswer {
+    token: Option<String>,
+    expires: Option<SystemTime>,
+    identity: Option<Vec<u8>>,
+}
+
+/// Runs the plugin. Its stderr is passed through (plugins prompt or
+/// explain there); its stdout is the credential and is never logged.
+fn run_exec(e: &Exec, base: &Path) -> Result<ExecAnswer> {
     if e.command.is_empty() {
         return Err(cfg("exec plugin without a command"));
     }
@@ -149,7 +160,118 @@ fn run_exec(e: &Exec, base: &Path) -> Result<(Option<String>, Option<Vec<u8>>)> 
             "exec plugin {cmd} gave neither a token nor a client certificate"
         )));
     }
-    Ok((a.status.token, identity))
+    // RFC 3339 in UTC, as plugins write it; one we cannot read leaves the
+    // token to be refreshed on a 401 only.
+    let expires = a
+        .status
+        .expiration_timestamp
+        .as_deref()
+        .and_then(|t| humantime::parse_rfc3339_weak(t).ok());
+    Ok(ExecAnswer {
+        token: a.status.token,
+        expires,
+        identity,
+    })
+}
+
+/// A token is fetched again this long before it expires, so that a
+/// request never leaves with one that lapses on the way.
+const EXPIRY_MARGIN: Duration = Duration::from_secs(60);
+
+/// A token file is read again after this long: the kubelet rotates a pod's
+/// projected service-account token in place (client-go re-reads it too).
+const TOKEN_FILE_TTL: Duration = Duration::from_secs(60);
+
+/// Where the bearer token comes from. Only a literal token is fixed; the
+/// others are refreshed as they age and once after a 401.
+enum TokenSource {
+    None,
+    Fixed(String),
+    File {
+        path: PathBuf,
+        cached: Mutex<(String, Instant)>,
+    },
+    Exec {
+        exec: Exec,
+        base: PathBuf,
+        /// Names the kubeconfig and user in errors.
+        label: String,
+        cached: Mutex<(String, Option<SystemTime>)>,
+    },
+}
+
+fn read_token(p: &Path) -> Result<String> {
+    Ok(String::from_utf8_lossy(&read(p)?).trim().to_string())
+}
+
+impl TokenSource {
+    fn file(path: PathBuf) -> Result<Self> {
+        let t = read_token(&path)?;
+        Ok(Self::File {
+            path,
+            cached: Mutex::new((t, Instant::now())),
+        })
+    }
+
+    /// The token to send; `stale` after a 401 forces a new one.
+    async fn get(&self, stale: bool) -> Result<Option<String>> {
+        match self {
+            Self::None => Ok(None),
+            Self::Fixed(t) => Ok(Some(t.clone())),
+            Self::File { path, cached } => {
+                {
+                    let c = cached.lock().unwrap_or_else(|p| p.into_inner());
+                    if !stale && c.1.elapsed() < TOKEN_FILE_TTL {
+                        return Ok(Some(c.0.clone()));
+                    }
+                }
+                let t = read_token(path)?;
+                *cached.lock().unwrap_or_else(|p| p.into_inner()) = (t.clone(), Instant::now());
+                Ok(Some(t))
+            }
+            Self::Exec {
+                exec,
+                base,
+                label,
+                cached,
+            } => {
+                {
+                    let c = cached.lock().unwrap_or_else(|p| p.into_inner());
+                    let fresh =
+                        c.1.is_none_or(|exp| SystemTime::now() + EXPIRY_MARGIN < exp);
+                    if !stale && fresh {
+                        return Ok(Some(c.0.clone()));
+                    }
+                }
+                let (e, b) = (exec.clone(), base.clone());
+                let a = tokio::task::spawn_blocking(move || run_exec(&e, &b))
+                    .await
+                    .map_err(|e| cfg(format!("{label}: exec plugin: {e}")))?
+                    .map_err(|e| cfg(format!("{label}: {e}")))?;
+                let t = a.token.ok_or_else(|| {
+                    cfg(format!("{label}: the exec plugin no longer gives a token"))
+                })?;
+                *cached.lock().unwrap_or_else(|p| p.into_inner()) = (t.clone(), a.expires);
+                Ok(Some(t))
+            }
+        }
+    }
+
+    /// The token held now, without renewing it.
+    #[cfg(test)]
+    fn held(&self) -> Option<String> {
+        match self {
+            Self::None => None,
+            Self::Fixed(t) => Some(t.clone()),
+            Self::File { cached, .. } => Some(cached.lock().unwrap().0.clone()),
+            Self::Exec { cached, .. } => Some(cached.lock().unwrap().0.clone()),
+        }
+    }
+
+    /// Whether asking again can give another token.
+    fn renewable(&self) -> bool {
+        matches!(self, Self::File { .. } | Self::Exec { .. })
+    }
 }
 
 #[derive(Deserialize, Default)]
@@ -243,15 +365,13 @@ impl Kube {
             (None, Some(p)) => Some(read(&rel(p))?),
             _ => None,
         };
-        let mut token = None;
+        let mut token = TokenSource::None;
         let mut identity = None;
         if let Some(u) = user.map(|u| &u.value) {
             token = match (&u.token, &u.token_file) {
-                (Some(t), _) => Some(t.clone()),
-                (None, Some(p)) => {
-                    Some(String::from_utf8_lossy(&read(&rel(p))?).trim().to_string())
-                }
-                _ => None,
+                (Some(t), _) => TokenSource::Fixed(t.clone()),
+                (None, Some(p)) => TokenSource::file(rel(p))?,
+                _ => TokenSource::None,
             };
             let cert = match (&u.client_certificate_data, &u.client_certificate) {
                 (Some(d), _) => Some(b64("client-certificate-data", d)?),
@@ -268,14 +388,20 @@ impl Kube {
                 cert.extend_from_slice(&key);
                 identity = Some(cert);
             }
-            if let (None, None, Some(e)) = (&token, &identity, &u.exec) {
-                (token, identity) = run_exec(e, base).map_err(|err| {
-                    cfg(format!(
-                        "{}: user {:?}: {err}",
-                        path.display(),
-                        ctx.value.user
-                    ))
-                })?;
+            if let (TokenSource::None, None, Some(e)) = (&token, &identity, &u.exec) {
+                let label = format!("{}: user {:?}", path.display(), ctx.value.user);
+                let a = run_exec(e, base).map_err(|err| cfg(format!("{label}: {err}")))?;
+                // A client certificate from a plugin is used for the whole
+                // command (the HTTP client holds it); tokens are renewed.
+                identity = a.identity;
+                if let Some(t) = a.token {
+                    token = TokenSource::Exec {
+                        exec: e.clone(),
+                        base: base.to_path_buf(),
+                        label,
+                        cached: Mutex::new((t, a.expires)),
+                    };
+                }
             }
         }
         Self::build(
@@ -297,16 +423,14 @@ impl Kube {
             host
         };
         let sa = Path::new(SERVICE_ACCOUNT);
-        let token = String::from_utf8_lossy(&read(&sa.join("token"))?)
-            .trim()
-            .to_string();
+        let token = TokenSource::file(sa.join("token"))?;
         let ca = read(&sa.join("ca.crt"))?;
         let ns = std::fs::read_to_string(sa.join("namespace")).ok();
         Self::build(
             &format!("https://{host}:{port}"),
             Some(ca),
             None,
-            Some(token),
+            token,
             false,
             ns.map(|n| n.trim().to_string()),
         )
@@ -316,7 +440,7 @@ impl Kube {
         server: &str,
         ca: Option<Vec<u8>>,
         identity: Option<Vec<u8>>,
-        token: Option<String>,
+        token: TokenSource,
         insecure: bool,
         namespace: Option<String>,
     ) -> Result<Self> {
@@ -402,16 +526,30 @@ impl Kube {
             path: path.to_string(),
             message,
         };
-        let mut req = self.http.request(method, format!("{}{path}", self.server));
-        if let Some(t) = &self.token {
-            req = req.bearer_auth(t);
-        }
-        if let Some(b) = body {
-            req = req
-                .header(reqwest::header::CONTENT_TYPE, content_type)
-                .body(b.to_string());
-        }
-        let resp = req.send().await.map_err(|e| api(e.to_string()))?;
+        // A 401 with a token that can be renewed: once more with a new one.
+        let mut stale = false;
+        let resp = loop {
+            let mut req = self
+                .http
+                .request(method.clone(), format!("{}{path}", self.server));
+            if let Some(t) = self.token.get(stale).await? {
+                req = req.bearer_auth(t);
+            }
+            if let Some(b) = body {
+                req = req
+                    .header(reqwest::header::CONTENT_TYPE, content_type)
+                    .body(b.to_string());
+            }
+            let resp = req.send().await.map_err(|e| api(e.to_string()))?;
+            if resp.status() == reqwest::StatusCode::UNAUTHORIZED
+                && !stale
+                && self.token.renewable()
+            {
+                stale = true;
+                continue;
+            }
+            break resp;
+        };
         let status = resp.status();
         let body = resp.bytes().await.map_err(|e| api(e.to_string()))?;
         if status == reqwest::StatusCode::NOT_FOUND {
@@ -451,7 +589,7 @@ mod tests {
         let k = Kube::from_kubeconfig(&p).unwrap();
         assert_eq!(k.server(), "http://127.0.0.1:6443");
         assert_eq!(k.namespace, "shop");
-        assert_eq!(k.token.as_deref(), Some("abc"));
+        assert_eq!(k.token.held().as_deref(), Some("abc"));
 
         // A missing context, bad base64, an exec plugin that is not installed:
         // one clear error.
@@ -535,7 +673,7 @@ mod tests {
         // Relative to the kubeconfig's directory, as kubectl does.
         std::fs::write(&p, config("./get-token")).unwrap();
         let k = Kube::from_kubeconfig(&p).unwrap();
-        assert_eq!(k.token.as_deref(), Some("prod-cn-hangzhou"));
+        assert_eq!(k.token.held().as_deref(), Some("prod-cn-hangzhou"));
 
         std::fs::write(&plugin, "#!/bin/sh\nexit 1\n").unwrap();
         let e = Kube::from_kubeconfig(&p).unwrap_err().to_string();
@@ -543,5 +681,177 @@ mod tests {
         std::fs::write(&plugin, "#!/bin/sh\necho '{\"status\":{}}'\n").unwrap();
         let e = Kube::from_kubeconfig(&p).unwrap_err().to_string();
         assert!(e.contains("neither a token"), "{e}");
+    }
+
+    /// An HTTP server on loopback that answers 200 `{}` to a bearer token
+    /// `accept` approves and 401 to any other; it records the tokens sent.
+    fn token_server(
+        accept: impl Fn(&str) -> bool + Send + 'static,
+    ) -> (String, std::sync::Arc<Mutex<Vec<String>>>) {
+        use std::io::{BufRead, BufReader, Write};
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}", l.local_addr().unwrap());
+        let seen = std::sync::Arc::new(Mutex::new(Vec::new()));
+        let log = seen.clone();
+        std::thread::spawn(move || {
+            for conn in l.incoming() {
+                let Ok(mut s) = conn else { continue };
+                let mut r = BufReader::new(s.try_clone().unwrap());
+                let mut token = String::new();
+                loop {
+                    let mut h = String::new();
+                    if r.read_line(&mut h).unwrap_or(0) == 0 || h.trim().is_empty() {
+                        break;
+                    }
+                    let h = h.trim_end();
+                    if h.to_ascii_lowercase().starts_with("authorization: bearer ") {
+                        token = h["authorization: bearer ".len()..].to_string();
+                    }
+                }
+                let status = if accept(&token) {
+                    "200 OK"
+                } else {
+                    "401 Unauthorized"
+                };
+                log.lock().unwrap().push(token);
+                let _ = write!(
+                    s,
+                    "HTTP/1.1 {status}\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{{}}"
+                );
+            }
+        });
+        (url, seen)
+    }
+
+    /// A kubeconfig whose user gets `tok-N` (N counts the runs) from an exec
+    /// plugin, expiring at `expires`.
+    fn exec_config(dir: &Path, server: &str, expires: &str) -> PathBuf {
+        use std::os::unix::fs::PermissionsExt;
+        let plugin = dir.join("get-token");
+        std::fs::write(
+            &plugin,
+            format!(
+                "#!/bin/sh\nn=$(( $(cat {runs} 2>/dev/null || echo 0) + 1 ))\necho $n > {runs}\n\
+                 printf '{{\"status\":{{\"token\":\"tok-%s\",\"expirationTimestamp\":\"{expires}\"}}}}' $n\n",
+                runs = dir.join("runs").display()
+            ),
+        )
+        .unwrap();
+        std::fs::set_permissions(&plugin, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let p = dir.join("config");
+        std::fs::write(
+            &p,
+            format!(
+                "current-context: t\nclusters:\n- name: c\n  cluster:\n    server: {server}\n\
+                 contexts:\n- name: t\n  context:\n    cluster: c\n    user: u\n\
+                 users:\n- name: u\n  user:\n    exec:\n      command: ./get-token\n"
+            ),
+        )
+        .unwrap();
+        p
+    }
+
+    fn runs(dir: &Path) -> u32 {
+        std::fs::read_to_string(dir.join("runs"))
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap()
+    }
+
+    /// An exec token is used until shortly before it expires, then fetched
+    /// again: a command that outlives an EKS token keeps working.
+    #[tokio::test]
+    async fn an_exec_token_is_renewed_as_it_expires() {
+        let (url, seen) = token_server(|t| t.starts_with("tok-"));
+        let d = tempfile::tempdir().unwrap();
+        let k =
+            Kube::from_kubeconfig(&exec_config(d.path(), &url, "2999-01-01T00:00:00Z")).unwrap();
+        for _ in 0..2 {
+            k.get_opt::<serde_json::Value>("/api")
+                .await
+                .unwrap()
+                .unwrap();
+        }
+        assert_eq!(*seen.lock().unwrap(), ["tok-1", "tok-1"]);
+        assert_eq!(runs(d.path()), 1, "a valid token is not fetched again");
+
+        let (url, seen) = token_server(|t| t.starts_with("tok-"));
+        let d = tempfile::tempdir().unwrap();
+        let k =
+            Kube::from_kubeconfig(&exec_config(d.path(), &url, "2000-01-01T00:00:00Z")).unwrap();
+        for _ in 0..2 {
+            k.get_opt::<serde_json::Value>("/api")
+                .await
+                .unwrap()
+                .unwrap();
+        }
+        assert_eq!(*seen.lock().unwrap(), ["tok-2", "tok-3"]);
+    }
+
+    /// A 401 renews a renewable token once and sends the request again; a
+    /// second 401 is the error. A fixed token is not retried.
+    #[tokio::test]
+    async fn a_401_renews_the_token_once() {
+        let (url, seen) = token_server(|t| t == "tok-2");
+        let d = tempfile::tempdir().unwrap();
+        let k =
+            Kube::from_kubeconfig(&exec_config(d.path(), &url, "2999-01-01T00:00:00Z")).unwrap();
+        k.get_opt::<serde_json::Value>("/api")
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(*seen.lock().unwrap(), ["tok-1", "tok-2"]);
+        let e = k.get_opt::<serde_json::Value>("/api").await.unwrap();
+        assert!(e.is_some(), "tok-2 is kept");
+
+        let (url, seen) = token_server(|_| false);
+        let d = tempfile::tempdir().unwrap();
+        let k =
+            Kube::from_kubeconfig(&exec_config(d.path(), &url, "2999-01-01T00:00:00Z")).unwrap();
+        let e = k
+            .get_opt::<serde_json::Value>("/api")
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("401"), "{e}");
+        assert_eq!(*seen.lock().unwrap(), ["tok-1", "tok-2"]);
+
+        // A token file rotated in place (a projected service-account
+        // token) is read again after a 401.
+        let (url, seen) = token_server(|t| t == "new");
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("config");
+        std::fs::write(
+            &p,
+            format!(
+                "current-context: t\nclusters:\n- name: c\n  cluster:\n    server: {url}\n\
+                 contexts:\n- name: t\n  context:\n    cluster: c\n    user: u\n\
+                 users:\n- name: u\n  user:\n    tokenFile: token\n"
+            ),
+        )
+        .unwrap();
+        std::fs::write(d.path().join("token"), "old\n").unwrap();
+        let k = Kube::from_kubeconfig(&p).unwrap();
+        std::fs::write(d.path().join("token"), "new\n").unwrap();
+        k.get_opt::<serde_json::Value>("/api")
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(*seen.lock().unwrap(), ["old", "new"]);
+
+        let (url, seen) = token_server(|_| false);
+        std::fs::write(
+            &p,
+            format!(
+                "current-context: t\nclusters:\n- name: c\n  cluster:\n    server: {url}\n\
+                 contexts:\n- name: t\n  context:\n    cluster: c\n    user: u\n\
+                 users:\n- name: u\n  user:\n    token: fixed\n"
+            ),
+        )
+        .unwrap();
+        let k = Kube::from_kubeconfig(&p).unwrap();
+        assert!(k.get_opt::<serde_json::Value>("/api").await.is_err());
+        assert_eq!(*seen.lock().unwrap(), ["fixed"]);
     }
 }
