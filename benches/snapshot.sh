@@ -46,14 +46,20 @@ size=$(du -sb data | cut -f1)
 echo "volume: $(du -sh data | cut -f1) in $(find data -type f | wc -l) files; $(nproc) cores"
 sync
 
+dub() { du -sb "$1" | cut -f1; }
+# settle: the previous tool's writes on disk (its writeback would stall the
+# next tool's fsyncs) and the source in the page cache (by the final delta
+# this run has written ~17 GB, and which source pages survive depends on who
+# ran last). Every tool starts from the same state.
+settle() { sync; find "$work/data" -type f -exec cat {} + > /dev/null; }
 # t OP TOOL STORED_CMD -- COMMAND...: times COMMAND, appends a result row.
 t() {
   local op=$1 tool=$2 stored=$3; shift 4
+  settle
   /usr/bin/time -f '%e %M' -o "$work/time.out" "$@" > "$work/out.txt" 2> "$work/err.txt" || { echo "$tool failed on $op:"; tail -3 "$work/err.txt"; exit 1; }
   read -r wall rss < <(tail -1 "$work/time.out")
   printf '%s\t%s\t%s\t%s\t%s\n' "$op" "$tool" "$wall" "$rss" "$(eval "$stored")" >> "$work/results.tsv"
 }
-dub() { du -sb "$1" | cut -f1; }
 jq_() { python3 -c "import json,sys; o=json.load(open('$work/out.txt')); o={**o.get('snapshot',{}),**o}; print(o.get('$1',0))"; }
 
 t "initial snapshot" ferry "dub vault" -- "$ferry" snapshot data --vault vault --volume bench --json
@@ -96,7 +102,6 @@ final_delta() {
   local tools=(ferry rsync rsync-inplace rclone) n=${#tools[@]} i tool
   for ((i = 0; i < n; i++)); do
     tool=${tools[$(((i + $1) % n))]}
-    sync
     case $tool in
       ferry) t "final delta" ferry "jq_ bytes_written" -- "$ferry" sync data sync-target --delete --json
              [ "$1" = 1 ] && cp out.txt sync1.json ;;
