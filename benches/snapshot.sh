@@ -2,7 +2,8 @@
 # ferry against restic, borg, rsync and rclone on the same data, in one run.
 # Data: the benchmark volume of ../shared/bench/gen_dataset.py and its 1%
 # mutation. Operations: initial snapshot; snapshot with nothing changed;
-# full restore into an empty directory; snapshot after the 1% mutation;
+# full restore into an empty directory (ROUNDS rounds, medians); snapshot
+# after the 1% mutation;
 # the final delta (one `ferry sync` into a target pre-synced by `ferry sync`:
 # snapshot + delta restore, what runs in the downtime window) against
 # `rsync -a --delete`, `rsync -a --delete --inplace --no-whole-file` and
@@ -34,7 +35,7 @@ if [ ! -d pristine ]; then
   # shellcheck disable=SC2086
   python3 "$gen" build pristine $GEN_ARGS >/dev/null
 fi
-rm -rf data cp-out vault state restored restic-repo restic-out borg-repo borg-out rsync-target rsync-inplace-target rclone-target sync-target results.tsv
+rm -rf data cp-out* vault state restored restored-* restic-repo restic-out* borg-repo borg-out* rsync-target rsync-inplace-target rclone-target sync-target results.tsv
 cp -a pristine data
 export FERRY_PASSPHRASE=bench XDG_STATE_HOME="$work/state" RESTIC_PASSWORD=bench BORG_PASSPHRASE=bench
 export BORG_BASE_DIR="$work/borg-base" RESTIC_CACHE_DIR="$work/restic-cache"
@@ -69,13 +70,27 @@ t "unchanged snapshot" ferry "jq_ bytes_uploaded" -- "$ferry" snapshot data --va
 python3 -c "import json; o=json.load(open('out.txt')); print('  ferry unchanged snapshot: %d files in %.3f s = %.0f files/s (key derivation and catalog open excluded), %d bytes read' % (o['files'], o['duration_s'], o['files']/o['duration_s'], o['bytes_scanned']))"
 has restic && t "unchanged snapshot" restic "echo 0" -- restic backup --repo restic-repo -q data
 has borg && t "unchanged snapshot" borg "echo 0" -- borg create --compression zstd,1 borg-repo::a2 data
-# Full restores: each starts with the previous one's dirty pages written back
-# (sync), so writeback pressure favours no one; `cp -a` of the same tree is
-# the disk's own limit.
-sync; t "full restore" ferry "jq_ bytes_written" -- "$ferry" restore bench restored --vault vault --json
-sync; has restic && t "full restore" restic "dub restic-out" -- restic restore latest --repo restic-repo -q --target restic-out
-sync; has borg && { mkdir -p borg-out; (cd borg-out && t "full restore" borg "dub ." -- borg extract "$work/borg-repo::a1"); }
-sync; t "full restore" "cp -a" "dub cp-out" -- cp -a data cp-out
+# Full restores, ROUNDS times in rotating order (the table shows medians);
+# `cp -a` of the same tree is the disk's own limit. Each run writes a new
+# directory: deleting the previous output first would leave ext4 skipping
+# its recently freed inodes while the next tool creates 40,000 files, a
+# cost that falls on whoever creates files first. Outputs are deleted at
+# the end of the run.
+full_restore() {
+  local tools=(ferry restic borg cp) n=4 i tool r=$1
+  for ((i = 0; i < n; i++)); do
+    tool=${tools[$(((i + r) % n))]}
+    case $tool in
+      ferry) t "full restore" ferry "jq_ bytes_written" -- "$ferry" restore bench "restored-$r" --vault vault --json ;;
+      restic) has restic && t "full restore" restic "dub restic-out-$r" -- restic restore latest --repo restic-repo -q --target "restic-out-$r" ;;
+      borg) has borg && { mkdir -p "borg-out-$r"; (cd "borg-out-$r" && t "full restore" borg "dub ." -- borg extract "$work/borg-repo::a1"); } ;;
+      cp) t "full restore" "cp -a" "dub cp-out-$r" -- cp -a data "cp-out-$r" ;;
+    esac
+  done
+  return 0
+}
+for ((r = 1; r <= ${ROUNDS:-3}; r++)); do full_restore "$r"; done
+mv restored-1 restored
 sync
 
 # Pre-sync the final-delta targets (untimed): ferry sync's own (its default
@@ -179,3 +194,5 @@ for group, label in [("stage", "synthetic input"), ("stage_volume", "the volume'
 PY
 echo "ferry's delta restore $restored_ok the source"
 diff -r --no-dereference data sync-target >/dev/null && echo "ferry's sync target equals the source" || echo "MISMATCH between data and sync-target"
+# The full restores' outputs (5 GB a round), not left for the next run to delete.
+rm -rf restored-* restic-out-* borg-out-* cp-out-*
