@@ -90,7 +90,6 @@ full_restore() {
   return 0
 }
 for ((r = 1; r <= ${ROUNDS:-3}; r++)); do full_restore "$r"; done
-mv restored-1 restored
 sync
 
 # Pre-sync the final-delta targets (untimed): ferry sync's own (its default
@@ -105,9 +104,10 @@ t "snapshot after 1%" ferry "jq_ bytes_uploaded" -- "$ferry" snapshot data --vau
 cp out.txt snap1.json
 has restic && t "snapshot after 1%" restic "echo 0" -- restic backup --repo restic-repo -q data
 has borg && t "snapshot after 1%" borg "echo 0" -- borg create --compression zstd,1 borg-repo::a3 data
-t "delta restore" ferry "jq_ bytes_written" -- "$ferry" restore bench restored --vault vault --delete --json
+# Into the first round's output: its target memory is recorded under that path.
+t "delta restore" ferry "jq_ bytes_written" -- "$ferry" restore bench restored-1 --vault vault --delete --json
 cp out.txt rest1.json
-restored_ok=$(diff -r --no-dereference data restored >/dev/null && echo equals || echo "MISMATCH with")
+restored_ok=$(diff -r --no-dereference data restored-1 >/dev/null && echo equals || echo "MISMATCH with")
 
 # The final delta, ROUNDS times (default 3; the table shows medians): each
 # round every tool brings its own pre-synced copy up to date, in an order
