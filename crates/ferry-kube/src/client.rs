@@ -763,30 +763,27 @@ mod tests {
     /// again: a command that outlives an EKS token keeps working.
     #[tokio::test]
     async fn an_exec_token_is_renewed_as_it_expires() {
-        let (url, seen) = token_server(|t| t.starts_with("tok-"));
-        let d = tempfile::tempdir().unwrap();
-        let k =
-            Kube::from_kubeconfig(&exec_config(d.path(), &url, "2999-01-01T00:00:00Z")).unwrap();
-        for _ in 0..2 {
-            k.get_opt::<serde_json::Value>("/api")
-                .await
-                .unwrap()
-                .unwrap();
+        /// Two requests with a plugin whose tokens expire at `expires`:
+        /// the tokens the server saw and how often the plugin ran.
+        async fn two_requests(expires: &str) -> (Vec<String>, u32) {
+            let (url, seen) = token_server(|t| t.starts_with("tok-"));
+            let d = tempfile::tempdir().unwrap();
+            let k = Kube::from_kubeconfig(&exec_config(d.path(), &url, expires)).unwrap();
+            for _ in 0..2 {
+                k.get_opt::<serde_json::Value>("/api")
+                    .await
+                    .unwrap()
+                    .unwrap();
+            }
+            let seen = seen.lock().unwrap().clone();
+            (seen, runs(d.path()))
         }
-        assert_eq!(*seen.lock().unwrap(), ["tok-1", "tok-1"]);
-        assert_eq!(runs(d.path()), 1, "a valid token is not fetched again");
-
-        let (url, seen) = token_server(|t| t.starts_with("tok-"));
-        let d = tempfile::tempdir().unwrap();
-        let k =
-            Kube::from_kubeconfig(&exec_config(d.path(), &url, "2000-01-01T00:00:00Z")).unwrap();
-        for _ in 0..2 {
-            k.get_opt::<serde_json::Value>("/api")
-                .await
-                .unwrap()
-                .unwrap();
-        }
-        assert_eq!(*seen.lock().unwrap(), ["tok-2", "tok-3"]);
+        let (seen, runs) = two_requests("2999-01-01T00:00:00Z").await;
+        assert_eq!(seen, ["tok-1", "tok-1"]);
+        assert_eq!(runs, 1, "a valid token is not fetched again");
+        let (seen, runs) = two_requests("2000-01-01T00:00:00Z").await;
+        assert_eq!(seen, ["tok-2", "tok-3"]);
+        assert_eq!(runs, 3);
     }
 
     /// A 401 renews a renewable token once and sends the request again; a
