@@ -738,13 +738,19 @@ mod tests {
         )
         .unwrap();
         std::fs::set_permissions(&plugin, std::fs::Permissions::from_mode(0o755)).unwrap();
+        user_config(dir, server, "    exec:\n      command: ./get-token")
+    }
+
+    /// A kubeconfig in `dir` for `server` whose user is `user` (YAML lines
+    /// under `user:`, indented four spaces).
+    fn user_config(dir: &Path, server: &str, user: &str) -> PathBuf {
         let p = dir.join("config");
         std::fs::write(
             &p,
             format!(
                 "current-context: t\nclusters:\n- name: c\n  cluster:\n    server: {server}\n\
                  contexts:\n- name: t\n  context:\n    cluster: c\n    user: u\n\
-                 users:\n- name: u\n  user:\n    exec:\n      command: ./get-token\n"
+                 users:\n- name: u\n  user:\n{user}\n"
             ),
         )
         .unwrap();
@@ -818,16 +824,7 @@ mod tests {
         // token) is read again after a 401.
         let (url, seen) = token_server(|t| t == "new");
         let d = tempfile::tempdir().unwrap();
-        let p = d.path().join("config");
-        std::fs::write(
-            &p,
-            format!(
-                "current-context: t\nclusters:\n- name: c\n  cluster:\n    server: {url}\n\
-                 contexts:\n- name: t\n  context:\n    cluster: c\n    user: u\n\
-                 users:\n- name: u\n  user:\n    tokenFile: token\n"
-            ),
-        )
-        .unwrap();
+        let p = user_config(d.path(), &url, "    tokenFile: token");
         std::fs::write(d.path().join("token"), "old\n").unwrap();
         let k = Kube::from_kubeconfig(&p).unwrap();
         std::fs::write(d.path().join("token"), "new\n").unwrap();
@@ -838,15 +835,7 @@ mod tests {
         assert_eq!(*seen.lock().unwrap(), ["old", "new"]);
 
         let (url, seen) = token_server(|_| false);
-        std::fs::write(
-            &p,
-            format!(
-                "current-context: t\nclusters:\n- name: c\n  cluster:\n    server: {url}\n\
-                 contexts:\n- name: t\n  context:\n    cluster: c\n    user: u\n\
-                 users:\n- name: u\n  user:\n    token: fixed\n"
-            ),
-        )
-        .unwrap();
+        let p = user_config(d.path(), &url, "    token: fixed");
         let k = Kube::from_kubeconfig(&p).unwrap();
         assert!(k.get_opt::<serde_json::Value>("/api").await.is_err());
         assert_eq!(*seen.lock().unwrap(), ["fixed"]);
