@@ -452,8 +452,12 @@ async fn snapshot_locked(
             cfg.chunker,
         );
         let ids = vault.ids().clone();
+        let verify = VerifyAhead {
+            threads: workers,
+            span: VERIFY_SPAN,
+        };
         pool_handles.push(std::thread::spawn(move || {
-            chunk_pool(rx, chunker, ids, jobs, stats, progress)
+            chunk_pool(rx, chunker, ids, verify, jobs, stats, progress)
         }));
     }
     drop(pool_rx);
@@ -1084,6 +1088,7 @@ fn chunk_pool(
     files: crossbeam_channel::Receiver<LargeFile>,
     chunker: ChunkerParams,
     ids: IdHasher,
+    verify: VerifyAhead,
     jobs: crossbeam_channel::Sender<Job>,
     stats: Arc<Stats>,
     progress: Arc<dyn Progress>,
@@ -1098,6 +1103,7 @@ fn chunk_pool(
                 &chunker,
                 &hint,
                 &ids,
+                &verify,
                 &jobs,
                 &stats,
                 progress.as_ref(),
@@ -1119,6 +1125,110 @@ fn chunk_pool(
         pieces.send(Piece::End(error)).map_err(|_| stopped())?;
     }
     Ok(())
+}
+
+/// How far ahead of [`chunk_file_hinted`] the parent's chunks are checked,
+/// and on how many threads.
+#[derive(Clone, Copy, Debug)]
+struct VerifyAhead {
+    threads: usize,
+    /// Bytes of the parent's chunks checked at once.
+    span: u64,
+}
+
+/// Checked at once: enough to keep every thread busy for a while, little
+/// enough that a file which changed all over wastes little hashing.
+const VERIFY_SPAN: u64 = 32 << 20;
+
+/// Which of the parent's chunks are still at their offsets, checked a span
+/// at a time on several threads: a database file of which a few pages
+/// changed is almost all verification, which on one thread was the longest
+/// part of a final delta.
+struct Verifier<'a> {
+    file: &'a File,
+    size: u64,
+    old_at: &'a [(u64, ChunkRef)],
+    ids: &'a IdHasher,
+    ahead: VerifyAhead,
+    /// `same[k]` is old chunk `start + k`'s result.
+    start: usize,
+    same: Vec<bool>,
+    /// The last span mostly failed (the file changed all over, or its data
+    /// moved): check one chunk at a time, as the chunker reaches it.
+    sparse: bool,
+}
+
+impl Verifier<'_> {
+    /// Whether old chunk `i` is still at its offset with the same content.
+    fn check(&mut self, i: usize) -> std::io::Result<bool> {
+        if i < self.start || i >= self.start + self.same.len() {
+            self.fill(i)?;
+        }
+        Ok(self.same[i - self.start])
+    }
+
+    fn fill(&mut self, i: usize) -> std::io::Result<()> {
+        let end = if self.sparse {
+            i + 1
+        } else {
+            let limit = self.old_at[i].0 + self.ahead.span;
+            i + 1 + self.old_at[i + 1..].partition_point(|(at, _)| *at < limit)
+        };
+        let part = &self.old_at[i..end];
+        let (file, size, ids) = (self.file, self.size, self.ids);
+        let threads = self.ahead.threads.clamp(1, part.len());
+        let same = if threads == 1 {
+            verify_chunks(file, size, part, ids)?
+        } else {
+            let per = part.len().div_ceil(threads);
+            std::thread::scope(|s| {
+                let others: Vec<_> = part
+                    .chunks(per)
+                    .skip(1)
+                    .map(|p| s.spawn(move || verify_chunks(file, size, p, ids)))
+                    .collect();
+                let mut same = verify_chunks(file, size, &part[..per], ids)?;
+                for h in others {
+                    let more = h
+                        .join()
+                        .map_err(|_| std::io::Error::other("a verifying thread panicked"))??;
+                    same.extend(more);
+                }
+                Ok::<_, std::io::Error>(same)
+            })?
+        };
+        let matched = same.iter().filter(|s| **s).count();
+        self.sparse = matched * 2 < same.len();
+        self.start = i;
+        self.same = same;
+        Ok(())
+    }
+}
+
+/// Reads and hashes each chunk at its offset: true where the id matches.
+/// A chunk reaching past the end of the file does not match.
+fn verify_chunks(
+    file: &File,
+    size: u64,
+    chunks: &[(u64, ChunkRef)],
+    ids: &IdHasher,
+) -> std::io::Result<Vec<bool>> {
+    use std::os::unix::fs::FileExt;
+    // One buffer for all: verified chunks are hashed and dropped, so a
+    // fresh (zeroed) allocation each would be waste.
+    let mut buf = Vec::new();
+    chunks
+        .iter()
+        .map(|(at, c)| {
+            let n = c.1 as usize;
+            if at + n as u64 > size {
+                return Ok(false);
+            }
+            buf.resize(n, 0);
+            file.read_exact_at(&mut buf, *at)?;
+            Ok(ids.id(&buf) == c.0)
+        })
+        .collect()
 }
 
 /// A chunk that [`chunk_file_hinted`] hands on.
@@ -1145,6 +1255,7 @@ fn chunk_file_hinted(
     chunker: &ChunkerParams,
     old: &[ChunkRef],
     ids: &IdHasher,
+    ahead: &VerifyAhead,
     jobs: &crossbeam_channel::Sender<Job>,
     stats: &Stats,
     progress: &dyn Progress,
@@ -1210,9 +1321,16 @@ fn chunk_file_hinted(
     // then unchanged): until then it is held back, and if the next one
     // fails, chunking restarts from the held chunk's start.
     let mut held: Option<(u64, u32, BlobId)> = None;
-    // Verified chunks are read into this one buffer: they are hashed and
-    // dropped, so a fresh (zeroed) allocation each would be waste.
-    let mut verify_buf = vec![0u8; max];
+    let mut verifier = Verifier {
+        file: &file,
+        size,
+        old_at: &old_at,
+        ids,
+        ahead: *ahead,
+        start: 0,
+        same: Vec::new(),
+        sparse: false,
+    };
     let (mut pos, mut i) = (0u64, 0usize);
     while pos < size {
         while i < old_at.len() && old_at[i].0 < pos {
@@ -1226,19 +1344,15 @@ fn chunk_file_hinted(
             .copied()
             .filter(|(at, c)| *at == pos && at + c.1 as u64 <= size && !cut_by_eof(*at, c))
         {
-            if verify_buf.len() < c.1 as usize {
-                verify_buf.resize(c.1 as usize, 0);
-            }
-            let buf = &mut verify_buf[..c.1 as usize];
-            if let Err(e) = file.read_exact_at(buf, at) {
-                return fail(e);
-            }
-            let id = ids.id(buf);
-            if id == c.0 {
+            let same = match verifier.check(i) {
+                Ok(same) => same,
+                Err(e) => return fail(e),
+            };
+            if same {
                 if let Some((_, n, hid)) = held.take() {
                     send(Out::Known(n, hid))?;
                 }
-                held = Some((at, c.1, id));
+                held = Some((at, c.1, c.0));
                 pos += c.1 as u64;
                 i += 1;
                 continue;
@@ -1695,7 +1809,13 @@ mod tests {
 
     /// Chunks `data` as a file, with `hint` as the parent's chunk list;
     /// returns the chunk list the collector would see.
-    fn hinted(data: &[u8], hint: &[ChunkRef], p: &ChunkerParams, ids: &IdHasher) -> Vec<ChunkRef> {
+    fn hinted(
+        data: &[u8],
+        hint: &[ChunkRef],
+        p: &ChunkerParams,
+        ids: &IdHasher,
+        ahead: VerifyAhead,
+    ) -> Vec<ChunkRef> {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("f");
         std::fs::write(&path, data).unwrap();
@@ -1718,6 +1838,7 @@ mod tests {
             p,
             hint,
             ids,
+            &ahead,
             &jobs_tx,
             &stats,
             &crate::progress::NoProgress,
@@ -1745,10 +1866,13 @@ mod tests {
         #![proptest_config(ProptestConfig::with_cases(48))]
         /// Chunking a changed file from its old chunk list gives exactly the
         /// chunks a full FastCDC pass gives: overwrites anywhere (chunk
-        /// edges included), growth and shrinking.
+        /// edges included), growth and shrinking, whatever the spans
+        /// verified ahead and the threads verifying them.
         #[test]
         fn hinted_chunking_equals_full_chunking(
             seed in any::<u64>(),
+            span in 1u64..120_000,
+            threads in 1usize..4,
             edits in proptest::collection::vec((0usize..300_000, 1usize..64), 0..4),
             edge_edit in any::<bool>(),
             resize in -20_000i64..20_000,
@@ -1770,7 +1894,8 @@ mod tests {
             }
             let len = (new.len() as i64 + resize) as usize;
             new.resize(len, 7);
-            prop_assert_eq!(hinted(&new, &old_chunks, &p, &ids), plain(&new, &p, &ids));
+            let ahead = VerifyAhead { threads, span };
+            prop_assert_eq!(hinted(&new, &old_chunks, &p, &ids, ahead), plain(&new, &p, &ids));
         }
     }
 }
