@@ -10,6 +10,8 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use crate::id::BlobId;
 
+mod compact;
+
 /// A file name or link target: bytes on Unix, which need not be UTF-8.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Name(pub Vec<u8>);
@@ -257,15 +259,39 @@ impl Tree {
 
     pub fn decode(bytes: &[u8]) -> Result<Self, String> {
         let t: Tree = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
-        for w in t.entries.windows(2) {
+        t.check()?;
+        Ok(t)
+    }
+
+    /// The catalog's form of the tree (see [`compact`]): never hashed, never
+    /// in the vault.
+    pub fn encode_cached(&self) -> Vec<u8> {
+        compact::encode(self)
+    }
+
+    /// Decodes what a catalog holds for a tree: the compact form, or the
+    /// vault's JSON (catalogs filled before the compact form).
+    pub fn decode_cached(bytes: &[u8]) -> Result<Self, String> {
+        if bytes.first() != Some(&compact::MAGIC) {
+            return Self::decode(bytes);
+        }
+        let t = compact::decode(bytes)?;
+        t.check()?;
+        Ok(t)
+    }
+
+    /// Whatever a tree came from, its names are sorted, unique and safe to
+    /// join to a directory.
+    fn check(&self) -> Result<(), String> {
+        for w in self.entries.windows(2) {
             if w[0].name >= w[1].name {
                 return Err("entries are not sorted and unique".into());
             }
         }
-        if let Some(bad) = t.entries.iter().find(|n| !n.name.is_safe_component()) {
+        if let Some(bad) = self.entries.iter().find(|n| !n.name.is_safe_component()) {
             return Err(format!("unsafe entry name {:?}", bad.name.display()));
         }
-        Ok(t)
+        Ok(())
     }
 }
 
@@ -353,6 +379,9 @@ mod tests {
         assert_eq!(Tree::decode(&bytes).unwrap(), t);
         // Deterministic: the same tree gives the same bytes, hence the same id.
         assert_eq!(t.encode(), bytes);
+        // The catalog reads both its forms.
+        assert_eq!(Tree::decode_cached(&bytes).unwrap(), t);
+        assert_eq!(Tree::decode_cached(&t.encode_cached()).unwrap(), t);
     }
 
     #[test]
@@ -386,6 +415,7 @@ mod tests {
                 )],
             };
             assert!(Tree::decode(&t.encode()).is_err());
+            assert!(Tree::decode_cached(&t.encode_cached()).is_err());
         }
         let t = Tree {
             entries: vec![
@@ -404,9 +434,54 @@ mod tests {
             ],
         };
         assert!(Tree::decode(&t.encode()).is_err());
+        assert!(Tree::decode_cached(&t.encode_cached()).is_err());
     }
 
     use proptest::prelude::*;
+
+    fn arb_node() -> impl Strategy<Value = Node> {
+        let id = any::<[u8; 32]>().prop_map(BlobId);
+        let name = proptest::collection::vec(any::<u8>(), 1..8);
+        let kind = prop_oneof![
+            (
+                any::<u64>(),
+                proptest::collection::vec((id.clone(), any::<u32>()), 0..4)
+            )
+                .prop_map(|(size, c)| NodeKind::File {
+                    size,
+                    chunks: c.into_iter().map(|(i, n)| ChunkRef(i, n)).collect(),
+                }),
+            id.prop_map(|subtree| NodeKind::Dir { subtree }),
+            name.clone()
+                .prop_map(|t| NodeKind::Symlink { target: Name(t) }),
+            name.clone()
+                .prop_map(|t| NodeKind::Hardlink { target: Name(t) }),
+        ];
+        let xattr = (name.clone(), "[0-9a-f]{0,8}").prop_map(|(n, value)| Xattr {
+            name: Name(n),
+            value,
+        });
+        (
+            name,
+            kind,
+            (any::<u32>(), any::<u32>(), any::<u32>()),
+            (any::<i64>(), any::<i64>(), any::<u64>()),
+            proptest::collection::vec(xattr, 0..3),
+        )
+            .prop_map(
+                |(name, kind, (mode, uid, gid), (mtime_ns, ctime_ns, inode), xattrs)| Node {
+                    name: Name(name),
+                    kind,
+                    mode,
+                    uid,
+                    gid,
+                    mtime_ns,
+                    ctime_ns,
+                    inode,
+                    xattrs,
+                },
+            )
+    }
 
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(256))]
@@ -432,6 +507,41 @@ mod tests {
                     prop_assert!(w[0].name < w[1].name);
                 }
                 for e in &t.entries {
+                    prop_assert!(e.name.is_safe_component(), "{:?}", e.name);
+                }
+            }
+        }
+
+        /// The catalog's compact form gives back the tree it was made of,
+        /// every field and kind; damaged or truncated, it is an error, never
+        /// a panic, and never a tree with unsafe names.
+        #[test]
+        fn compact_form_round_trips_and_rejects_damage(
+            nodes in proptest::collection::vec(arb_node(), 0..6),
+            cut in any::<prop::sample::Index>(),
+            flips in proptest::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 1..4),
+        ) {
+            let mut entries: Vec<Node> = nodes
+                .into_iter()
+                .filter(|n| n.name.is_safe_component())
+                .collect();
+            entries.sort_by(|a, b| a.name.cmp(&b.name));
+            entries.dedup_by(|a, b| a.name == b.name);
+            let t = Tree { entries };
+            let b = t.encode_cached();
+            prop_assert_eq!(Tree::decode_cached(&b).unwrap(), t.clone());
+            let short = &b[..cut.index(b.len())];
+            prop_assert!(Tree::decode_cached(short).is_err());
+            let mut bad = b.clone();
+            for (i, x) in &flips {
+                let n = bad.len();
+                bad[i.index(n)] = *x;
+            }
+            if let Ok(d) = Tree::decode_cached(&bad) {
+                for w in d.entries.windows(2) {
+                    prop_assert!(w[0].name < w[1].name);
+                }
+                for e in &d.entries {
                     prop_assert!(e.name.is_safe_component(), "{:?}", e.name);
                 }
             }

@@ -1643,7 +1643,7 @@ fn collect(
                         let full = std::mem::replace(&mut pack, PackWriter::new(key, pack_size));
                         packs.blocking_send(full.finish()).map_err(|_| stopped())?;
                     }
-                    catalog.put_tree(&id, &blob)?;
+                    catalog.put_tree(&id, &tree.encode_cached())?;
                 }
                 match stack.last_mut() {
                     Some(parent) => {

@@ -136,23 +136,22 @@ pub struct PruneRecord {
 /// Loads a tree blob: from the catalog's cache, else from the vault (and
 /// caches it).
 pub async fn load_tree(vault: &Vault, catalog: &dyn Catalog, id: &BlobId) -> Result<Tree> {
-    let bytes = match catalog.tree(id)? {
-        Some(b) => b,
-        None => {
-            let loc = catalog
-                .locate(&[*id])?
-                .pop()
-                .flatten()
-                .ok_or_else(|| Error::MissingBlob { id: id.to_hex() })?;
-            let b = vault.read_blob(&loc.pack, &loc.salt, &loc.entry).await?;
-            catalog.put_tree(id, &b)?;
-            b
-        }
-    };
-    Tree::decode(&bytes).map_err(|reason| Error::DamagedObject {
+    let damaged = |reason| Error::DamagedObject {
         object: format!("tree {}", id.to_hex()),
         reason,
-    })
+    };
+    if let Some(b) = catalog.tree(id)? {
+        return Tree::decode_cached(&b).map_err(damaged);
+    }
+    let loc = catalog
+        .locate(&[*id])?
+        .pop()
+        .flatten()
+        .ok_or_else(|| Error::MissingBlob { id: id.to_hex() })?;
+    let b = vault.read_blob(&loc.pack, &loc.salt, &loc.entry).await?;
+    let tree = Tree::decode(&b).map_err(damaged)?;
+    catalog.put_tree(id, &tree.encode_cached())?;
+    Ok(tree)
 }
 
 /// Finds a snapshot by `NAME`, `NAME@ID-PREFIX` or `NAME@latest`: the latest
