@@ -10,7 +10,8 @@
 //!                          builds tree blobs, bottom up
 //! ```
 //!
-//! The reader walks the source in name order, chunks each file and sends
+//! The reader walks the source in name order (a directory's other entries
+//! before its subdirectories), chunks each file and sends
 //! each chunk to the workers; in order, it tells the collector what it saw,
 //! with a one-shot receiver per chunk for its id. Each worker fills a pack of
 //! its own, so no lock guards the hot path but the dedup claim set. The
@@ -896,14 +897,19 @@ impl Reader<'_> {
         old: Option<&Tree>,
     ) -> Result<()> {
         let old_node = |name: &Name| -> Option<&Node> { old?.entry(&name.0) };
-        let names = match source::sorted_names(dir) {
+        let entries = match source::sorted_entries(dir) {
             Ok(n) => n,
             Err(e) => {
                 self.warn(format!("{}: cannot list directory: {e}", dir.display()));
                 return Ok(());
             }
         };
-        for os_name in names {
+        // Subdirectories are read after the directory's other entries, once
+        // its listing (and the descriptor it holds open) is dropped: a deep
+        // tree must not hold a descriptor per level. The collector sorts
+        // each directory's entries, so the tree is the same.
+        let mut subdirs = Vec::new();
+        for (os_name, entry) in entries {
             let path = dir.join(&os_name);
             let name = Name::from_os(&os_name);
             let mut child_rel = rel.to_vec();
@@ -911,7 +917,9 @@ impl Reader<'_> {
                 child_rel.push(b'/');
             }
             child_rel.extend_from_slice(&name.0);
-            let md = match std::fs::symlink_metadata(&path) {
+            // Relative to the listed directory (`fstatat`): no walk of the
+            // whole path per entry.
+            let md = match entry.metadata() {
                 Ok(md) => md,
                 Err(e) => {
                     self.warn(format!("{}: {e}", path.display()));
@@ -919,20 +927,7 @@ impl Reader<'_> {
                 }
             };
             match source::entry_type(&md) {
-                EntryType::Dir => {
-                    let xattrs = self.xattrs(&path);
-                    let sub = match (previous, old_node(&name).map(|n| &n.kind)) {
-                        (Some(p), Some(NodeKind::Dir { subtree })) => p.tree(subtree),
-                        _ => None,
-                    };
-                    self.send(Item::EnterDir {
-                        name,
-                        md: Meta::from(&md),
-                        xattrs,
-                    })?;
-                    self.dir(&path, &child_rel, previous, sub.as_ref())?;
-                    self.send(Item::LeaveDir)?;
-                }
+                EntryType::Dir => subdirs.push((path, name, child_rel, md)),
                 EntryType::File => {
                     let old = old_node(&name);
                     // An unchanged file keeps its extended attributes too:
@@ -966,6 +961,20 @@ impl Reader<'_> {
                     self.warn(format!("{}: skipped {kind}", path.display()));
                 }
             }
+        }
+        for (path, name, child_rel, md) in subdirs {
+            let xattrs = self.xattrs(&path);
+            let sub = match (previous, old_node(&name).map(|n| &n.kind)) {
+                (Some(p), Some(NodeKind::Dir { subtree })) => p.tree(subtree),
+                _ => None,
+            };
+            self.send(Item::EnterDir {
+                name,
+                md: Meta::from(&md),
+                xattrs,
+            })?;
+            self.dir(&path, &child_rel, previous, sub.as_ref())?;
+            self.send(Item::LeaveDir)?;
         }
         Ok(())
     }

@@ -116,14 +116,15 @@ pub fn read_xattrs(path: &Path) -> std::io::Result<Vec<Xattr>> {
     Ok(out)
 }
 
-/// The names in a directory, sorted bytewise.
-pub fn sorted_names(dir: &Path) -> std::io::Result<Vec<std::ffi::OsString>> {
-    let mut names = std::fs::read_dir(dir)?
-        .map(|e| e.map(|e| e.file_name()))
+/// A directory's entries with their names, sorted bytewise by name. An
+/// entry's `metadata()` is looked up relative to the directory.
+pub fn sorted_entries(dir: &Path) -> std::io::Result<Vec<(std::ffi::OsString, std::fs::DirEntry)>> {
+    let mut entries = std::fs::read_dir(dir)?
+        .map(|e| e.map(|e| (e.file_name(), e)))
         .collect::<std::io::Result<Vec<_>>>()?;
-    names.sort_by(|a, b| {
+    entries.sort_by(|a, b| {
         use std::os::unix::ffi::OsStrExt;
-        a.as_bytes().cmp(b.as_bytes())
+        a.0.as_bytes().cmp(b.0.as_bytes())
     });
-    Ok(names)
+    Ok(entries)
 }
