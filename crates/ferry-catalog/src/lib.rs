@@ -62,6 +62,12 @@ pub enum Error {
 
 pub struct SqliteCatalog {
     conn: Mutex<Connection>,
+    /// Idle read-only connections for the lookups every stage makes at
+    /// once (trees, dedup, blob locations): WAL lets readers run beside
+    /// the writer and each other, and with one connection behind one lock
+    /// the snapshot's reader, its collector and a restore's check queued
+    /// on each other for every tree. As many as ever ran at once.
+    readers: Mutex<Vec<Connection>>,
     path: PathBuf,
 }
 
@@ -106,6 +112,7 @@ impl SqliteCatalog {
         Ok((
             Self {
                 conn: Mutex::new(conn),
+                readers: Mutex::new(Vec::new()),
                 path: path.into(),
             },
             fresh,
@@ -119,6 +126,38 @@ impl SqliteCatalog {
     fn conn(&self) -> std::sync::MutexGuard<'_, Connection> {
         self.conn.lock().unwrap_or_else(|p| p.into_inner())
     }
+
+    /// Runs a read on an idle read-only connection (opened if none is
+    /// idle), then makes it idle again. It sees every committed write.
+    fn read<T>(&self, f: impl FnOnce(&Connection) -> rusqlite::Result<T>) -> CatalogResult<T> {
+        let idle = self.readers.lock().unwrap_or_else(|p| p.into_inner()).pop();
+        let conn = match idle {
+            Some(c) => c,
+            None => open_reader(&self.path).map_err(cerr)?,
+        };
+        let out = f(&conn);
+        self.readers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(conn);
+        out.map_err(cerr)
+    }
+}
+
+/// A read-only connection to a catalog the writer connection has set up
+/// (WAL, schema).
+fn open_reader(path: &Path) -> rusqlite::Result<Connection> {
+    use rusqlite::OpenFlags;
+    let conn = Connection::open_with_flags(
+        path,
+        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )?;
+    conn.busy_timeout(Duration::from_secs(60))?;
+    // No memory map here: while a snapshot writes, the file grows with
+    // every commit and each reader's map was torn down and faulted in
+    // again (more system time than all the catalog's reads).
+    conn.pragma_update(None, "mmap_size", 0)?;
+    Ok(conn)
 }
 
 /// Opens (or creates, with its directory) a SQLite file the way every
@@ -168,6 +207,41 @@ pub fn state_dir() -> PathBuf {
         .join("ferry")
 }
 
+fn locate(conn: &Connection, ids: &[BlobId]) -> rusqlite::Result<Vec<Option<BlobLocation>>> {
+    let mut st = conn.prepare_cached(
+        "SELECT b.kind, b.pack, b.idx, b.offset, b.stored_len, b.raw_len, b.compressed, p.salt
+         FROM blobs b JOIN packs p ON p.id = b.pack WHERE b.id = ?1",
+    )?;
+    ids.iter()
+        .map(|id| {
+            st.query_row([&id.0[..]], |r| {
+                let kind: u8 = r.get(0)?;
+                let salt: Vec<u8> = r.get(7)?;
+                Ok(BlobLocation {
+                    pack: pack_id(r.get(1)?)?,
+                    salt: salt.try_into().map_err(|_| {
+                        rusqlite::Error::InvalidColumnType(
+                            7,
+                            "salt".into(),
+                            rusqlite::types::Type::Blob,
+                        )
+                    })?,
+                    entry: PackEntry {
+                        kind: BlobKind::from_code(kind).unwrap_or(BlobKind::Data),
+                        id: *id,
+                        index: r.get(2)?,
+                        offset: r.get::<_, i64>(3)? as u64,
+                        stored_len: r.get(4)?,
+                        raw_len: r.get(5)?,
+                        compressed: r.get(6)?,
+                    },
+                })
+            })
+            .optional()
+        })
+        .collect()
+}
+
 fn blob_id(v: Vec<u8>) -> rusqlite::Result<BlobId> {
     BlobId::from_slice(&v).ok_or_else(|| {
         rusqlite::Error::InvalidColumnType(0, "id".into(), rusqlite::types::Type::Blob)
@@ -182,52 +256,14 @@ fn pack_id(v: Vec<u8>) -> rusqlite::Result<PackId> {
 
 impl Catalog for SqliteCatalog {
     fn contains(&self, ids: &[BlobId]) -> CatalogResult<Vec<bool>> {
-        let conn = self.conn();
-        let mut st = conn
-            .prepare_cached("SELECT 1 FROM blobs WHERE id = ?1")
-            .map_err(cerr)?;
-        ids.iter()
-            .map(|id| st.exists([&id.0[..]]).map_err(cerr))
-            .collect()
+        self.read(|conn| {
+            let mut st = conn.prepare_cached("SELECT 1 FROM blobs WHERE id = ?1")?;
+            ids.iter().map(|id| st.exists([&id.0[..]])).collect()
+        })
     }
 
     fn locate(&self, ids: &[BlobId]) -> CatalogResult<Vec<Option<BlobLocation>>> {
-        let conn = self.conn();
-        let mut st = conn
-            .prepare_cached(
-                "SELECT b.kind, b.pack, b.idx, b.offset, b.stored_len, b.raw_len, b.compressed, p.salt
-                 FROM blobs b JOIN packs p ON p.id = b.pack WHERE b.id = ?1",
-            )
-            .map_err(cerr)?;
-        ids.iter()
-            .map(|id| {
-                st.query_row([&id.0[..]], |r| {
-                    let kind: u8 = r.get(0)?;
-                    let salt: Vec<u8> = r.get(7)?;
-                    Ok(BlobLocation {
-                        pack: pack_id(r.get(1)?)?,
-                        salt: salt.try_into().map_err(|_| {
-                            rusqlite::Error::InvalidColumnType(
-                                7,
-                                "salt".into(),
-                                rusqlite::types::Type::Blob,
-                            )
-                        })?,
-                        entry: PackEntry {
-                            kind: BlobKind::from_code(kind).unwrap_or(BlobKind::Data),
-                            id: *id,
-                            index: r.get(2)?,
-                            offset: r.get::<_, i64>(3)? as u64,
-                            stored_len: r.get(4)?,
-                            raw_len: r.get(5)?,
-                            compressed: r.get(6)?,
-                        },
-                    })
-                })
-                .optional()
-                .map_err(cerr)
-            })
-            .collect()
+        self.read(|conn| locate(conn, ids))
     }
 
     fn add_packs(&self, packs: &[PackRecord]) -> CatalogResult<()> {
@@ -322,13 +358,10 @@ impl Catalog for SqliteCatalog {
     }
 
     fn tree(&self, id: &BlobId) -> CatalogResult<Option<Vec<u8>>> {
-        let conn = self.conn();
-        let mut st = conn
-            .prepare_cached("SELECT data FROM trees WHERE id = ?1")
-            .map_err(cerr)?;
-        st.query_row([&id.0[..]], |r| r.get(0))
-            .optional()
-            .map_err(cerr)
+        self.read(|conn| {
+            let mut st = conn.prepare_cached("SELECT data FROM trees WHERE id = ?1")?;
+            st.query_row([&id.0[..]], |r| r.get(0)).optional()
+        })
     }
 
     fn put_tree(&self, id: &BlobId, data: &[u8]) -> CatalogResult<()> {
