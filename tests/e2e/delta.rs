@@ -1,7 +1,7 @@
 //! Pre-sync and final delta: restore into a target that holds an earlier
 //! restore, and `ferry sync`.
 
-use std::os::unix::fs::{FileExt, MetadataExt};
+use std::os::unix::fs::{FileExt, MetadataExt, PermissionsExt};
 
 use crate::common::*;
 
@@ -580,4 +580,59 @@ fn verify_lists_a_file_that_differs_and_exits_1() {
     ]);
     assert_eq!(r["files_verified"], 2, "{r}");
     assert_same_tree(&src, &dst);
+}
+
+/// `ferry sync` checks the target beside the snapshot: directories in
+/// place whole are not planned again, and whatever changed in the target
+/// (a file, an extra entry, a directory's mode) is still found and fixed.
+#[test]
+fn sync_checks_the_target_beside_the_snapshot_and_still_fixes_drift() {
+    let env = Env::new();
+    let (src, dst) = (env.path("src"), env.path("dst"));
+    make_volume(&src);
+    let vault = init(&env);
+    let (s, d) = (src.to_str().unwrap(), dst.to_str().unwrap());
+    let sync = |extra: &[&str]| {
+        let mut args = vec!["sync", s, d, "--vault", &vault, "--delete"];
+        args.extend_from_slice(extra);
+        env.json(&args)
+    };
+    let first = sync(&[]);
+    assert_eq!(first["restore"]["dirs_checked_in_place"], 0, "{first}");
+
+    // Nothing changed: app, app/conf and db are all skipped whole.
+    let quiet = sync(&[]);
+    assert_eq!(quiet["restore"]["dirs_checked_in_place"], 3, "{quiet}");
+    assert_eq!(quiet["restore"]["files_unchanged"], 52, "{quiet}");
+    assert_eq!(quiet["bytes_written"], 0, "{quiet}");
+
+    // The target drifts in directories the source did not touch.
+    std::fs::write(dst.join("app/conf/settings.yaml"), b"tampered").unwrap();
+    std::fs::write(dst.join("db/extra.bin"), b"not in the snapshot").unwrap();
+    let drift = sync(&[]);
+    assert_eq!(drift["restore"]["dirs_checked_in_place"], 0, "{drift}");
+    assert_eq!(drift["restore"]["files_written"], 1, "{drift}");
+    assert_eq!(drift["restore"]["files_deleted"], 1, "{drift}");
+    assert_same_tree(&src, &dst);
+
+    // A directory's mode alone is drift too.
+    std::fs::set_permissions(dst.join("app/conf"), std::fs::Permissions::from_mode(0o700)).unwrap();
+    let mode = sync(&[]);
+    assert_eq!(
+        mode["restore"]["dirs_checked_in_place"], 1,
+        "db only: {mode}"
+    );
+    assert_same_tree(&src, &dst);
+
+    // Only the source's db changed: the app subtree is skipped whole, the
+    // db directory is planned and patched.
+    mutate_db(&src);
+    let delta = sync(&[]);
+    assert_eq!(delta["restore"]["dirs_checked_in_place"], 2, "{delta}");
+    assert_eq!(delta["restore"]["files_patched"], 1, "{delta}");
+    assert_same_tree(&src, &dst);
+
+    // --reread-target trusts no memory, so no check ahead either.
+    let reread = sync(&["--reread-target"]);
+    assert_eq!(reread["restore"]["dirs_checked_in_place"], 0, "{reread}");
 }

@@ -258,7 +258,7 @@ pub async fn run(cli: Cli) -> Result<u8> {
             }
             let (vault, catalog) = open(None, g).await?;
             let snap = ferry_core::sync::find_snapshot(catalog.as_ref(), &snapshot)?;
-            let s = restore_into(vault, catalog, &snap, &target, &delta).await?;
+            let s = restore_into(vault, catalog, &snap, &target, &delta, None).await?;
             print(g, &s, || restore_text(&s, &target))?;
             Ok(0)
         }
@@ -294,6 +294,12 @@ pub async fn run(cli: Cli) -> Result<u8> {
                 None => open_default_vault(g).await?,
             };
             let volume = volume.unwrap_or_else(|| default_volume(&source));
+            // The target is checked beside the snapshot: the restore then
+            // plans only the directories that changed.
+            let ahead = match block || delta.reread_target {
+                true => None,
+                false => ferry_fleet::work::check_ahead(vault.clone(), catalog.clone(), &target),
+            };
             let bar = Arc::new(Bar::new("snapshot"));
             let mut opts = SnapshotOptions::new(volume);
             opts.reread = reread;
@@ -312,8 +318,12 @@ pub async fn run(cli: Cli) -> Result<u8> {
                 catalog.as_ref(),
                 &format!("{}@{}", snap_summary.volume, snap_summary.snapshot_id),
             )?;
+            let checked = match ahead {
+                Some(a) => a.finish().await,
+                None => None,
+            };
             let restore_at = started.elapsed().as_secs_f64();
-            let rs = restore_into(vault, catalog, &snap, &target, &delta).await?;
+            let rs = restore_into(vault, catalog, &snap, &target, &delta, checked).await?;
             #[derive(Serialize)]
             struct Out<'a> {
                 snapshot_id: &'a str,
@@ -584,6 +594,7 @@ pub(crate) async fn restore_into(
     snap: &ferry_core::manifest::SnapshotRecord,
     target: &Path,
     delta: &crate::DeltaArgs,
+    checked: Option<Arc<ferry_core::restore::ahead::Checked>>,
 ) -> Result<ferry_core::restore::RestoreSummary> {
     let opts = RestoreOptions {
         delete: delta.delete,
@@ -591,6 +602,7 @@ pub(crate) async fn restore_into(
         reread_target: delta.reread_target,
         no_lock: delta.no_lock,
         batch_files: delta.batch_files as usize,
+        checked,
         ..Default::default()
     };
     let bar = Arc::new(Bar::new("restore"));

@@ -467,6 +467,16 @@ async fn run_pair_inner(
     let mut opts = ferry_core::snapshot::SnapshotOptions::new(pair.volume.clone());
     opts.block = pair.kind == PairKind::Block;
     opts.read_limit = limit;
+    // A directory target is checked beside the snapshot (see `ferry sync`).
+    let ahead = match (
+        opts.block,
+        crate::bucket::objects_at(Path::new(&pair.target), cfg).await?,
+    ) {
+        (false, None) => {
+            ferry_fleet::work::check_ahead(vault.clone(), catalog.clone(), Path::new(&pair.target))
+        }
+        _ => None,
+    };
     let s = match crate::bucket::objects_at(Path::new(&pair.source), cfg).await? {
         Some(objects) => {
             crate::bucket::snapshot_into(vault.clone(), catalog.clone(), objects, &opts).await?
@@ -516,12 +526,17 @@ async fn run_pair_inner(
                 no_lock: false,
                 batch_files: ferry_core::restore::BATCH_FILES as u64,
             };
+            let checked = match ahead {
+                Some(a) => a.finish().await,
+                None => None,
+            };
             let r = crate::commands::restore_into(
                 vault.clone(),
                 catalog.clone(),
                 &snap,
                 Path::new(&pair.target),
                 &delta,
+                checked,
             )
             .await?;
             out.bytes_written = r.bytes_written;

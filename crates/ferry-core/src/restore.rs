@@ -35,6 +35,7 @@
 //! plain path component, and directories are created, never followed
 //! through symlinks.
 
+pub mod ahead;
 pub mod objects;
 
 use std::collections::{HashMap, HashSet};
@@ -76,6 +77,9 @@ pub struct RestoreOptions {
     pub no_lock: bool,
     /// Files planned and written per batch (see [`BATCH_FILES`]).
     pub batch_files: usize,
+    /// The target checked ahead against the snapshot it holds (see
+    /// [`ahead`]): subdirectories in place whole are not planned again.
+    pub checked: Option<Arc<ahead::Checked>>,
 }
 
 impl Default for RestoreOptions {
@@ -87,6 +91,7 @@ impl Default for RestoreOptions {
             reread_target: false,
             no_lock: false,
             batch_files: BATCH_FILES,
+            checked: None,
         }
     }
 }
@@ -110,6 +115,10 @@ pub struct RestoreSummary {
     /// Regular files (and hard links) in the snapshot.
     pub files: u64,
     pub dirs: u64,
+    /// Directories found in place whole by the check that ran beside the
+    /// snapshot (`ferry sync`, a cutover), so not planned again.
+    #[serde(default)]
+    pub dirs_checked_in_place: u64,
     /// Files whose content was written (fresh, patched, relinked).
     pub files_written: u64,
     /// Files already equal to the snapshot: nothing written.
@@ -163,6 +172,8 @@ struct Plan {
     /// Files already right in every way the memory vouches for: nothing
     /// to do but count them (a final delta's plan is mostly these).
     in_place: u64,
+    /// Directories not planned: checked ahead, in place whole.
+    dirs_ahead: u64,
     dirs: Vec<(PathBuf, Node)>,
     symlinks: Vec<(PathBuf, Node)>,
     hardlinks: Vec<(PathBuf, Name)>,
@@ -343,6 +354,7 @@ fn prefetch_trees(
     catalog: Arc<dyn Catalog>,
     root: BlobId,
     old_root: Option<BlobId>,
+    opts: RestoreOptions,
 ) -> (
     tokio::sync::mpsc::Receiver<Result<TreePair>>,
     tokio::task::JoinHandle<()>,
@@ -353,8 +365,8 @@ fn prefetch_trees(
             let (vault, catalog) = (vault.clone(), catalog.clone());
             async move { crate::sync::load_tree(&vault, catalog.as_ref(), &id).await }
         };
-        let mut stack = vec![(root, old_root)];
-        while let Some((tree_id, old_id)) = stack.pop() {
+        let mut stack = vec![(root, old_root, Vec::new())];
+        while let Some((tree_id, old_id, rel)) = stack.pop() {
             let tree = match load(tree_id).await {
                 Ok(t) => t,
                 Err(e) => {
@@ -371,6 +383,10 @@ fn prefetch_trees(
             // Pushed last first, so popped in the snapshot's order.
             for node in tree.entries.iter().rev() {
                 if let NodeKind::Dir { subtree } = &node.kind {
+                    let child_rel = join_rel(&rel, &node.name);
+                    if skipped(&opts, &child_rel, subtree).is_some() {
+                        continue;
+                    }
                     let old_sub = match old.as_ref().and_then(|o| o.entry(&node.name.0)) {
                         Some(Node {
                             kind: NodeKind::Dir { subtree },
@@ -378,7 +394,7 @@ fn prefetch_trees(
                         }) => Some(*subtree),
                         _ => None,
                     };
-                    stack.push((*subtree, old_sub));
+                    stack.push((*subtree, old_sub, child_rel));
                 }
             }
             if tx.send(Ok((tree_id, tree, old))).await.is_err() {
@@ -387,6 +403,15 @@ fn prefetch_trees(
         }
     });
     (rx, task)
+}
+
+/// A subdirectory the restore need not plan: checked ahead and in place
+/// whole, with the very tree the snapshot has there.
+fn skipped(opts: &RestoreOptions, rel: &[u8], subtree: &BlobId) -> Option<ahead::Whole> {
+    if opts.reread_target {
+        return None;
+    }
+    opts.checked.as_ref()?.whole(rel, subtree)
 }
 
 struct Walker<'a> {
@@ -448,6 +473,14 @@ impl Walker<'_> {
                 let md = entry.and_then(|e| e.metadata().ok());
                 match &node.kind {
                     NodeKind::Dir { subtree } => {
+                        // Checked ahead, in place whole: the prefetcher
+                        // skips it too (the same test, see `skipped`).
+                        if let Some(w) = skipped(self.opts, &child_rel, subtree) {
+                            plan.in_place += w.files;
+                            plan.dir_count += w.dirs + 1;
+                            plan.dirs_ahead += w.dirs + 1;
+                            continue;
+                        }
                         if md.as_ref().is_some_and(|m| !m.is_dir()) {
                             remove_any(&path)?;
                         }
@@ -702,7 +735,13 @@ async fn restore_locked(
         opts,
         is_root: effective_uid() == 0,
     };
-    let (mut trees, loader) = prefetch_trees(vault.clone(), catalog.clone(), snap.root, old_root);
+    let (mut trees, loader) = prefetch_trees(
+        vault.clone(),
+        catalog.clone(),
+        snap.root,
+        old_root,
+        opts.clone(),
+    );
     let mut stack: WalkStack = vec![(snap.root, target.to_path_buf(), Vec::new())];
     let mut summary = RestoreSummary {
         snapshot_id: snap.id.clone(),
@@ -760,6 +799,7 @@ async fn restore_locked(
         summary.files +=
             (plan.files.len() + plan.unchanged.len() + plan.hardlinks.len()) as u64 + plan.in_place;
         summary.dirs += plan.dir_count;
+        summary.dirs_checked_in_place += plan.dirs_ahead;
         summary.files_unchanged += plan.unchanged.len() as u64 + plan.in_place;
         summary.files_patched += plan.patched;
         summary.files_deleted += plan.deleted;
