@@ -157,6 +157,9 @@ fn open_reader(path: &Path) -> rusqlite::Result<Connection> {
     // every commit and each reader's map was torn down and faulted in
     // again (more system time than all the catalog's reads).
     conn.pragma_update(None, "mmap_size", 0)?;
+    // Lookups of random keys: the kernel's page cache holds the file, so a
+    // big cache per connection would only multiply memory by the readers.
+    conn.pragma_update(None, "cache_size", -1024)?;
     Ok(conn)
 }
 
