@@ -414,7 +414,12 @@ async fn snapshot_locked(
         catalog.clone(),
         dedup.clone(),
         packs_rx,
-        opts.uploads.max(1),
+        // A local vault's put is a file write into the page cache: more
+        // than two at once only holds more 16 MiB packs in memory.
+        match vault.is_local() {
+            true => opts.uploads.clamp(1, 2),
+            false => opts.uploads.max(1),
+        },
         stats.clone(),
     ));
 

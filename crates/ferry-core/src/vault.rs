@@ -149,6 +149,8 @@ impl std::fmt::Display for Location {
 pub struct Vault {
     store: Arc<dyn ObjectStore>,
     name: String,
+    /// A directory on this machine (its puts are file writes).
+    local: bool,
     config: VaultConfig,
     keys: MasterKeys,
     ids: IdHasher,
@@ -254,7 +256,9 @@ impl Vault {
     /// Opens a vault: reads the config and unwraps the keys.
     pub async fn open(location: &Location, passphrase: &[u8]) -> Result<Vault> {
         let store = location.store(false)?;
-        Self::open_in(store, &location.to_string(), passphrase).await
+        let mut vault = Self::open_in(store, &location.to_string(), passphrase).await?;
+        vault.local = matches!(location, Location::Local(_));
+        Ok(vault)
     }
 
     pub async fn open_in(
@@ -273,6 +277,7 @@ impl Vault {
             ids: IdHasher::new(keys.id),
             store,
             name: name.into(),
+            local: false,
             config,
             keys,
         })
@@ -302,6 +307,7 @@ impl Vault {
         Ok(Vault {
             ids: IdHasher::new(keys.id),
             store,
+            local: matches!(location, Location::Local(_)),
             name,
             config,
             keys,
@@ -315,6 +321,11 @@ impl Vault {
 
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    /// A directory on this machine rather than an object store.
+    pub fn is_local(&self) -> bool {
+        self.local
     }
 
     pub fn config(&self) -> &VaultConfig {
