@@ -183,10 +183,11 @@ pub(crate) fn connect(path: &Path, schema: &str) -> Result<Connection, Error> {
         .map_err(sql)?;
     conn.pragma_update(None, "synchronous", "NORMAL")
         .map_err(sql)?;
-    // Reads (cached trees above all) straight from the page cache instead
-    // of a pread and a copy per page: a restore plan reads every tree.
-    conn.pragma_update(None, "mmap_size", 1i64 << 30)
-        .map_err(sql)?;
+    // No memory map: the hot reads (trees, dedup lookups) go through the
+    // catalog's read-only connections, and a mapped file that grows with
+    // every commit is torn down and faulted in again, its pages counted in
+    // the process's RSS.
+    conn.pragma_update(None, "mmap_size", 0).map_err(sql)?;
     conn.execute_batch(schema).map_err(sql)?;
     Ok(conn)
 }
