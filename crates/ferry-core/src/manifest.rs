@@ -439,6 +439,17 @@ mod tests {
 
     use proptest::prelude::*;
 
+    /// What any decoded tree must be: names sorted, unique and safe.
+    fn sorted_and_safe(t: &Tree) -> Result<(), TestCaseError> {
+        for w in t.entries.windows(2) {
+            prop_assert!(w[0].name < w[1].name);
+        }
+        for e in &t.entries {
+            prop_assert!(e.name.is_safe_component(), "{:?}", e.name);
+        }
+        Ok(())
+    }
+
     fn arb_node() -> impl Strategy<Value = Node> {
         let id = any::<[u8; 32]>().prop_map(BlobId);
         let name = proptest::collection::vec(any::<u8>(), 1..8);
@@ -503,12 +514,7 @@ mod tests {
                 b[i.index(n)] = *x;
             }
             if let Ok(t) = Tree::decode(&b) {
-                for w in t.entries.windows(2) {
-                    prop_assert!(w[0].name < w[1].name);
-                }
-                for e in &t.entries {
-                    prop_assert!(e.name.is_safe_component(), "{:?}", e.name);
-                }
+                sorted_and_safe(&t)?;
             }
         }
 
@@ -538,12 +544,7 @@ mod tests {
                 bad[i.index(n)] = *x;
             }
             if let Ok(d) = Tree::decode_cached(&bad) {
-                for w in d.entries.windows(2) {
-                    prop_assert!(w[0].name < w[1].name);
-                }
-                for e in &d.entries {
-                    prop_assert!(e.name.is_safe_component(), "{:?}", e.name);
-                }
+                sorted_and_safe(&d)?;
             }
         }
     }
