@@ -48,10 +48,6 @@ impl Checked {
         self.in_place.get(rel).filter(|w| w.tree == *tree).copied()
     }
 
-    /// Directories found in place whole.
-    pub fn dirs_in_place(&self) -> usize {
-        self.in_place.len()
-    }
 }
 
 /// Checks `target` against the snapshot its memory names, on a thread of
