@@ -47,7 +47,6 @@ impl Checked {
     pub(crate) fn whole(&self, rel: &[u8], tree: &BlobId) -> Option<Whole> {
         self.in_place.get(rel).filter(|w| w.tree == *tree).copied()
     }
-
 }
 
 /// Checks `target` against the snapshot its memory names, on a thread of
