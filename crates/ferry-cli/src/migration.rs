@@ -467,11 +467,9 @@ async fn run_pair_inner(
     let mut opts = ferry_core::snapshot::SnapshotOptions::new(pair.volume.clone());
     opts.block = pair.kind == PairKind::Block;
     opts.read_limit = limit;
+    let target_objects = crate::bucket::objects_at(Path::new(&pair.target), cfg).await?;
     // A directory target is checked beside the snapshot (see `ferry sync`).
-    let ahead = match (
-        opts.block,
-        crate::bucket::objects_at(Path::new(&pair.target), cfg).await?,
-    ) {
+    let ahead = match (opts.block, &target_objects) {
         (false, None) => {
             ferry_fleet::work::check_ahead(vault.clone(), catalog.clone(), Path::new(&pair.target))
         }
@@ -502,7 +500,7 @@ async fn run_pair_inner(
     )?;
     out.bytes_total = snap.bytes;
     let t = Instant::now();
-    match crate::bucket::objects_at(Path::new(&pair.target), cfg).await? {
+    match target_objects {
         Some(objects) => {
             let opts = ferry_core::restore::objects::ObjectRestoreOptions {
                 delete: true,
