@@ -304,26 +304,96 @@ pub async fn run(cli: Cli) -> Result<u8> {
             let mut opts = SnapshotOptions::new(volume);
             opts.reread = reread;
             opts.block = block;
-            let r = ferry_fleet::work::snapshot(
-                vault.clone(),
-                catalog.clone(),
-                &source,
-                &opts,
-                bar.clone(),
-            )
-            .await;
-            bar.finish();
-            let snap_summary = r?;
-            let snap = ferry_core::sync::find_snapshot(
-                catalog.as_ref(),
-                &format!("{}@{}", snap_summary.volume, snap_summary.snapshot_id),
-            )?;
-            let checked = match ahead {
-                Some(a) => a.finish().await,
-                None => None,
+            // A directory snapshot tells its root tree as soon as every tree
+            // is in the catalog: the restore plans the changed directories
+            // while the snapshot's last packs upload, and fetches once the
+            // snapshot is committed.
+            let (root_tx, root_rx) = tokio::sync::oneshot::channel();
+            let root_tx = Arc::new(std::sync::Mutex::new(Some(root_tx)));
+            let take_root =
+                |t: &std::sync::Mutex<Option<_>>| t.lock().ok().and_then(|mut t| t.take());
+            if !block {
+                let root_tx = root_tx.clone();
+                opts.on_trees = Some(ferry_core::snapshot::OnTrees(Arc::new(move |root| {
+                    if let Some(tx) = take_root(&root_tx) {
+                        let _ = tx.send(root);
+                    }
+                })));
+            }
+            let (record_tx, record_rx) = tokio::sync::oneshot::channel();
+            // Its own task: the restore's plan works between its awaits, and
+            // must not hold up the snapshot's last uploads and commit.
+            let snapshot = tokio::spawn({
+                let (vault, catalog, source) = (vault.clone(), catalog.clone(), source.clone());
+                let (bar, root_tx) = (bar.clone(), root_tx.clone());
+                async move {
+                    let r = ferry_fleet::work::snapshot(
+                        vault.clone(),
+                        catalog.clone(),
+                        &source,
+                        &opts,
+                        bar.clone(),
+                    )
+                    .await;
+                    bar.finish();
+                    // Without a root told (a block snapshot, or one that
+                    // failed), the restore does not start early.
+                    drop(take_root(&root_tx));
+                    let record = r.as_ref().ok().and_then(|s| {
+                        ferry_core::sync::find_snapshot(
+                            catalog.as_ref(),
+                            &format!("{}@{}", s.volume, s.snapshot_id),
+                        )
+                        .ok()
+                    });
+                    let _ = record_tx.send(record.clone());
+                    (r, record)
+                }
+            });
+            drop(root_tx);
+            let early = async {
+                let root = root_rx.await.ok()?;
+                let checked = match ahead {
+                    Some(a) => a.finish().await,
+                    None => None,
+                };
+                let record: ferry_core::restore::Committing = Box::pin(async move {
+                    record_rx.await.ok().flatten().ok_or_else(|| {
+                        ferry_core::Error::Internal("the snapshot was not committed".into())
+                    })
+                });
+                let restore_at = started.elapsed().as_secs_f64();
+                let bar = Arc::new(Bar::new("restore"));
+                let r = ferry_fleet::work::restore_committing(
+                    vault.clone(),
+                    catalog.clone(),
+                    root,
+                    record,
+                    &target,
+                    &restore_options(&delta, checked),
+                    bar.clone(),
+                )
+                .await;
+                bar.finish();
+                Some((r, restore_at))
             };
-            let restore_at = started.elapsed().as_secs_f64();
-            let rs = restore_into(vault, catalog, &snap, &target, &delta, checked).await?;
+            let early = early.await;
+            let (snapshotted, record) = snapshot.await.context("the snapshot task failed")?;
+            let snap_summary = snapshotted?;
+            let (rs, restore_at) = match early {
+                Some((r, at)) => (r?, at),
+                None => {
+                    let Some(snap) = record else {
+                        bail!(
+                            "snapshot {} is not in the catalog",
+                            snap_summary.snapshot_id
+                        );
+                    };
+                    let restore_at = started.elapsed().as_secs_f64();
+                    let rs = restore_into(vault, catalog, &snap, &target, &delta, None).await?;
+                    (rs, restore_at)
+                }
+            };
             #[derive(Serialize)]
             struct Out<'a> {
                 snapshot_id: &'a str,
@@ -596,7 +666,19 @@ pub(crate) async fn restore_into(
     delta: &crate::DeltaArgs,
     checked: Option<Arc<ferry_core::restore::ahead::Checked>>,
 ) -> Result<ferry_core::restore::RestoreSummary> {
-    let opts = RestoreOptions {
+    let opts = restore_options(delta, checked);
+    let bar = Arc::new(Bar::new("restore"));
+    let r = ferry_fleet::work::restore(vault, catalog, snap, target, &opts, bar.clone()).await;
+    bar.finish();
+    Ok(r?)
+}
+
+/// The restore options of `ferry sync` and `ferry restore`.
+fn restore_options(
+    delta: &crate::DeltaArgs,
+    checked: Option<Arc<ferry_core::restore::ahead::Checked>>,
+) -> RestoreOptions {
+    RestoreOptions {
         delete: delta.delete,
         verify: delta.verify,
         reread_target: delta.reread_target,
@@ -604,11 +686,7 @@ pub(crate) async fn restore_into(
         batch_files: delta.batch_files as usize,
         checked,
         ..Default::default()
-    };
-    let bar = Arc::new(Bar::new("restore"));
-    let r = ferry_fleet::work::restore(vault, catalog, snap, target, &opts, bar.clone()).await;
-    bar.finish();
-    Ok(r?)
+    }
 }
 
 /// The volume name `ferry sync` uses when none is given: stable per source.

@@ -690,34 +690,95 @@ pub async fn restore(
     opts: &RestoreOptions,
     progress: Arc<dyn Progress>,
 ) -> Result<RestoreSummary> {
-    let (v, c) = (vault.clone(), catalog.clone());
-    if opts.no_lock {
-        crate::sync::sync_catalog(&v, c.as_ref(), false).await?;
-        return restore_locked(vault, catalog, state, snap, target, opts, progress).await;
+    if snap.block {
+        return locked(&vault, &catalog, opts, async {
+            crate::block::restore_block(
+                vault.clone(),
+                catalog.clone(),
+                state,
+                snap,
+                target,
+                opts,
+                progress,
+            )
+            .await
+        })
+        .await;
     }
-    crate::lock::shared(
-        &v,
-        c.as_ref(),
-        "restore",
-        crate::lock::SHARED_WAIT,
-        restore_locked(vault, catalog, state, snap, target, opts, progress),
+    let record = Box::pin(std::future::ready(Ok(snap.clone())));
+    restore_committing(
+        vault, catalog, state, snap.root, record, target, opts, progress,
     )
     .await
 }
 
-async fn restore_locked(
+/// The committed record of a snapshot whose trees are already in the
+/// catalog.
+pub type Committing = std::pin::Pin<Box<dyn Future<Output = Result<SnapshotRecord>> + Send>>;
+
+/// Restores a directory snapshot that may still be committing: its trees
+/// (from `root` down) are all in the catalog, its last packs may still be
+/// uploading. `ferry sync` plans the restore meanwhile (listing, stat and
+/// deletions of the target; temporary files); nothing is fetched before
+/// `record` yields the committed snapshot, and should it fail, the restore
+/// stops there with its temporary files removed. Patched files are already
+/// forgotten by the target's memory then, so the next run checks them.
+#[allow(clippy::too_many_arguments)]
+pub async fn restore_committing(
     vault: Arc<Vault>,
     catalog: Arc<dyn Catalog>,
     state: Arc<dyn TargetState>,
-    snap: &SnapshotRecord,
+    root: BlobId,
+    record: Committing,
     target: &Path,
     opts: &RestoreOptions,
     progress: Arc<dyn Progress>,
 ) -> Result<RestoreSummary> {
-    if snap.block {
-        return crate::block::restore_block(vault, catalog, state, snap, target, opts, progress)
-            .await;
+    let (v, c) = (vault.clone(), catalog.clone());
+    locked(
+        &v,
+        &c,
+        opts,
+        restore_locked(vault, catalog, state, root, record, target, opts, progress),
+    )
+    .await
+}
+
+/// Runs a restore under the vault's shared lock (or without it, after a
+/// catalog sync, with `no_lock`).
+async fn locked<T>(
+    vault: &Arc<Vault>,
+    catalog: &Arc<dyn Catalog>,
+    opts: &RestoreOptions,
+    work: impl Future<Output = Result<T>>,
+) -> Result<T> {
+    if opts.no_lock {
+        crate::sync::sync_catalog(vault, catalog.as_ref(), false).await?;
+        return work.await;
     }
+    crate::lock::shared(
+        vault,
+        catalog.as_ref(),
+        "restore",
+        crate::lock::SHARED_WAIT,
+        work,
+    )
+    .await
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn restore_locked(
+    vault: Arc<Vault>,
+    catalog: Arc<dyn Catalog>,
+    state: Arc<dyn TargetState>,
+    root: BlobId,
+    record: Committing,
+    target: &Path,
+    opts: &RestoreOptions,
+    progress: Arc<dyn Progress>,
+) -> Result<RestoreSummary> {
+    let mut record = Some(record);
+    let mut snap: Option<SnapshotRecord> = None;
     let started = Instant::now();
     std::fs::create_dir_all(target).map_err(|e| Error::io(target, e))?;
     ensure_dir(target)?;
@@ -735,19 +796,10 @@ async fn restore_locked(
         opts,
         is_root: effective_uid() == 0,
     };
-    let (mut trees, loader) = prefetch_trees(
-        vault.clone(),
-        catalog.clone(),
-        snap.root,
-        old_root,
-        opts.clone(),
-    );
-    let mut stack: WalkStack = vec![(snap.root, target.to_path_buf(), Vec::new())];
-    let mut summary = RestoreSummary {
-        snapshot_id: snap.id.clone(),
-        volume: snap.volume.clone(),
-        ..Default::default()
-    };
+    let (mut trees, loader) =
+        prefetch_trees(vault.clone(), catalog.clone(), root, old_root, opts.clone());
+    let mut stack: WalkStack = vec![(root, target.to_path_buf(), Vec::new())];
+    let mut summary = RestoreSummary::default();
     // Kept to the end: directory metadata goes on deepest first once every
     // file is in place, and a hard link's first name may come in a later
     // batch. One entry per directory or link, not per file.
@@ -765,7 +817,28 @@ async fn restore_locked(
     loop {
         let plan_start = Instant::now();
         let mut plan = Plan::default();
-        let planned = walker.plan(&mut stack, &mut trees, &mut plan).await;
+        let mut planned = walker.plan(&mut stack, &mut trees, &mut plan).await;
+        summary.phases.plan_s += plan_start.elapsed().as_secs_f64();
+        plan_end_s = started.elapsed().as_secs_f64();
+        // Nothing is fetched before the snapshot is committed.
+        if planned.is_ok()
+            && let Some(r) = record.take()
+        {
+            match r.await {
+                Ok(s) if s.block || s.root != root => {
+                    planned = Err(Error::Internal(format!(
+                        "snapshot {} is not the directory tree being restored",
+                        s.id
+                    )))
+                }
+                Ok(s) => {
+                    summary.snapshot_id = s.id.clone();
+                    summary.volume = s.volume.clone();
+                    snap = Some(s);
+                }
+                Err(e) => planned = Err(e),
+            }
+        }
         let done = match planned {
             Ok(done) => done,
             Err(e) => {
@@ -778,8 +851,6 @@ async fn restore_locked(
                 return Err(e);
             }
         };
-        summary.phases.plan_s += plan_start.elapsed().as_secs_f64();
-        plan_end_s = started.elapsed().as_secs_f64();
         progress.add_total(plan.files.len() as u64, plan.bytes_planned);
 
         let transfer_start = Instant::now();
@@ -835,6 +906,7 @@ async fn restore_locked(
     loader.await.map_err(|e| Error::Internal(e.to_string()))?;
     summary.bytes_compared = bytes_compared;
 
+    let snap = snap.expect("the first batch awaited it");
     let finish_start = Instant::now();
     let fin = {
         let (target, root_node, state) =
@@ -902,7 +974,7 @@ async fn restore_locked(
     }
     if opts.verify {
         let t = Instant::now();
-        let (ok, bad, read) = verify(&vault, catalog.as_ref(), snap, target).await?;
+        let (ok, bad, read) = verify(&vault, catalog.as_ref(), &snap, target).await?;
         summary.phases.verify_s = t.elapsed().as_secs_f64();
         summary.files_verified = ok;
         let end_s = started.elapsed().as_secs_f64();

@@ -61,6 +61,21 @@ pub struct SnapshotOptions {
     /// Read the source at most this fast (bytes per second): a pre-sync
     /// while the application runs must not starve it.
     pub read_limit: Option<u64>,
+    /// Told the root tree once every tree of the snapshot is in the catalog,
+    /// before the last packs are uploaded and the snapshot is committed.
+    pub on_trees: Option<OnTrees>,
+}
+
+/// A callback with the root tree's id: `ferry sync` starts planning its
+/// restore there (see [`crate::restore::restore_committing`]) while the
+/// snapshot's last packs upload.
+#[derive(Clone)]
+pub struct OnTrees(pub Arc<dyn Fn(BlobId) + Send + Sync>);
+
+impl std::fmt::Debug for OnTrees {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("OnTrees")
+    }
 }
 
 impl SnapshotOptions {
@@ -75,6 +90,7 @@ impl SnapshotOptions {
             reread: false,
             block: false,
             read_limit: None,
+            on_trees: None,
         }
     }
 }
@@ -523,8 +539,9 @@ async fn snapshot_locked(
             cfg.compression.level,
             cfg.pack_size as usize,
         );
+        let on_trees = opts.on_trees.clone();
         std::thread::spawn(move || {
-            collect(
+            let c = collect(
                 items_rx,
                 &dedup,
                 &key,
@@ -533,7 +550,11 @@ async fn snapshot_locked(
                 size,
                 &tx,
                 catalog.as_ref(),
-            )
+            );
+            if let (Ok(c), Some(f)) = (&c, on_trees) {
+                f.0(c.root);
+            }
+            c
         })
     };
 
