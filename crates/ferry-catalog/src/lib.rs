@@ -38,7 +38,10 @@ CREATE INDEX IF NOT EXISTS blobs_by_pack ON blobs (pack);
 CREATE TABLE IF NOT EXISTS snapshots (
     id TEXT PRIMARY KEY, volume TEXT NOT NULL, time_ns INTEGER NOT NULL, record TEXT NOT NULL
 );
-CREATE TABLE IF NOT EXISTS trees (id BLOB PRIMARY KEY, data BLOB NOT NULL) WITHOUT ROWID;
+-- A rowid table, not WITHOUT ROWID: trees average a few KiB, past what an index
+-- b-tree cell holds, and lookups by id ran twice as slow there. Catalogs made
+-- before keep their WITHOUT ROWID table; the same statements work on both.
+CREATE TABLE IF NOT EXISTS trees (id BLOB PRIMARY KEY, data BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS seen (name TEXT PRIMARY KEY) WITHOUT ROWID;
 ";
 
@@ -563,5 +566,45 @@ mod tests {
             .unwrap();
         assert_eq!(loc.pack, first.id, "the first record wins");
         assert!(c.pack_blobs(&second.id).unwrap().is_empty());
+    }
+
+    /// Trees live in a rowid table; a catalog made when they lived in a
+    /// WITHOUT ROWID table opens and serves them the same way.
+    #[test]
+    fn trees_are_a_rowid_table_and_older_catalogs_still_serve_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let trees_sql = |path: &Path| -> String {
+            Connection::open(path)
+                .unwrap()
+                .query_row(
+                    "SELECT sql FROM sqlite_master WHERE name = 'trees'",
+                    [],
+                    |r| r.get(0),
+                )
+                .unwrap()
+        };
+        let fresh = dir.path().join("new.sqlite");
+        let (c, _) = SqliteCatalog::open(&fresh, "v").unwrap();
+        c.put_tree(&BlobId([1; 32]), &[5u8; 9000]).unwrap();
+        assert_eq!(c.tree(&BlobId([1; 32])).unwrap(), Some(vec![5u8; 9000]));
+        drop(c);
+        assert!(!trees_sql(&fresh).contains("WITHOUT ROWID"));
+
+        let old = dir.path().join("old.sqlite");
+        Connection::open(&old)
+            .unwrap()
+            .execute_batch(
+                "CREATE TABLE trees (id BLOB PRIMARY KEY, data BLOB NOT NULL) WITHOUT ROWID;
+                 INSERT INTO trees VALUES (x'0202020202020202020202020202020202020202020202020202020202020202', x'0707');",
+            )
+            .unwrap();
+        let (c, _) = SqliteCatalog::open(&old, "v").unwrap();
+        assert_eq!(c.tree(&BlobId([2; 32])).unwrap(), Some(vec![7, 7]));
+        c.put_tree(&BlobId([3; 32]), &[8u8; 5000]).unwrap();
+        c.put_tree(&BlobId([3; 32]), &[8u8; 5000]).unwrap();
+        assert_eq!(c.tree(&BlobId([3; 32])).unwrap(), Some(vec![8u8; 5000]));
+        assert_eq!(c.tree(&BlobId([4; 32])).unwrap(), None);
+        drop(c);
+        assert!(trees_sql(&old).contains("WITHOUT ROWID"));
     }
 }
