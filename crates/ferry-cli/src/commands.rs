@@ -357,13 +357,17 @@ pub async fn run(cli: Cli) -> Result<u8> {
                     Some(a) => a.finish().await,
                     None => None,
                 };
+                let bar = Arc::new(Bar::hidden("restore"));
+                let shown = bar.clone();
                 let record: ferry_core::restore::Committing = Box::pin(async move {
-                    record_rx.await.ok().flatten().ok_or_else(|| {
+                    let r = record_rx.await.ok().flatten().ok_or_else(|| {
                         ferry_core::Error::Internal("the snapshot was not committed".into())
-                    })
+                    });
+                    // The snapshot's bar is finished by now.
+                    shown.show();
+                    r
                 });
                 let restore_at = started.elapsed().as_secs_f64();
-                let bar = Arc::new(Bar::new("restore"));
                 let r = ferry_fleet::work::restore_committing(
                     vault.clone(),
                     catalog.clone(),

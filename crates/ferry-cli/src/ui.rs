@@ -152,6 +152,23 @@ impl Bar {
             b.finish_and_clear();
         }
     }
+
+    /// A bar that counts from now but draws nothing until [`Bar::show`]:
+    /// `ferry sync`'s restore starts while the snapshot's bar still owns the
+    /// terminal line.
+    pub fn hidden(verb: &str) -> Self {
+        let me = Self::new(verb);
+        if let Some(b) = &me.bar {
+            b.set_draw_target(ProgressDrawTarget::hidden());
+        }
+        me
+    }
+
+    pub fn show(&self) {
+        if let Some(b) = &self.bar {
+            b.set_draw_target(ProgressDrawTarget::stderr());
+        }
+    }
 }
 
 impl Progress for Bar {
