@@ -36,23 +36,8 @@ pub async fn restore(
     opts: &RestoreOptions,
     progress: Arc<dyn Progress>,
 ) -> Result<RestoreSummary> {
-    if !snap.block {
-        std::fs::create_dir_all(target).map_err(|e| crate::Error::Io {
-            what: format!("creating target {}", target.display()),
-            source: e,
-        })?;
-    }
-    let state = SqliteTargetState::open(&ferry_catalog::target::default_path(target))?;
-    Ok(ferry_core::restore::restore(
-        vault,
-        catalog,
-        Arc::new(state),
-        snap,
-        target,
-        opts,
-        progress,
-    )
-    .await?)
+    let state = target_state(target, !snap.block)?;
+    Ok(ferry_core::restore::restore(vault, catalog, state, snap, target, opts, progress).await?)
 }
 
 /// Restores a directory snapshot that is still committing (see
@@ -68,22 +53,25 @@ pub async fn restore_committing(
     opts: &RestoreOptions,
     progress: Arc<dyn Progress>,
 ) -> Result<RestoreSummary> {
-    std::fs::create_dir_all(target).map_err(|e| crate::Error::Io {
-        what: format!("creating target {}", target.display()),
-        source: e,
-    })?;
-    let state = SqliteTargetState::open(&ferry_catalog::target::default_path(target))?;
+    let state = target_state(target, true)?;
     Ok(ferry_core::restore::restore_committing(
-        vault,
-        catalog,
-        Arc::new(state),
-        root,
-        record,
-        target,
-        opts,
-        progress,
+        vault, catalog, state, root, record, target, opts, progress,
     )
     .await?)
+}
+
+/// The target's memory (under the state directory, keyed by the target's
+/// canonical path), after creating a directory target if needed.
+fn target_state(target: &Path, dir: bool) -> Result<Arc<dyn ferry_core::target::TargetState>> {
+    if dir {
+        std::fs::create_dir_all(target).map_err(|e| crate::Error::Io {
+            what: format!("creating target {}", target.display()),
+            source: e,
+        })?;
+    }
+    Ok(Arc::new(SqliteTargetState::open(
+        &ferry_catalog::target::default_path(target),
+    )?))
 }
 
 /// A check of a directory target running beside the snapshot that a
