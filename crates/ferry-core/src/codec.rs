@@ -47,6 +47,16 @@ impl ObjectCipher {
             .expect("a Vec always has room for the tag");
     }
 
+    /// Encrypts `buf[start..]` in place and appends its tag: a blob sealed
+    /// where it lies in its pack, with no copy of its own.
+    pub fn seal_tail(&self, counter: u64, aad: &[u8], buf: &mut Vec<u8>, start: usize) {
+        let tag = self
+            .cipher
+            .encrypt_inout_detached(&Self::nonce(counter), aad, (&mut buf[start..]).into())
+            .expect("a blob is far below AES-GCM's message limit");
+        buf.extend_from_slice(&tag);
+    }
+
     /// Decrypts `buf` in place (ciphertext || tag); false when it does not
     /// authenticate.
     pub fn open(&self, counter: u64, aad: &[u8], buf: &mut Vec<u8>) -> bool {
@@ -86,6 +96,35 @@ pub fn compress(data: &[u8], level: i32) -> Option<Vec<u8>> {
         let out = c.compress(data).ok()?;
         (out.len() < data.len()).then_some(out)
     })
+}
+
+/// Appends `data` compressed with zstd at `level` to `out`, with room left
+/// for a tag; false, with `out` unchanged, when that does not make the data
+/// smaller. Writing straight into the pack saves a buffer and a copy per
+/// chunk (and for raw chunks the reallocation that appending the tag cost).
+pub fn compress_into(data: &[u8], level: i32, out: &mut Vec<u8>) -> bool {
+    let start = out.len();
+    out.reserve(zstd::zstd_safe::compress_bound(data.len()) + TAG_LEN);
+    let n = COMPRESSOR.with(|cell| {
+        let mut slot = cell.borrow_mut();
+        if slot.as_ref().is_none_or(|(l, _)| *l != level) {
+            *slot = Some((level, zstd::bulk::Compressor::new(level).ok()?));
+        }
+        let (_, c) = slot.as_mut()?;
+        let mut tail = std::io::Cursor::new(&mut *out);
+        tail.set_position(start as u64);
+        c.compress_to_buffer(data, &mut tail).ok()
+    });
+    match n {
+        Some(n) if n < data.len() => {
+            debug_assert_eq!(out.len(), start + n);
+            true
+        }
+        _ => {
+            out.truncate(start);
+            false
+        }
+    }
 }
 
 /// Decompresses a blob whose raw length is known from the pack header.
@@ -160,6 +199,44 @@ mod tests {
         let mut ok = sealed;
         assert!(c.open(7, &aad, &mut ok));
         assert_eq!(ok, b"some chunk data");
+    }
+
+    proptest! {
+        #[test]
+        fn compress_into_appends_what_compress_returns(
+            prefix in proptest::collection::vec(any::<u8>(), 0..64),
+            data in proptest::collection::vec(0u8..4, 0..8192),
+        ) {
+            let mut out = prefix.clone();
+            let appended = compress_into(&data, 3, &mut out);
+            prop_assert_eq!(&out[..prefix.len()], &prefix[..]);
+            match compress(&data, 3) {
+                Some(c) => {
+                    prop_assert!(appended);
+                    prop_assert_eq!(&out[prefix.len()..], &c[..]);
+                }
+                None => {
+                    prop_assert!(!appended);
+                    prop_assert_eq!(out.len(), prefix.len());
+                }
+            }
+        }
+
+        #[test]
+        fn seal_tail_matches_seal(
+            prefix in proptest::collection::vec(any::<u8>(), 0..64),
+            data in proptest::collection::vec(any::<u8>(), 0..4096),
+        ) {
+            let c = ObjectCipher::new(&[3; 32], &[4; 32]);
+            let aad = blob_aad(BlobKind::Data, &BlobId([9; 32]));
+            let mut whole = data.clone();
+            c.seal(5, &aad, &mut whole);
+            let mut tail = prefix.clone();
+            tail.extend_from_slice(&data);
+            c.seal_tail(5, &aad, &mut tail, prefix.len());
+            prop_assert_eq!(&tail[..prefix.len()], &prefix[..]);
+            prop_assert_eq!(&tail[prefix.len()..], &whole[..]);
+        }
     }
 
     #[test]

@@ -95,39 +95,33 @@ impl PackWriter {
     }
 
     /// Adds a blob: compresses it (kept raw when that does not help) and
-    /// encrypts it. Returns the bytes it takes in the pack.
+    /// encrypts it, both in place at the end of the pack. Returns the bytes
+    /// it takes in the pack.
     pub fn add(&mut self, kind: BlobKind, id: BlobId, raw: &[u8], level: i32) -> usize {
-        let (payload, compressed) = match codec::compress(raw, level) {
-            Some(c) => (c, true),
-            None => (raw.to_vec(), false),
-        };
-        self.add_encoded(kind, id, payload, compressed, raw.len())
-    }
-
-    /// Adds a blob whose compression was done elsewhere (in parallel).
-    pub fn add_encoded(
-        &mut self,
-        kind: BlobKind,
-        id: BlobId,
-        mut payload: Vec<u8>,
-        compressed: bool,
-        raw_len: usize,
-    ) -> usize {
+        let offset = self.buf.len();
+        let compressed = codec::compress_into(raw, level, &mut self.buf);
+        if !compressed {
+            self.buf.reserve(raw.len() + TAG_LEN);
+            self.buf.extend_from_slice(raw);
+        }
         let index = self.entries.len() as u32;
-        self.cipher
-            .seal(index as u64, &codec::blob_aad(kind, &id), &mut payload);
-        let offset = self.buf.len() as u64;
-        self.buf.extend_from_slice(&payload);
+        self.cipher.seal_tail(
+            index as u64,
+            &codec::blob_aad(kind, &id),
+            &mut self.buf,
+            offset,
+        );
+        let stored_len = self.buf.len() - offset;
         self.entries.push(PackEntry {
             kind,
             id,
             index,
-            offset,
-            stored_len: payload.len() as u32,
-            raw_len: raw_len as u32,
+            offset: offset as u64,
+            stored_len: stored_len as u32,
+            raw_len: raw.len() as u32,
             compressed,
         });
-        payload.len()
+        stored_len
     }
 
     pub fn is_empty(&self) -> bool {
