@@ -212,6 +212,11 @@ fn sparse_files_stay_sparse() {
     f.write_all_at(&noise(100_000, 3), 10 * 1024 * 1024)
         .unwrap();
     drop(f);
+    // All zeros: no chunk of it is ever written, the finish makes it.
+    std::fs::File::create(src.join("zeros.img"))
+        .unwrap()
+        .set_len(3 * 1024 * 1024)
+        .unwrap();
     let vault = init(&env);
     env.json(&[
         "snapshot",
@@ -229,6 +234,9 @@ fn sparse_files_stay_sparse() {
     );
     let md = std::fs::metadata(dst.join("disk.img")).unwrap();
     assert_eq!(md.len(), 64 * 1024 * 1024);
+    let zeros = std::fs::metadata(dst.join("zeros.img")).unwrap();
+    assert_eq!(zeros.len(), 3 * 1024 * 1024);
+    assert_eq!(zeros.blocks(), 0, "an all-zero file is all holes");
     assert!(
         md.blocks() * 512 < 4 * 1024 * 1024,
         "allocated {} bytes",

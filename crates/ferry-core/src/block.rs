@@ -162,6 +162,7 @@ pub async fn restore_block(
             path: target.to_path_buf(),
             dest: target.to_path_buf(),
             fresh,
+            create: None,
         })],
         needs,
         opts.packs_in_flight,

@@ -148,12 +148,87 @@ pub struct RestoreSummary {
 
 /// Where scatter writes a file's chunks, and whether it is a new file (all
 /// holes) or an existing one patched in place.
-#[derive(Clone, Debug)]
+#[derive(Debug)]
 pub struct WriteTarget {
     pub(crate) path: PathBuf,
     /// The real name, for messages (`path` may be a temporary name).
     pub(crate) dest: PathBuf,
     pub(crate) fresh: bool,
+    /// A new file not made yet: see [`Creation`].
+    pub(crate) create: Option<Creation>,
+}
+
+/// A new file under its temporary name is made by the first chunk written
+/// to it, on whichever scatter thread that is, not by the plan: the plan
+/// then only walks trees, and the inode allocations (most of a small file's
+/// cost) run on every core, with one open per file instead of two. The
+/// finish makes the files no chunk was written to (empty, or all zeros).
+#[derive(Debug, Default)]
+pub(crate) struct Creation {
+    /// Set once, by the thread that made the file (or failed to: errno).
+    made: std::sync::OnceLock<std::result::Result<(), i32>>,
+    /// A zero chunk was left as a hole: the finish sets the file's length,
+    /// as a trailing hole has no write to extend the file.
+    holes: std::sync::atomic::AtomicBool,
+}
+
+/// Makes a new file under our temporary name: never an existing one, never
+/// through a symlink.
+fn create_tmp(path: &Path) -> std::io::Result<File> {
+    OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)
+}
+
+/// Opens a file for scatter's writes, making it first if it is new.
+fn open_target(t: &WriteTarget) -> std::io::Result<File> {
+    let plain = || {
+        OpenOptions::new()
+            .write(true)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(&t.path)
+    };
+    let Some(c) = &t.create else {
+        return plain();
+    };
+    let mut made_here = None;
+    let made = c.made.get_or_init(|| match create_tmp(&t.path) {
+        Ok(h) => {
+            made_here = Some(h);
+            Ok(())
+        }
+        Err(e) => Err(e.raw_os_error().unwrap_or(libc::EIO)),
+    });
+    match (made_here, made) {
+        (Some(h), _) => Ok(h),
+        (None, Ok(())) => plain(),
+        (None, Err(code)) => Err(std::io::Error::from_raw_os_error(*code)),
+    }
+}
+
+/// After the transfer: a new file exists under its temporary name with its
+/// full length.
+fn settle_created(t: &WriteTarget, size: u64) -> Result<()> {
+    let Some(c) = &t.create else {
+        return Ok(());
+    };
+    let h = match c.made.get() {
+        None => create_tmp(&t.path),
+        Some(Ok(())) if c.holes.load(std::sync::atomic::Ordering::Relaxed) => OpenOptions::new()
+            .write(true)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(&t.path),
+        Some(Ok(())) => return Ok(()),
+        Some(Err(code)) => Err(std::io::Error::from_raw_os_error(*code)),
+    }
+    .map_err(|e| Error::io(&t.path, e))?;
+    if size > 0 {
+        h.set_len(size).map_err(|e| Error::io(&t.path, e))?;
+    }
+    Ok(())
 }
 
 /// One file to write. `write` is shared with the transfer (no copy of its
@@ -642,6 +717,7 @@ impl Walker<'_> {
                         path: path.clone(),
                         dest: path,
                         fresh: false,
+                        create: None,
                     }),
                     rel,
                     node,
@@ -652,23 +728,16 @@ impl Walker<'_> {
                     .parent()
                     .unwrap_or(Path::new("."))
                     .join(random_tmp_name());
-                let f = OpenOptions::new()
-                    .write(true)
-                    .create_new(true)
-                    .mode(0o600)
-                    .custom_flags(libc::O_NOFOLLOW)
-                    .open(&tmp)
-                    .map_err(|e| Error::io(&tmp, e))?;
                 plan.files.push(FilePlan {
                     write: Arc::new(WriteTarget {
-                        path: tmp.clone(),
+                        path: tmp,
                         dest: path,
                         fresh: true,
+                        create: Some(Creation::default()),
                     }),
                     rel,
                     node: node.clone(),
                 });
-                f.set_len(*size).map_err(|e| Error::io(&tmp, e))?;
                 plan.bytes_planned += *size;
                 for (off, ch) in chunk_offsets(chunks) {
                     plan.needs.entry(ch.0).or_default().push((idx, off));
@@ -1335,17 +1404,19 @@ fn scatter(
         let zero = buf.iter().all(|b| *b == 0);
         for (f, off) in places {
             let t = &files[*f as usize];
-            if (zero && t.fresh) || dead.contains(f) {
+            if dead.contains(f) {
+                continue;
+            }
+            if zero && t.fresh {
                 // A new file is all holes until written: zero runs stay holes.
+                if let Some(c) = &t.create {
+                    c.holes.store(true, std::sync::atomic::Ordering::Relaxed);
+                }
                 continue;
             }
             if open.as_ref().is_none_or(|(g, _)| g != f) {
                 open = None;
-                match OpenOptions::new()
-                    .write(true)
-                    .custom_flags(libc::O_NOFOLLOW)
-                    .open(&t.path)
-                {
+                match open_target(t) {
                     Ok(h) => open = Some((*f, h)),
                     Err(err) => {
                         dead.insert(*f);
@@ -1437,6 +1508,9 @@ fn finish_part(
             }
             out.failed.push(f.write.dest.clone());
             continue;
+        }
+        if let NodeKind::File { size, .. } = &f.node.kind {
+            settle_created(&f.write, *size)?;
         }
         out.warnings += apply_meta(&f.write.path, &f.node, is_root, false)?;
         if !f.write.fresh {
