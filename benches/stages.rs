@@ -1,5 +1,8 @@
 //! Per-stage throughput of the save pipeline, in bytes per second on one
 //! core: FastCDC, keyed BLAKE3, zstd, AES-256-GCM, pack write and read.
+//! `pack_write` fills a pack (so it includes zstd and AES again);
+//! `pack_store` is what comes after them, finishing the pack and putting it
+//! into a local vault, per byte of input: the snapshot's fifth stage.
 //! Run: `cargo bench -p ferry-bench --bench stages`.
 //!
 //! Input: 16 MiB of half-compressible data (text-like runs mixed with
@@ -167,6 +170,41 @@ fn stages(c: &mut Criterion) {
             black_box(w.finish().bytes.len())
         })
     });
+    // The store stage: what every new byte costs after it is sealed in
+    // its pack (the pack's header and id hash, and the put into a local
+    // vault: the copy into the page cache), per byte of input. A new pack
+    // (new salt, new name) each time: puts are create-only.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let location = ferry_core::vault::Location::Local(dir.path().join("vault"));
+    let vault = rt.block_on(async {
+        ferry_core::vault::Vault::init(&location, b"bench", &Default::default())
+            .await
+            .unwrap();
+        ferry_core::vault::Vault::open(&location, b"bench")
+            .await
+            .unwrap()
+    });
+    g.bench_function("pack_store", |b| {
+        b.iter_batched(
+            || {
+                let mut w = PackWriter::new(vault.data_key(), SIZE * 2);
+                for (id, c) in &pack_with_ids {
+                    w.add(BlobKind::Data, *id, c, 1);
+                }
+                w
+            },
+            |w| {
+                let pack = w.finish();
+                rt.block_on(vault.put_pack(&pack)).unwrap();
+                pack.record.size
+            },
+            criterion::BatchSize::PerIteration,
+        )
+    });
+    drop(dir);
     let mut w = PackWriter::new(&[1; 32], SIZE * 2);
     for (id, c) in &pack_with_ids {
         w.add(BlobKind::Data, *id, c, 1);
