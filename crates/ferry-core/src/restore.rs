@@ -183,16 +183,18 @@ fn create_tmp(path: &Path) -> std::io::Result<File> {
         .open(path)
 }
 
+/// Opens an existing file for writing, never through a symlink.
+fn open_for_write(path: &Path) -> std::io::Result<File> {
+    OpenOptions::new()
+        .write(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)
+}
+
 /// Opens a file for scatter's writes, making it first if it is new.
 fn open_target(t: &WriteTarget) -> std::io::Result<File> {
-    let plain = || {
-        OpenOptions::new()
-            .write(true)
-            .custom_flags(libc::O_NOFOLLOW)
-            .open(&t.path)
-    };
     let Some(c) = &t.create else {
-        return plain();
+        return open_for_write(&t.path);
     };
     let mut made_here = None;
     let made = c.made.get_or_init(|| match create_tmp(&t.path) {
@@ -204,7 +206,7 @@ fn open_target(t: &WriteTarget) -> std::io::Result<File> {
     });
     match (made_here, made) {
         (Some(h), _) => Ok(h),
-        (None, Ok(())) => plain(),
+        (None, Ok(())) => open_for_write(&t.path),
         (None, Err(code)) => Err(std::io::Error::from_raw_os_error(*code)),
     }
 }
@@ -217,10 +219,9 @@ fn settle_created(t: &WriteTarget, size: u64) -> Result<()> {
     };
     let h = match c.made.get() {
         None => create_tmp(&t.path),
-        Some(Ok(())) if c.holes.load(std::sync::atomic::Ordering::Relaxed) => OpenOptions::new()
-            .write(true)
-            .custom_flags(libc::O_NOFOLLOW)
-            .open(&t.path),
+        Some(Ok(())) if c.holes.load(std::sync::atomic::Ordering::Relaxed) => {
+            open_for_write(&t.path)
+        }
         Some(Ok(())) => return Ok(()),
         Some(Err(code)) => Err(std::io::Error::from_raw_os_error(*code)),
     }
@@ -699,11 +700,7 @@ impl Walker<'_> {
                 // Patch in place: the memory forgets the file first, so a
                 // crash mid-patch is caught by the next run.
                 self.state.forget(std::slice::from_ref(&rel))?;
-                let f = OpenOptions::new()
-                    .write(true)
-                    .custom_flags(libc::O_NOFOLLOW)
-                    .open(&path)
-                    .map_err(|e| Error::io(&path, e))?;
+                let f = open_for_write(&path).map_err(|e| Error::io(&path, e))?;
                 f.set_len(*size).map_err(|e| Error::io(&path, e))?;
                 plan.bytes_planned += changed_bytes(&c);
                 for ((off, ch), need) in chunk_offsets(chunks).zip(&c) {
