@@ -249,11 +249,48 @@ impl S3Server {
                 let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
                 tx.send(listener.local_addr().unwrap()).unwrap();
                 let http = ConnBuilder::new(TokioExecutor::new());
+                let parts_root = fs_root.clone();
                 let slow = hyper::service::service_fn(
                     move |req: hyper::Request<hyper::body::Incoming>| {
                         let (service, delay, fail, served) =
                             (service.clone(), delay.clone(), fail.clone(), served.clone());
+                        let parts_root = parts_root.clone();
                         async move {
+                            // Aborting an upload that no longer exists is
+                            // 404 NoSuchUpload on S3; s3s-fs answers 403
+                            // AccessDenied. Answer as S3 does, so a second
+                            // abort of one upload (a cancelled worker's and
+                            // the interrupt's) is what it is in production.
+                            let aborted_upload = (req.method() == hyper::Method::DELETE)
+                                .then(|| req.uri().query().unwrap_or_default().to_string())
+                                .and_then(|q| {
+                                    q.split('&')
+                                        .find_map(|kv| kv.strip_prefix("uploadId="))
+                                        .map(str::to_string)
+                                });
+                            if let Some(id) = aborted_upload {
+                                let r = service.call(req.map(s3s::Body::from)).await;
+                                let gone = || {
+                                    !std::fs::read_dir(&parts_root).unwrap().any(|e| {
+                                        e.unwrap()
+                                            .file_name()
+                                            .to_string_lossy()
+                                            .starts_with(&format!(".upload_id-{id}"))
+                                    })
+                                };
+                                return match r {
+                                    Ok(resp) if resp.status() == 403 && gone() => {
+                                        Ok(hyper::Response::builder()
+                                            .status(404)
+                                            .body(s3s::Body::from(
+                                                "<Error><Code>NoSuchUpload</Code><Message>The specified upload does not exist.</Message></Error>"
+                                                    .to_string(),
+                                            ))
+                                            .unwrap())
+                                    }
+                                    r => r,
+                                };
+                            }
                             use std::sync::atomic::Ordering::Relaxed;
                             if req.method() == hyper::Method::PUT {
                                 let ms = delay.load(Relaxed);
