@@ -84,15 +84,26 @@ thread_local! {
         const { std::cell::RefCell::new(None) };
 }
 
-/// Compresses with zstd at `level`; `None` when that does not make the data
-/// smaller (already-compressed data is stored raw).
-pub fn compress(data: &[u8], level: i32) -> Option<Vec<u8>> {
+/// Runs `f` with this thread's zstd context at `level` (made or remade
+/// when the level changes); `None` if zstd could not make one.
+fn with_compressor<T>(
+    level: i32,
+    f: impl FnOnce(&mut zstd::bulk::Compressor<'static>) -> Option<T>,
+) -> Option<T> {
     COMPRESSOR.with(|cell| {
         let mut slot = cell.borrow_mut();
         if slot.as_ref().is_none_or(|(l, _)| *l != level) {
             *slot = Some((level, zstd::bulk::Compressor::new(level).ok()?));
         }
         let (_, c) = slot.as_mut()?;
+        f(c)
+    })
+}
+
+/// Compresses with zstd at `level`; `None` when that does not make the data
+/// smaller (already-compressed data is stored raw).
+pub fn compress(data: &[u8], level: i32) -> Option<Vec<u8>> {
+    with_compressor(level, |c| {
         let out = c.compress(data).ok()?;
         (out.len() < data.len()).then_some(out)
     })
@@ -105,12 +116,7 @@ pub fn compress(data: &[u8], level: i32) -> Option<Vec<u8>> {
 pub fn compress_into(data: &[u8], level: i32, out: &mut Vec<u8>) -> bool {
     let start = out.len();
     out.reserve(zstd::zstd_safe::compress_bound(data.len()) + TAG_LEN);
-    let n = COMPRESSOR.with(|cell| {
-        let mut slot = cell.borrow_mut();
-        if slot.as_ref().is_none_or(|(l, _)| *l != level) {
-            *slot = Some((level, zstd::bulk::Compressor::new(level).ok()?));
-        }
-        let (_, c) = slot.as_mut()?;
+    let n = with_compressor(level, |c| {
         let mut tail = std::io::Cursor::new(&mut *out);
         tail.set_position(start as u64);
         c.compress_to_buffer(data, &mut tail).ok()
