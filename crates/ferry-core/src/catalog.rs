@@ -60,6 +60,15 @@ pub trait Catalog: Send + Sync {
 
     fn put_tree(&self, id: &BlobId, data: &[u8]) -> CatalogResult<()>;
 
+    /// Caches many trees at once: a snapshot makes hundreds, and a catalog
+    /// that commits each on its own pays a commit (and a reset of every
+    /// reader's cache) per directory.
+    fn put_trees(&self, trees: &[(BlobId, Vec<u8>)]) -> CatalogResult<()> {
+        trees
+            .iter()
+            .try_for_each(|(id, data)| self.put_tree(id, data))
+    }
+
     /// Names of the vault's index and snapshot objects already imported.
     fn seen_objects(&self) -> CatalogResult<HashSet<String>>;
 

@@ -1633,6 +1633,9 @@ fn end_file(
     Ok(())
 }
 
+/// Trees cached per catalog commit: a few hundred KiB at a time.
+const TREE_BATCH: usize = 128;
+
 /// Builds tree blobs bottom up from the reader's ordered items.
 #[allow(clippy::too_many_arguments)]
 fn collect(
@@ -1650,6 +1653,8 @@ fn collect(
     let mut file: Option<OpenFile> = None;
     let (mut files, mut dirs, mut bytes) = (0u64, 0u64, 0u64);
     let mut root = None;
+    // Trees to cache, written to the catalog in batches (one commit each).
+    let mut trees: Vec<(BlobId, Vec<u8>)> = Vec::new();
     for item in items.into_iter().flatten() {
         match item {
             Item::EnterDir { name, md, xattrs } => stack.push(OpenDir {
@@ -1678,7 +1683,10 @@ fn collect(
                         let full = std::mem::replace(&mut pack, PackWriter::new(key, pack_size));
                         packs.blocking_send(full.finish()).map_err(|_| stopped())?;
                     }
-                    catalog.put_tree(&id, &tree.encode_cached())?;
+                    trees.push((id, tree.encode_cached()));
+                    if trees.len() >= TREE_BATCH {
+                        catalog.put_trees(&std::mem::take(&mut trees))?;
+                    }
                 }
                 match stack.last_mut() {
                     Some(parent) => {
@@ -1746,6 +1754,7 @@ fn collect(
     if !pack.is_empty() {
         packs.blocking_send(pack.finish()).map_err(|_| stopped())?;
     }
+    catalog.put_trees(&trees)?;
     let root = root.ok_or_else(stopped)?;
     Ok(Collected {
         root,
