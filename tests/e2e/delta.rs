@@ -637,10 +637,48 @@ fn sync_checks_the_target_beside_the_snapshot_and_still_fixes_drift() {
     mutate_db(&src);
     let delta = sync(&[]);
     assert_eq!(delta["restore"]["dirs_checked_in_place"], 2, "{delta}");
+    // The root and db are planned from the check's listing, not listed again.
+    assert_eq!(delta["restore"]["dirs_listed_ahead"], 2, "{delta}");
     assert_eq!(delta["restore"]["files_patched"], 1, "{delta}");
     assert_same_tree(&src, &dst);
+
+    // The source changes in app while the target drifts there too: app is
+    // planned from what the check found in it, and every drift is fixed.
+    let app = src.join("app");
+    std::fs::write(app.join("f01.txt"), b"changed in the source").unwrap();
+    std::fs::remove_file(app.join("f02.txt")).unwrap();
+    std::fs::remove_file(app.join("f03.txt")).unwrap();
+    std::os::unix::fs::symlink("f00.txt", app.join("f03.txt")).unwrap();
+    std::fs::write(app.join("g-new.txt"), b"new in the source").unwrap();
+    let app_dst = dst.join("app");
+    std::fs::write(app_dst.join("f04.txt"), b"tampered in the target").unwrap();
+    std::fs::remove_file(app_dst.join("f05.txt")).unwrap();
+    std::fs::remove_file(app_dst.join("f06.txt")).unwrap();
+    std::fs::create_dir(app_dst.join("f06.txt")).unwrap();
+    std::fs::write(app_dst.join("stray.txt"), b"not in the snapshot").unwrap();
+    let stale_tmp = app_dst.join(".ferry-0123456789abcdef.tmp");
+    std::fs::write(&stale_tmp, b"left by a crash").unwrap();
+    let both = sync(&[]);
+    assert_eq!(
+        both["restore"]["dirs_checked_in_place"], 2,
+        "app/conf, db: {both}"
+    );
+    assert_eq!(
+        both["restore"]["dirs_listed_ahead"], 2,
+        "the root, app: {both}"
+    );
+    // f01, g-new, f04, f05, f06; f03 became a link.
+    assert_eq!(both["restore"]["files_written"], 5, "{both}");
+    assert_eq!(both["restore"]["files_deleted"], 2, "f02, stray: {both}");
+    assert!(!stale_tmp.exists());
+    assert_same_tree(&src, &dst);
+    assert_eq!(
+        std::fs::read_link(app_dst.join("f03.txt")).unwrap(),
+        std::path::Path::new("f00.txt")
+    );
 
     // --reread-target trusts no memory, so no check ahead either.
     let reread = sync(&["--reread-target"]);
     assert_eq!(reread["restore"]["dirs_checked_in_place"], 0, "{reread}");
+    assert_eq!(reread["restore"]["dirs_listed_ahead"], 0, "{reread}");
 }

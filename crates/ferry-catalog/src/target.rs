@@ -136,6 +136,29 @@ impl TargetState for SqliteTargetState {
         rows.collect::<rusqlite::Result<_>>().map_err(cerr)
     }
 
+    fn get_file(&self, path: &[u8]) -> CatalogResult<Option<TargetFile>> {
+        let (dir, name) = split(path);
+        let conn = self.conn();
+        let mut st = conn
+            .prepare_cached(
+                "SELECT content, size, mtime_ns, ctime_ns, inode FROM files WHERE dir = ?1 AND name = ?2",
+            )
+            .map_err(cerr)?;
+        st.query_row(params![dir, name], |r| {
+            let content: Vec<u8> = r.get(0)?;
+            Ok(TargetFile {
+                path: path.to_vec(),
+                content: content.try_into().unwrap_or([0; 32]),
+                size: r.get::<_, i64>(1)? as u64,
+                mtime_ns: r.get(2)?,
+                ctime_ns: r.get(3)?,
+                inode: r.get::<_, i64>(4)? as u64,
+            })
+        })
+        .optional()
+        .map_err(cerr)
+    }
+
     fn forget(&self, paths: &[Vec<u8>]) -> CatalogResult<()> {
         let mut conn = self.conn();
         let tx = conn.transaction().map_err(cerr)?;
@@ -221,9 +244,13 @@ mod tests {
         d.sort_by(|a, b| a.path.cmp(&b.path));
         assert_eq!(d, vec![file("d/b", 2), file("d/c", 3)]);
         assert_eq!(s.get_dir(b"").unwrap(), vec![file("a", 1)]);
+        assert_eq!(s.get_file(b"d/e/f").unwrap(), Some(file("d/e/f", 4)));
+        assert_eq!(s.get_file(b"a").unwrap(), Some(file("a", 1)));
+        assert_eq!(s.get_file(b"d/e").unwrap(), None);
         // Forgetting a file also drops the "complete snapshot" mark.
         s.forget(&[b"d/b".to_vec()]).unwrap();
         assert_eq!(s.get_dir(b"d").unwrap(), vec![file("d/c", 3)]);
+        assert_eq!(s.get_file(b"d/b").unwrap(), None);
         assert_eq!(s.last_snapshot().unwrap(), None);
     }
 }

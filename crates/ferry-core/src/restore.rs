@@ -36,6 +36,7 @@
 //! through symlinks.
 
 pub mod ahead;
+mod listing;
 pub mod objects;
 
 use std::collections::{HashMap, HashSet};
@@ -57,6 +58,7 @@ use crate::pack::PackEntry;
 use crate::progress::Progress;
 use crate::target::{TargetFile, TargetState, content_id};
 use crate::vault::{Vault, pack_path};
+use listing::{DirView, Found};
 
 /// Files smaller than this are rewritten whole (temp + rename) when they
 /// changed; larger ones may be patched in place.
@@ -119,6 +121,10 @@ pub struct RestoreSummary {
     /// snapshot (`ferry sync`, a cutover), so not planned again.
     #[serde(default)]
     pub dirs_checked_in_place: u64,
+    /// Directories planned from what that check found in them (not listed
+    /// or stat'ed again).
+    #[serde(default)]
+    pub dirs_listed_ahead: u64,
     /// Files whose content was written (fresh, patched, relinked).
     pub files_written: u64,
     /// Files already equal to the snapshot: nothing written.
@@ -250,6 +256,7 @@ struct Plan {
     in_place: u64,
     /// Directories not planned: checked ahead, in place whole.
     dirs_ahead: u64,
+    listed_ahead: u64,
     dirs: Vec<(PathBuf, Node)>,
     symlinks: Vec<(PathBuf, Node)>,
     hardlinks: Vec<(PathBuf, Name)>,
@@ -409,7 +416,7 @@ pub(crate) fn changed_by_reading(
 }
 
 /// A directory's tree and the tree the target last got at the same place.
-type TreePair = (BlobId, Tree, Option<Tree>);
+type TreePair = (BlobId, Tree, Option<(BlobId, Tree)>);
 
 /// Trees loaded ahead of the planner that may wait (a few directories).
 const TREES_AHEAD: usize = 32;
@@ -452,8 +459,8 @@ fn prefetch_trees(
             };
             let old = match old_id {
                 // Unchanged directory: the same listing, parsed once.
-                Some(id) if id == tree_id => Some(tree.clone()),
-                Some(id) => load(id).await.ok(),
+                Some(id) if id == tree_id => Some((id, tree.clone())),
+                Some(id) => load(id).await.ok().map(|t| (id, t)),
                 None => None,
             };
             // Pushed last first, so popped in the snapshot's order.
@@ -463,7 +470,7 @@ fn prefetch_trees(
                     if skipped(&opts, &child_rel, subtree).is_some() {
                         continue;
                     }
-                    let old_sub = match old.as_ref().and_then(|o| o.entry(&node.name.0)) {
+                    let old_sub = match old.as_ref().and_then(|(_, o)| o.entry(&node.name.0)) {
                         Some(Node {
                             kind: NodeKind::Dir { subtree },
                             ..
@@ -524,39 +531,47 @@ impl Walker<'_> {
             if loaded_id != tree_id {
                 return Err(Error::Internal("tree loader out of step".into()));
             }
-            let old_node = |name: &Name| -> Option<Node> { old.as_ref()?.entry(&name.0).cloned() };
-            let memory: HashMap<Vec<u8>, TargetFile> = if self.opts.reread_target {
-                HashMap::new()
-            } else {
-                self.state
-                    .get_dir(&rel)?
-                    .into_iter()
-                    .map(|f| (f.path.clone(), f))
-                    .collect()
+            let old_node =
+                |name: &Name| -> Option<Node> { old.as_ref()?.1.entry(&name.0).cloned() };
+            // A directory the check ahead recorded against the tree the
+            // target holds is not listed again.
+            let listed = match (&old, &self.opts.checked) {
+                (Some((old_id, _)), Some(c)) if !self.opts.reread_target => c.listed(&rel, old_id),
+                _ => None,
             };
-            // Each entry is looked up relative to the directory it was
-            // listed from (`fstatat`), not by its whole path from the root.
-            let mut existing: HashMap<Vec<u8>, std::fs::DirEntry> = std::fs::read_dir(&dir)
-                .map_err(|e| Error::io(&dir, e))?
-                .map(|e| e.map(|e| (Name::from_os(&e.file_name()).0, e)))
-                .collect::<std::io::Result<_>>()
-                .map_err(|e| Error::io(&dir, e))?;
+            let mut view = match (listed, &old) {
+                (Some(l), Some((_, old_tree))) => {
+                    plan.listed_ahead += 1;
+                    DirView::checked(l, old_tree)
+                }
+                _ => DirView::read(&dir, &rel, self.state, self.opts.reread_target)?,
+            };
             let mut subdirs = Vec::new();
             for node in tree.entries {
-                let entry = existing.remove(&node.name.0);
                 let path = join_safe(&dir, &node.name)?;
                 let child_rel = join_rel(&rel, &node.name);
-                let md = entry.and_then(|e| e.metadata().ok());
+                if let NodeKind::Dir { subtree } = &node.kind {
+                    // Checked ahead, in place whole: the prefetcher skips
+                    // it too (the same test, see `skipped`).
+                    if let Some(w) = skipped(self.opts, &child_rel, subtree) {
+                        view.take(&node, &path);
+                        plan.in_place += w.files;
+                        plan.dir_count += w.dirs + 1;
+                        plan.dirs_ahead += w.dirs + 1;
+                        continue;
+                    }
+                }
+                let md = match view.take(&node, &path) {
+                    Found::InPlace => {
+                        plan.in_place += 1;
+                        continue;
+                    }
+                    Found::Dir => None,
+                    Found::Stat(md) => Some(md),
+                    Found::Nothing => None,
+                };
                 match &node.kind {
                     NodeKind::Dir { subtree } => {
-                        // Checked ahead, in place whole: the prefetcher
-                        // skips it too (the same test, see `skipped`).
-                        if let Some(w) = skipped(self.opts, &child_rel, subtree) {
-                            plan.in_place += w.files;
-                            plan.dir_count += w.dirs + 1;
-                            plan.dirs_ahead += w.dirs + 1;
-                            continue;
-                        }
                         if md.as_ref().is_some_and(|m| !m.is_dir()) {
                             remove_any(&path)?;
                         }
@@ -567,8 +582,8 @@ impl Walker<'_> {
                     }
                     NodeKind::File { .. } => {
                         let old = old_node(&node.name);
-                        let known = memory.get(&child_rel);
-                        self.plan_file(path, child_rel, node, md, old, known, plan)?;
+                        let known = view.known(&child_rel, self.state)?;
+                        self.plan_file(path, child_rel, node, md, old, known.as_ref(), plan)?;
                     }
                     NodeKind::Symlink { .. } => plan.symlinks.push((path, node)),
                     NodeKind::Hardlink { target } => plan.hardlinks.push((path, target.clone())),
@@ -577,7 +592,7 @@ impl Walker<'_> {
             // Popped in the snapshot's order, as the prefetcher loads them:
             // a batch then needs the packs the snapshot wrote at the time.
             stack.extend(subdirs.into_iter().rev());
-            for name in existing.into_keys() {
+            for name in view.rest() {
                 let path = dir.join(Name(name.clone()).as_os());
                 if is_our_tmp(&name) {
                     // Left by an interrupted restore: ours to remove.
@@ -937,6 +952,7 @@ async fn restore_locked(
             (plan.files.len() + plan.unchanged.len() + plan.hardlinks.len()) as u64 + plan.in_place;
         summary.dirs += plan.dir_count;
         summary.dirs_checked_in_place += plan.dirs_ahead;
+        summary.dirs_listed_ahead += plan.listed_ahead;
         summary.files_unchanged += plan.unchanged.len() as u64 + plan.in_place;
         summary.files_patched += plan.patched;
         summary.files_deleted += plan.deleted;

@@ -62,6 +62,15 @@ pub trait TargetState: Send + Sync {
     fn last_snapshot(&self) -> CatalogResult<Option<String>>;
     /// What ferry left in one directory (path from the target root).
     fn get_dir(&self, dir: &[u8]) -> CatalogResult<Vec<TargetFile>>;
+    /// What ferry left at one path, for a plan that needs a few files of a
+    /// directory, not all of them.
+    fn get_file(&self, path: &[u8]) -> CatalogResult<Option<TargetFile>> {
+        let dir = match path.iter().rposition(|b| *b == b'/') {
+            Some(i) => &path[..i],
+            None => &[],
+        };
+        Ok(self.get_dir(dir)?.into_iter().find(|f| f.path == path))
+    }
     /// Drops rows (files about to be patched in place).
     fn forget(&self, paths: &[Vec<u8>]) -> CatalogResult<()>;
     /// Records the files a restore wrote or checked (rows of other paths

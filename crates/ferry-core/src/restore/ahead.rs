@@ -11,6 +11,12 @@
 //! restore then skips a subdirectory whose new tree id equals the one
 //! checked here: same tree, same target, nothing to plan.
 //!
+//! A directory that is not in place whole (a final delta's changed ones)
+//! is recorded too, a byte per entry: which entries of the checked tree the
+//! listing held, which files were in place, which were directories, and the
+//! names the tree lacks. Its plan then lists nothing and stats only what
+//! changed, where it listed the directory and stat'ed every entry again.
+//!
 //! What changed in the target between this check and the restore goes
 //! unseen by this restore, as a change after a plan's `stat` does; the next
 //! run's check catches it (the memory no longer matches).
@@ -32,6 +38,32 @@ pub struct Checked {
     /// Path from the target root → the directory's tree id then, and what
     /// it holds (files, directories, everything under it).
     in_place: HashMap<Vec<u8>, Whole>,
+    /// Path from the target root → the directories not in place whole.
+    listed: HashMap<Vec<u8>, Listed>,
+}
+
+/// What the check found in a directory not in place whole.
+#[derive(Debug)]
+pub(crate) struct Listed {
+    /// The tree it was checked against.
+    pub(crate) tree: BlobId,
+    /// Per entry of that tree, in its order.
+    pub(crate) seen: Vec<Seen>,
+    /// Names in the listing the tree lacks.
+    pub(crate) extra: Vec<Vec<u8>>,
+}
+
+/// An entry of a checked tree, as the target's listing had it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Seen {
+    /// Not in the listing.
+    Absent,
+    /// There, but not known to be the tree's (stat it again).
+    Other,
+    /// A file the memory vouches holds the tree's entry, metadata included.
+    FileInPlace,
+    /// A real directory (its contents are its own record).
+    Dir,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -46,6 +78,15 @@ impl Checked {
     /// tree `tree`.
     pub(crate) fn whole(&self, rel: &[u8], tree: &BlobId) -> Option<Whole> {
         self.in_place.get(rel).filter(|w| w.tree == *tree).copied()
+    }
+
+    /// What the listing of the directory at `rel` held, if it was checked
+    /// against tree `tree`: `Some(None)` when it held that tree whole.
+    pub(crate) fn listed(&self, rel: &[u8], tree: &BlobId) -> Option<Option<&Listed>> {
+        if self.whole(rel, tree).is_some() {
+            return Some(None);
+        }
+        self.listed.get(rel).filter(|l| l.tree == *tree).map(Some)
     }
 }
 
@@ -118,9 +159,10 @@ impl Walk<'_> {
             dirs: 0,
         };
         let mut subdirs = Vec::new();
+        let mut seen = Vec::with_capacity(tree.entries.len());
         // The listing (and the descriptor it holds) is dropped before the
         // subdirectories are walked.
-        let mut in_place = {
+        let (mut in_place, extra) = {
             let Ok(listing) = std::fs::read_dir(dir) else {
                 return Ok(None);
             };
@@ -130,25 +172,37 @@ impl Walk<'_> {
                 .collect();
             let mut ok = listing.len() == tree.entries.len();
             for node in &tree.entries {
-                let md = listing.remove(&node.name.0).and_then(|e| e.metadata().ok());
+                let entry = listing.remove(&node.name.0);
+                let present = entry.is_some();
+                let md = entry.and_then(|e| e.metadata().ok());
                 let child_rel = super::join_rel(&rel, &node.name);
-                match (&node.kind, md) {
+                let s = match (&node.kind, md) {
                     (NodeKind::Dir { subtree }, Some(md)) if md.is_dir() => {
                         let path = super::join_safe(dir, &node.name)?;
                         let meta_ok = !super::meta_differs(&md, node, self.is_root)
                             && !super::xattrs_differ(&path, node);
                         subdirs.push((*subtree, path, child_rel, meta_ok));
+                        Seen::Dir
                     }
                     (NodeKind::File { .. }, Some(md)) if md.is_file() => {
-                        ok &= self.file_in_place(&memory, &child_rel, node, &md);
                         whole.files += 1;
+                        if self.file_in_place(&memory, &child_rel, node, &md) {
+                            Seen::FileInPlace
+                        } else {
+                            ok = false;
+                            Seen::Other
+                        }
                     }
                     // Links, and anything not of the tree's kind, are left
                     // to the plan.
-                    _ => ok = false,
-                }
+                    _ => {
+                        ok = false;
+                        if present { Seen::Other } else { Seen::Absent }
+                    }
+                };
+                seen.push(s);
             }
-            ok
+            (ok, listing.into_keys().collect::<Vec<_>>())
         };
         for (subtree, path, child_rel, meta_ok) in subdirs {
             match self.dir(&subtree, &path, child_rel, meta_ok, checked)? {
@@ -160,6 +214,12 @@ impl Walk<'_> {
             }
         }
         if !in_place || !meta_ok {
+            let listed = Listed {
+                tree: *id,
+                seen,
+                extra,
+            };
+            checked.listed.insert(rel, listed);
             return Ok(None);
         }
         checked.in_place.insert(rel, whole);
