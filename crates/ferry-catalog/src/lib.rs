@@ -112,6 +112,10 @@ impl SqliteCatalog {
                 true
             }
         };
+        // The writer's transactions insert blob ids at random places in
+        // the index: with SQLite's 2 MiB cache a batch of packs spilled
+        // dirty pages to the WAL before its commit wrote them again.
+        conn.pragma_update(None, "cache_size", -8192).map_err(sql)?;
         Ok((
             Self {
                 conn: Mutex::new(conn),

@@ -1777,23 +1777,38 @@ async fn upload(
     let mut running = tokio::task::JoinSet::new();
     let mut records: Vec<PackRecord> = Vec::new();
     let mut indexes = Vec::new();
-    let done = |r: Result<Result<PackRecord>, tokio::task::JoinError>,
+    // Every upload finished by then is recorded in one catalog transaction:
+    // packs finish together at the end of a snapshot, and each commit of
+    // random blob ids rewrites most of the index's pages.
+    type Joined = Result<Result<PackRecord>, tokio::task::JoinError>;
+    let done = |first: Joined,
+                running: &mut tokio::task::JoinSet<Result<PackRecord>>,
                 records: &mut Vec<PackRecord>|
      -> Result<()> {
-        let rec = r.map_err(|e| Error::Internal(e.to_string()))??;
-        catalog.add_packs(std::slice::from_ref(&rec))?;
-        dedup.release(&rec);
-        stats.bytes_uploaded.fetch_add(rec.size, Ordering::Relaxed);
-        stats.packs.fetch_add(1, Ordering::Relaxed);
-        stats.upload.end(rec.size);
-        stats.upload.count(0, 1);
-        crate::telemetry::pack_uploaded(rec.size);
-        records.push(rec);
+        let mut batch = vec![first];
+        while let Some(r) = running.try_join_next() {
+            batch.push(r);
+        }
+        let recs = batch
+            .into_iter()
+            .map(|r| r.map_err(|e| Error::Internal(e.to_string()))?)
+            .collect::<Result<Vec<PackRecord>>>()?;
+        catalog.add_packs(&recs)?;
+        for rec in recs {
+            dedup.release(&rec);
+            stats.bytes_uploaded.fetch_add(rec.size, Ordering::Relaxed);
+            stats.packs.fetch_add(1, Ordering::Relaxed);
+            stats.upload.end(rec.size);
+            stats.upload.count(0, 1);
+            crate::telemetry::pack_uploaded(rec.size);
+            records.push(rec);
+        }
         Ok(())
     };
     loop {
         while running.len() >= concurrency {
-            done(running.join_next().await.expect("not empty"), &mut records)?;
+            let r = running.join_next().await.expect("not empty");
+            done(r, &mut running, &mut records)?;
         }
         if records.iter().map(|r| r.blobs.len()).sum::<usize>() >= INDEX_BLOBS {
             // Index objects as the packs come, not one at the end: the
@@ -1815,11 +1830,13 @@ async fn upload(
                 }
                 None => break,
             },
-            Some(r) = running.join_next(), if !running.is_empty() => done(r, &mut records)?,
+            Some(r) = running.join_next(), if !running.is_empty() => {
+                done(r, &mut running, &mut records)?
+            }
         }
     }
     while let Some(r) = running.join_next().await {
-        done(r, &mut records)?;
+        done(r, &mut running, &mut records)?;
     }
     Ok(Uploaded { records, indexes })
 }
