@@ -121,10 +121,12 @@ impl TargetState for SqliteTargetState {
             .map_err(cerr)?;
         let rows = st
             .query_map([dir], |r| {
-                let name: Vec<u8> = r.get(0)?;
-                let content: Vec<u8> = r.get(1)?;
+                // Borrowed from the row: a final delta's check reads every
+                // row of the memory.
+                let name = r.get_ref(0)?.as_blob()?;
+                let content = r.get_ref(1)?.as_blob()?;
                 Ok(TargetFile {
-                    path: join(dir, &name),
+                    path: join(dir, name),
                     content: content.try_into().unwrap_or([0; 32]),
                     size: r.get::<_, i64>(2)? as u64,
                     mtime_ns: r.get(3)?,

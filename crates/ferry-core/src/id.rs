@@ -51,7 +51,10 @@ macro_rules! hash_id {
 
         impl Serialize for $name {
             fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-                s.serialize_str(&self.to_hex())
+                // On the stack: trees serialize an id per chunk.
+                let mut buf = [0u8; 64];
+                hex::encode_to_slice(self.0, &mut buf).expect("64 digits for 32 bytes");
+                s.serialize_str(std::str::from_utf8(&buf).expect("hex digits are ASCII"))
             }
         }
 

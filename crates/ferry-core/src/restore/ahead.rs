@@ -147,12 +147,9 @@ impl Walk<'_> {
         let tree: Tree = self
             .rt
             .block_on(crate::sync::load_tree(self.vault, self.catalog, id))?;
-        let memory: HashMap<Vec<u8>, TargetFile> = self
-            .state
-            .get_dir(&rel)?
-            .into_iter()
-            .map(|f| (f.path.clone(), f))
-            .collect();
+        let files = self.state.get_dir(&rel)?;
+        let memory: HashMap<&[u8], &TargetFile> =
+            files.iter().map(|f| (f.path.as_slice(), f)).collect();
         let mut whole = Whole {
             tree: *id,
             files: 0,
@@ -230,7 +227,7 @@ impl Walk<'_> {
     /// is the one it recorded, and its metadata is the tree's.
     fn file_in_place(
         &self,
-        memory: &HashMap<Vec<u8>, TargetFile>,
+        memory: &HashMap<&[u8], &TargetFile>,
         rel: &[u8],
         node: &Node,
         md: &std::fs::Metadata,
