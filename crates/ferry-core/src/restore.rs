@@ -1383,7 +1383,6 @@ async fn restore_pack(
 }
 
 /// Decrypts the blobs of one span and writes each to every place that
-/// Decrypts the blobs of one span and writes each to every place that
 /// needs it. A blob that fails (damaged) fails only the files that need it:
 /// returns the bytes written and the failed blobs with their reasons.
 #[allow(clippy::too_many_arguments)]
