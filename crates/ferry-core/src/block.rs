@@ -163,8 +163,6 @@ pub async fn restore_block(
             dest: target.to_path_buf(),
             fresh,
             create: None,
-            pending: Default::default(),
-            settle: None,
         })],
         needs,
         opts.packs_in_flight,

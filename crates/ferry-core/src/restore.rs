@@ -24,13 +24,10 @@
 //!    ranged reads covering the needed blobs, several packs at a time); each
 //!    blob is decrypted, verified against its id and written with positioned
 //!    writes to every place that needs it. All-zero chunks of fresh files are
-//!    not written: they stay holes (sparse files). The thread that writes a
-//!    file's last chunk settles it: metadata, the rename into place, what
-//!    the target's memory will say of it.
-//! 3. The batch's other files (empty ones, failed ones: their temporary
-//!    files are removed), symlinks, and the target's memory of the batch;
-//!    after the last batch, hard links and directory metadata, deepest
-//!    first, and the memory names the snapshot the target now holds.
+//!    not written: they stay holes (sparse files).
+//! 3. Metadata, renames and the target's memory of the batch's files; after
+//!    the last batch, hard links and directory metadata, deepest first, and
+//!    the memory names the snapshot the target now holds.
 //! 4. With `verify`: every file is read back and hashed against the
 //!    snapshot.
 //!
@@ -47,7 +44,6 @@ use std::fs::{File, Metadata, OpenOptions};
 use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 use futures::StreamExt;
@@ -166,48 +162,6 @@ pub struct WriteTarget {
     pub(crate) fresh: bool,
     /// A new file not made yet: see [`Creation`].
     pub(crate) create: Option<Creation>,
-    /// Chunk writes still to come (set by the transfer). The scatter
-    /// thread whose write ends them settles the file right there, so files
-    /// go into place while the rest of the batch is still being fetched
-    /// rather than all in a phase of their own after it.
-    pub(crate) pending: std::sync::atomic::AtomicU32,
-    /// What settling a file of a directory restore needs; a block
-    /// restore's volume has none.
-    pub(crate) settle: Option<Settle>,
-}
-
-impl WriteTarget {
-    pub(crate) fn new(path: PathBuf, dest: PathBuf, fresh: bool, settle: Option<Settle>) -> Self {
-        WriteTarget {
-            path,
-            dest,
-            fresh,
-            create: fresh.then(Creation::default),
-            pending: Default::default(),
-            settle,
-        }
-    }
-}
-
-/// A file's place in the snapshot, for its metadata, rename and memory.
-#[derive(Debug)]
-pub(crate) struct Settle {
-    rel: Vec<u8>,
-    node: Node,
-    is_root: bool,
-    /// Put in place by a scatter thread; the batch's finish skips it.
-    done: std::sync::atomic::AtomicBool,
-}
-
-impl Settle {
-    fn new(rel: Vec<u8>, node: Node, is_root: bool) -> Self {
-        Settle {
-            rel,
-            node,
-            is_root,
-            done: Default::default(),
-        }
-    }
 }
 
 /// A new file under its temporary name is made by the first chunk written
@@ -271,7 +225,9 @@ fn settle_created(t: &WriteTarget, size: u64) -> Result<()> {
     };
     let h = match c.made.get() {
         None => create_tmp(&t.path),
-        Some(Ok(())) if c.holes.load(Ordering::Relaxed) => open_for_write(&t.path),
+        Some(Ok(())) if c.holes.load(std::sync::atomic::Ordering::Relaxed) => {
+            open_for_write(&t.path)
+        }
         Some(Ok(())) => return Ok(()),
         Some(Err(code)) => Err(std::io::Error::from_raw_os_error(*code)),
     }
@@ -282,9 +238,13 @@ fn settle_created(t: &WriteTarget, size: u64) -> Result<()> {
     Ok(())
 }
 
-/// One file to write, shared with the transfer (no copy of its two paths
-/// per file); `dest` is the real name, `settle` always set.
-type FilePlan = Arc<WriteTarget>;
+/// One file to write. `write` is shared with the transfer (no copy of its
+/// two paths per file); `write.dest` is the real name.
+struct FilePlan {
+    write: Arc<WriteTarget>,
+    rel: Vec<u8>,
+    node: Node,
+}
 
 #[derive(Default)]
 struct Plan {
@@ -764,28 +724,36 @@ impl Walker<'_> {
                     }
                 }
                 plan.patched += 1;
-                plan.files.push(Arc::new(WriteTarget::new(
-                    path.clone(),
-                    path,
-                    false,
-                    Some(Settle::new(rel, node, self.is_root)),
-                )));
+                plan.files.push(FilePlan {
+                    write: Arc::new(WriteTarget {
+                        path: path.clone(),
+                        dest: path,
+                        fresh: false,
+                        create: None,
+                    }),
+                    rel,
+                    node,
+                });
             }
             _ => {
                 let tmp = path
                     .parent()
                     .unwrap_or(Path::new("."))
                     .join(random_tmp_name());
+                plan.files.push(FilePlan {
+                    write: Arc::new(WriteTarget {
+                        path: tmp,
+                        dest: path,
+                        fresh: true,
+                        create: Some(Creation::default()),
+                    }),
+                    rel,
+                    node: node.clone(),
+                });
                 plan.bytes_planned += *size;
                 for (off, ch) in chunk_offsets(chunks) {
                     plan.needs.entry(ch.0).or_default().push((idx, off));
                 }
-                plan.files.push(Arc::new(WriteTarget::new(
-                    tmp,
-                    path,
-                    true,
-                    Some(Settle::new(rel, node, self.is_root)),
-                )));
             }
         }
         Ok(())
@@ -955,8 +923,8 @@ async fn restore_locked(
         let done = match planned {
             Ok(done) => done,
             Err(e) => {
-                for f in plan.files.iter().filter(|f| f.fresh) {
-                    let _ = std::fs::remove_file(&f.path);
+                for f in plan.files.iter().filter(|f| f.write.fresh) {
+                    let _ = std::fs::remove_file(&f.write.path);
                 }
                 // The loader may wait on a full channel: dropping it stops it.
                 drop(trees);
@@ -967,7 +935,7 @@ async fn restore_locked(
         progress.add_total(plan.files.len() as u64, plan.bytes_planned);
 
         let transfer_start = Instant::now();
-        let files = plan.files.clone();
+        let files: Vec<Arc<WriteTarget>> = plan.files.iter().map(|f| f.write.clone()).collect();
         let needs = std::mem::take(&mut plan.needs);
         let t = transfer(
             &vault,
@@ -1000,16 +968,9 @@ async fn restore_locked(
         let finish_start = Instant::now();
         dirs.append(&mut plan.dirs);
         hardlinks.append(&mut plan.hardlinks);
-        let settled = t.settled;
-        if let Some(e) = settled.error {
-            return Err(e);
-        }
-        summary.files_written += settled.files;
-        summary.warnings += settled.warnings;
-        finished += settled.files;
         let (failures, st) = (t.failures, state.clone());
         let fin = tokio::task::spawn_blocking(move || {
-            finish_files(&plan, failures, settled.memory, st.as_ref()).map(|f| (f, plan.deleted))
+            finish_files(&plan, failures, st.as_ref()).map(|f| (f, plan.deleted))
         })
         .await
         .map_err(|e| Error::Internal(e.to_string()))??;
@@ -1181,7 +1142,6 @@ pub(crate) struct Transfer {
     /// Pack reads and chunk writes, for the cutover report.
     pub fetch: crate::phase::Phase,
     pub write: crate::phase::Phase,
-    pub settled: Settled,
 }
 
 /// Fetches every pack that holds a needed chunk, once, `in_flight` at a
@@ -1211,17 +1171,8 @@ pub(crate) async fn transfer(
         pack_errors: Vec::new(),
         fetch: Default::default(),
         write: Default::default(),
-        settled: Settled::default(),
     };
-    for places in needs.values() {
-        for (f, _) in places {
-            files[*f as usize].pending.fetch_add(1, Ordering::Relaxed);
-        }
-    }
-    let files_with_data = files
-        .iter()
-        .filter(|f| f.pending.load(Ordering::Relaxed) > 0)
-        .count() as u64;
+    let files_with_data: HashSet<u32> = needs.values().flatten().map(|(f, _)| *f).collect();
     for batch in ids.chunks(1000) {
         for (id, loc) in batch.iter().zip(catalog.locate(batch)?) {
             match loc {
@@ -1271,7 +1222,6 @@ pub(crate) async fn transfer(
         t.bytes_written += r.bytes_written;
         t.bytes_fetched += r.bytes_fetched;
         t.packs_fetched += 1;
-        t.settled.absorb(r.settled);
         if let Some((msg, affected)) = r.error {
             for f in affected {
                 t.failures.push((f, msg.clone()));
@@ -1280,7 +1230,7 @@ pub(crate) async fn transfer(
         }
     }
     clocks.fetch.count(0, t.packs_fetched);
-    clocks.write.count(files_with_data, 0);
+    clocks.write.count(files_with_data.len() as u64, 0);
     t.fetch = clocks.fetch.phase("fetch", started_s);
     t.write = clocks.write.phase("write", started_s);
     Ok(t)
@@ -1295,7 +1245,6 @@ struct Clocks {
 struct PackOutcome {
     bytes_written: u64,
     bytes_fetched: u64,
-    settled: Settled,
     /// The reason, and the files that did not get their data.
     error: Option<(String, Vec<u32>)>,
 }
@@ -1326,7 +1275,6 @@ async fn restore_pack(
     let mut out = PackOutcome {
         bytes_written: 0,
         bytes_fetched: 0,
-        settled: Settled::default(),
         error: None,
     };
     let affected = |entries: &[PackEntry]| -> Vec<u32> {
@@ -1402,8 +1350,7 @@ async fn restore_pack(
         })
         .await;
         match r {
-            Ok(mut sc) => {
-                out.settled.absorb(std::mem::take(&mut sc.settled));
+            Ok(sc) => {
                 out.bytes_written += sc.written;
                 progress.advance(sc.written);
                 crate::telemetry::bytes_written(sc.written);
@@ -1457,7 +1404,6 @@ fn scatter(
         written: 0,
         failed_blobs: Vec::new(),
         failed_files: Vec::new(),
-        settled: Settled::default(),
     };
     let mut dead: HashSet<u32> = HashSet::new();
     for (i, (e, places)) in list.iter().zip(needs).enumerate() {
@@ -1476,9 +1422,8 @@ fn scatter(
             if zero && t.fresh {
                 // A new file is all holes until written: zero runs stay holes.
                 if let Some(c) = &t.create {
-                    c.holes.store(true, Ordering::Relaxed);
+                    c.holes.store(true, std::sync::atomic::Ordering::Relaxed);
                 }
-                out.settled.one_written(t);
                 continue;
             }
             if open.as_ref().is_none_or(|(g, _)| g != f) {
@@ -1497,10 +1442,7 @@ fn scatter(
             // A write that fails (a full disk) fails that file only; the
             // message names the file by its real name.
             match h.write_all_at(&buf, *off) {
-                Ok(()) => {
-                    out.written += buf.len() as u64;
-                    out.settled.one_written(t);
-                }
+                Ok(()) => out.written += buf.len() as u64,
                 Err(err) => {
                     dead.insert(*f);
                     open = None;
@@ -1520,47 +1462,6 @@ struct Scattered {
     failed_blobs: Vec<(usize, String)>,
     /// Files that could not be written, with the reason.
     failed_files: Vec<(u32, String)>,
-    settled: Settled,
-}
-
-/// Files a transfer put in place as their last chunk was written.
-#[derive(Default)]
-pub(crate) struct Settled {
-    pub files: u64,
-    pub warnings: u64,
-    pub memory: Vec<TargetFile>,
-    /// The first file that could not be put in place: it fails the restore,
-    /// as it would in the batch's finish.
-    pub error: Option<Error>,
-}
-
-impl Settled {
-    /// One chunk write of `t` is done (or left a hole); the last one
-    /// settles the file.
-    fn one_written(&mut self, t: &WriteTarget) {
-        if t.pending.fetch_sub(1, Ordering::AcqRel) != 1 {
-            return;
-        }
-        let Some(s) = &t.settle else { return };
-        match settle_file(t, s, &mut self.memory) {
-            Ok(w) => {
-                self.files += 1;
-                self.warnings += w;
-            }
-            Err(e) => {
-                self.error.get_or_insert(e);
-            }
-        }
-    }
-
-    fn absorb(&mut self, other: Settled) {
-        self.files += other.files;
-        self.warnings += other.warnings;
-        self.memory.extend(other.memory);
-        if self.error.is_none() {
-            self.error = other.error;
-        }
-    }
 }
 
 struct Finished {
@@ -1599,11 +1500,12 @@ fn rename_over(from: &Path, to: &Path) -> Result<()> {
     }
 }
 
-/// The batch's files no scatter thread settled (index in the plan, plan):
-/// files with no data to write, and files that failed.
+/// Some of a batch's written files (index in the plan, plan): metadata,
+/// then the rename into place.
 fn finish_part(
     files: &[(usize, &FilePlan)],
     failed: &HashSet<u32>,
+    is_root: bool,
 ) -> Result<(Finished, Vec<TargetFile>)> {
     let mut out = Finished {
         written: 0,
@@ -1612,47 +1514,34 @@ fn finish_part(
     };
     let mut memory = Vec::new();
     for (i, f) in files {
-        let Some(s) = &f.settle else { continue };
-        if s.done.load(Ordering::Acquire) {
-            continue;
-        }
-        if failed.contains(&(*i as u32)) || f.pending.load(Ordering::Acquire) != 0 {
-            if f.fresh {
-                let _ = std::fs::remove_file(&f.path);
+        if failed.contains(&(*i as u32)) {
+            if f.write.fresh {
+                let _ = std::fs::remove_file(&f.write.path);
             }
-            out.failed.push(f.dest.clone());
+            out.failed.push(f.write.dest.clone());
             continue;
         }
-        out.warnings += settle_file(f, s, &mut memory)?;
+        if let NodeKind::File { size, .. } = &f.node.kind {
+            settle_created(&f.write, *size)?;
+        }
+        out.warnings += apply_meta(&f.write.path, &f.node, is_root, false)?;
+        if !f.write.fresh {
+            out.warnings += drop_stale_xattrs(&f.write.path, &f.node);
+        }
+        if f.write.fresh {
+            rename_over(&f.write.path, &f.write.dest)?;
+        }
+        remember(&f.write.dest, &f.rel, &f.node, &mut memory)?;
         out.written += 1;
     }
     Ok((out, memory))
 }
 
-/// Puts one file whose data is all written in place: its length (a
-/// trailing hole), metadata, the rename, and what the target's memory will
-/// say of it. Returns the warnings.
-fn settle_file(t: &WriteTarget, s: &Settle, memory: &mut Vec<TargetFile>) -> Result<u64> {
-    if let NodeKind::File { size, .. } = &s.node.kind {
-        settle_created(t, *size)?;
-    }
-    let mut warnings = apply_meta(&t.path, &s.node, s.is_root, false)?;
-    if t.fresh {
-        rename_over(&t.path, &t.dest)?;
-    } else {
-        warnings += drop_stale_xattrs(&t.path, &s.node);
-    }
-    remember(&t.dest, &s.rel, &s.node, memory)?;
-    s.done.store(true, Ordering::Release);
-    Ok(warnings)
-}
-
-/// A batch's files the transfer did not settle, symlinks, and the target's
-/// memory of all of them (`settled`: what the transfer's settling found).
+/// A batch's files: metadata, renames into place, symlinks, and the
+/// target's memory of them.
 fn finish_files(
     plan: &Plan,
     failures: Vec<(u32, String)>,
-    settled: Vec<TargetFile>,
     state: &dyn TargetState,
 ) -> Result<Finished> {
     let failed: HashSet<u32> = failures.iter().map(|(f, _)| *f).collect();
@@ -1666,7 +1555,7 @@ fn finish_files(
         let failed = &failed;
         let handles: Vec<_> = files
             .chunks(per)
-            .map(|part| s.spawn(move || finish_part(part, failed)))
+            .map(|part| s.spawn(move || finish_part(part, failed, is_root)))
             .collect();
         handles
             .into_iter()
@@ -1681,7 +1570,7 @@ fn finish_files(
         warnings: 0,
         failed: Vec::new(),
     };
-    let mut memory = settled;
+    let mut memory: Vec<TargetFile> = Vec::new();
     for part in parts {
         let (done, remembered) = part?;
         out.written += done.written;
