@@ -60,6 +60,49 @@ impl Env {
     }
 }
 
+impl Env {
+    /// Runs ferry as nobody when the tests run as root (root reads every
+    /// file, so an unreadable one needs another user); as ourselves
+    /// otherwise. The caller opens up the paths nobody must reach.
+    pub fn run_unprivileged(&self, args: &[&str]) -> Output {
+        let mut c = if is_root() {
+            let mut c = Command::new("setpriv");
+            c.args([
+                "--reuid=65534",
+                "--regid=65534",
+                "--clear-groups",
+                env!("CARGO_BIN_EXE_ferry"),
+            ]);
+            c
+        } else {
+            Command::new(env!("CARGO_BIN_EXE_ferry"))
+        };
+        c.args(args);
+        c.env_remove("FERRY_VAULT").env_remove("FERRY_CATALOG");
+        for (k, v) in &self.vars {
+            c.env(k, v);
+        }
+        c.output().unwrap()
+    }
+}
+
+pub fn is_root() -> bool {
+    std::fs::metadata("/proc/self")
+        .map(|m| m.uid() == 0)
+        .unwrap_or(false)
+}
+
+/// Makes `p` (created if missing) and everything under it anyone's.
+pub fn chmod_r(p: &Path) {
+    let _ = std::fs::create_dir_all(p);
+    let st = Command::new("chmod")
+        .args(["-R", "a+rwX"])
+        .arg(p)
+        .status()
+        .unwrap();
+    assert!(st.success());
+}
+
 pub fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }

@@ -533,25 +533,7 @@ fn unreadable_file_gives_an_incomplete_but_consistent_snapshot() {
         std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o777)).unwrap();
     }
     let vault = init(&env);
-    let as_nobody = |args: &[&str]| {
-        let mut c = if is_root() {
-            let mut c = std::process::Command::new("setpriv");
-            c.args([
-                "--reuid=65534",
-                "--regid=65534",
-                "--clear-groups",
-                env!("CARGO_BIN_EXE_ferry"),
-            ]);
-            c
-        } else {
-            std::process::Command::new(env!("CARGO_BIN_EXE_ferry"))
-        };
-        c.args(args);
-        for (k, v) in &env.vars {
-            c.env(k, v);
-        }
-        c.output().unwrap()
-    };
+    let as_nobody = |args: &[&str]| env.run_unprivileged(args);
     if is_root() {
         chmod_r(&env.path("vault"));
         chmod_r(&env.path("state"));
@@ -599,23 +581,6 @@ fn unreadable_file_gives_an_incomplete_but_consistent_snapshot() {
         "{e}"
     );
     assert_eq!(std::fs::read_dir(&ro).unwrap().count(), 0);
-}
-
-fn is_root() -> bool {
-    use std::os::unix::fs::MetadataExt;
-    std::fs::metadata("/proc/self")
-        .map(|m| m.uid() == 0)
-        .unwrap_or(false)
-}
-
-fn chmod_r(p: &std::path::Path) {
-    let _ = std::fs::create_dir_all(p);
-    let st = std::process::Command::new("chmod")
-        .args(["-R", "a+rwX"])
-        .arg(p)
-        .status()
-        .unwrap();
-    assert!(st.success());
 }
 
 #[test]
