@@ -300,104 +300,26 @@ pub async fn run(cli: Cli) -> Result<u8> {
                 true => None,
                 false => ferry_fleet::work::check_ahead(vault.clone(), catalog.clone(), &target),
             };
-            let bar = Arc::new(Bar::new("snapshot"));
             let mut opts = SnapshotOptions::new(volume);
             opts.reread = reread;
             opts.block = block;
-            // A directory snapshot tells its root tree as soon as every tree
-            // is in the catalog: the restore plans the changed directories
-            // while the snapshot's last packs upload, and fetches once the
-            // snapshot is committed.
-            let (root_tx, root_rx) = tokio::sync::oneshot::channel();
-            let root_tx = Arc::new(std::sync::Mutex::new(Some(root_tx)));
-            let take_root =
-                |t: &std::sync::Mutex<Option<_>>| t.lock().ok().and_then(|mut t| t.take());
-            if !block {
-                let root_tx = root_tx.clone();
-                opts.on_trees = Some(ferry_core::snapshot::OnTrees(Arc::new(move |root| {
-                    if let Some(tx) = take_root(&root_tx) {
-                        let _ = tx.send(root);
-                    }
-                })));
-            }
-            let (record_tx, record_rx) = tokio::sync::oneshot::channel();
-            // Its own task: the restore's plan works between its awaits, and
-            // must not hold up the snapshot's last uploads and commit.
-            let snapshot = tokio::spawn({
-                let (vault, catalog, source) = (vault.clone(), catalog.clone(), source.clone());
-                let (bar, root_tx) = (bar.clone(), root_tx.clone());
-                async move {
-                    let r = ferry_fleet::work::snapshot(
-                        vault.clone(),
-                        catalog.clone(),
-                        &source,
-                        &opts,
-                        bar.clone(),
-                    )
-                    .await;
-                    bar.finish();
-                    // Without a root told (a block snapshot, or one that
-                    // failed), the restore does not start early.
-                    drop(take_root(&root_tx));
-                    let record = r.as_ref().ok().and_then(|s| {
-                        ferry_core::sync::find_snapshot(
-                            catalog.as_ref(),
-                            &format!("{}@{}", s.volume, s.snapshot_id),
-                        )
-                        .ok()
-                    });
-                    let _ = record_tx.send(record.clone());
-                    (r, record)
-                }
-            });
-            drop(root_tx);
-            let early = async {
-                let root = root_rx.await.ok()?;
-                let checked = match ahead {
-                    Some(a) => a.finish().await,
-                    None => None,
-                };
-                let bar = Arc::new(Bar::hidden("restore"));
-                let shown = bar.clone();
-                let record: ferry_core::restore::Committing = Box::pin(async move {
-                    let r = record_rx.await.ok().flatten().ok_or_else(|| {
-                        ferry_core::Error::Internal("the snapshot was not committed".into())
-                    });
-                    // The snapshot's bar is finished by now.
-                    shown.show();
-                    r
-                });
-                let restore_at = started.elapsed().as_secs_f64();
-                let r = ferry_fleet::work::restore_committing(
-                    vault.clone(),
-                    catalog.clone(),
-                    root,
-                    record,
-                    &target,
-                    &restore_options(&delta, checked),
-                    bar.clone(),
-                )
-                .await;
-                bar.finish();
-                Some((r, restore_at))
-            };
-            let early = early.await;
-            let (snapshotted, record) = snapshot.await.context("the snapshot task failed")?;
-            let snap_summary = snapshotted?;
-            let (rs, restore_at) = match early {
-                Some((r, at)) => (r?, at),
-                None => {
-                    let Some(snap) = record else {
-                        bail!(
-                            "snapshot {} is not in the catalog",
-                            snap_summary.snapshot_id
-                        );
-                    };
-                    let restore_at = started.elapsed().as_secs_f64();
-                    let rs = restore_into(vault, catalog, &snap, &target, &delta, None).await?;
-                    (rs, restore_at)
-                }
-            };
+            let Synced {
+                snapshot: snap_summary,
+                restore: rs,
+                restore_at,
+            } = snapshot_and_restore(
+                vault,
+                catalog,
+                &source,
+                &target,
+                opts,
+                &delta,
+                ahead,
+                false,
+                |_| Ok(()),
+                started,
+            )
+            .await?;
             #[derive(Serialize)]
             struct Out<'a> {
                 snapshot_id: &'a str,
@@ -660,6 +582,144 @@ pub(crate) fn sync_report(
         .cloned()
         .chain(restore.iter().cloned().map(|p| p.shifted(restore_at)))
         .collect()
+}
+
+/// What [`snapshot_and_restore`] did.
+pub(crate) struct Synced {
+    pub snapshot: ferry_core::snapshot::SnapshotSummary,
+    pub restore: ferry_core::restore::RestoreSummary,
+    /// When the restore started, in seconds from `started`.
+    pub restore_at: f64,
+}
+
+/// A snapshot of `source` and the delta restore of it into `target`, the
+/// way `ferry sync` and a migration round move a directory. A directory
+/// snapshot tells its root tree as soon as every tree is in the catalog:
+/// the restore plans the changed directories while the snapshot's last
+/// packs upload, and fetches once the snapshot is committed. `check` sees
+/// the snapshot's summary before the restore's result is taken. With
+/// `whole_only` (a cutover), a snapshot that missed entries (the source
+/// changed under the reader) is not restored at all: the restore does not
+/// start early, and `check` refuses it before the target is touched.
+/// `ahead` is the target's check, started beside the snapshot.
+#[allow(clippy::too_many_arguments)]
+pub(crate) async fn snapshot_and_restore(
+    vault: Arc<Vault>,
+    catalog: Arc<dyn Catalog>,
+    source: &Path,
+    target: &Path,
+    mut opts: SnapshotOptions,
+    delta: &crate::DeltaArgs,
+    mut ahead: Option<ferry_fleet::work::CheckAhead>,
+    whole_only: bool,
+    check: impl FnOnce(&ferry_core::snapshot::SnapshotSummary) -> Result<()>,
+    started: std::time::Instant,
+) -> Result<Synced> {
+    let bar = Arc::new(Bar::new("snapshot"));
+    let (root_tx, root_rx) = tokio::sync::oneshot::channel();
+    let root_tx = Arc::new(std::sync::Mutex::new(Some(root_tx)));
+    let take_root = |t: &std::sync::Mutex<Option<_>>| t.lock().ok().and_then(|mut t| t.take());
+    if !opts.block {
+        let root_tx = root_tx.clone();
+        opts.on_trees = Some(ferry_core::snapshot::OnTrees(Arc::new(
+            move |root, complete| {
+                let tx = take_root(&root_tx);
+                if let (Some(tx), true) = (tx, complete || !whole_only) {
+                    let _ = tx.send(root);
+                }
+            },
+        )));
+    }
+    let (record_tx, record_rx) = tokio::sync::oneshot::channel();
+    // Its own task: the restore's plan works between its awaits, and must
+    // not hold up the snapshot's last uploads and commit.
+    let snapshot = tokio::spawn({
+        let (vault, catalog, source) = (vault.clone(), catalog.clone(), source.to_path_buf());
+        let (bar, root_tx) = (bar.clone(), root_tx.clone());
+        async move {
+            let r = ferry_fleet::work::snapshot(
+                vault.clone(),
+                catalog.clone(),
+                &source,
+                &opts,
+                bar.clone(),
+            )
+            .await;
+            bar.finish();
+            // Without a root told (a block snapshot, or one that failed),
+            // the restore does not start early.
+            drop(take_root(&root_tx));
+            let record = r.as_ref().ok().and_then(|s| {
+                ferry_core::sync::find_snapshot(
+                    catalog.as_ref(),
+                    &format!("{}@{}", s.volume, s.snapshot_id),
+                )
+                .ok()
+            });
+            let _ = record_tx.send(record.clone());
+            (r, record)
+        }
+    });
+    drop(root_tx);
+    let early = async {
+        let root = root_rx.await.ok()?;
+        let checked = match ahead.take() {
+            Some(a) => a.finish().await,
+            None => None,
+        };
+        let bar = Arc::new(Bar::hidden("restore"));
+        let shown = bar.clone();
+        let record: ferry_core::restore::Committing = Box::pin(async move {
+            let r = record_rx
+                .await
+                .ok()
+                .flatten()
+                .filter(|r| !(whole_only && r.incomplete))
+                .ok_or_else(|| {
+                    ferry_core::Error::Internal("the snapshot was not committed whole".into())
+                });
+            // The snapshot's bar is finished by now.
+            shown.show();
+            r
+        });
+        let restore_at = started.elapsed().as_secs_f64();
+        let r = ferry_fleet::work::restore_committing(
+            vault.clone(),
+            catalog.clone(),
+            root,
+            record,
+            target,
+            &restore_options(delta, checked),
+            bar.clone(),
+        )
+        .await;
+        bar.finish();
+        Some((r, restore_at))
+    };
+    let early = early.await;
+    let (snapshotted, record) = snapshot.await.context("the snapshot task failed")?;
+    let snapshot = snapshotted?;
+    check(&snapshot)?;
+    let (restore, restore_at) = match early {
+        Some((r, at)) => (r?, at),
+        None => {
+            let Some(snap) = record else {
+                bail!("snapshot {} is not in the catalog", snapshot.snapshot_id);
+            };
+            let restore_at = started.elapsed().as_secs_f64();
+            let checked = match ahead {
+                Some(a) => a.finish().await,
+                None => None,
+            };
+            let rs = restore_into(vault, catalog, &snap, target, delta, checked).await?;
+            (rs, restore_at)
+        }
+    };
+    Ok(Synced {
+        snapshot,
+        restore,
+        restore_at,
+    })
 }
 
 pub(crate) async fn restore_into(

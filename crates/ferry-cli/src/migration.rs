@@ -475,7 +475,40 @@ async fn run_pair_inner(
         }
         _ => None,
     };
-    let s = match crate::bucket::objects_at(Path::new(&pair.source), cfg).await? {
+    let source_objects = crate::bucket::objects_at(Path::new(&pair.source), cfg).await?;
+    if source_objects.is_none() && target_objects.is_none() && !opts.block {
+        // Directory to directory: `ferry sync`'s way, the restore planning
+        // while the snapshot's last packs upload.
+        let delta = pair_delta();
+        let synced = crate::commands::snapshot_and_restore(
+            vault.clone(),
+            catalog.clone(),
+            Path::new(&pair.source),
+            Path::new(&pair.target),
+            opts,
+            &delta,
+            ahead,
+            strict,
+            |s| record_snapshot(out, s, t, strict, &pair.source),
+            t,
+        )
+        .await?;
+        // The round's time is the snapshot's and what the restore took
+        // beyond it.
+        out.snapshot_s = synced.snapshot.duration_s;
+        out.restore_s = (t.elapsed().as_secs_f64() - out.snapshot_s).max(0.0);
+        out.bytes_total = ferry_core::sync::find_snapshot(
+            catalog.as_ref(),
+            &format!("{}@{}", pair.volume, synced.snapshot.snapshot_id),
+        )?
+        .bytes;
+        out.bytes_written = synced.restore.bytes_written;
+        out.files_written = synced.restore.files_written;
+        out.files_deleted = synced.restore.files_deleted;
+        out.ok = true;
+        return Ok(());
+    }
+    let s = match source_objects {
         Some(objects) => {
             crate::bucket::snapshot_into(vault.clone(), catalog.clone(), objects, &opts).await?
         }
@@ -517,13 +550,7 @@ async fn run_pair_inner(
             }
         }
         None => {
-            let delta = DeltaArgs {
-                delete: true,
-                verify: false,
-                reread_target: false,
-                no_lock: false,
-                batch_files: ferry_core::restore::BATCH_FILES as u64,
-            };
+            let delta = pair_delta();
             let checked = match ahead {
                 Some(a) => a.finish().await,
                 None => None,
@@ -545,6 +572,18 @@ async fn run_pair_inner(
     out.restore_s = t.elapsed().as_secs_f64();
     out.ok = true;
     Ok(())
+}
+
+/// How a round restores into a directory target: the target becomes the
+/// source.
+fn pair_delta() -> DeltaArgs {
+    DeltaArgs {
+        delete: true,
+        verify: false,
+        reread_target: false,
+        no_lock: false,
+        batch_files: ferry_core::restore::BATCH_FILES as u64,
+    }
 }
 
 /// A pair's snapshot figures into its round. While the application runs,

@@ -62,7 +62,9 @@ pub struct SnapshotOptions {
     /// while the application runs must not starve it.
     pub read_limit: Option<u64>,
     /// Told the root tree once every tree of the snapshot is in the catalog,
-    /// before the last packs are uploaded and the snapshot is committed.
+    /// before the last packs are uploaded and the snapshot is committed,
+    /// and whether every entry was read (the snapshot will not be marked
+    /// incomplete).
     pub on_trees: Option<OnTrees>,
 }
 
@@ -70,7 +72,7 @@ pub struct SnapshotOptions {
 /// restore there (see [`crate::restore::restore_committing`]) while the
 /// snapshot's last packs upload.
 #[derive(Clone)]
-pub struct OnTrees(pub Arc<dyn Fn(BlobId) + Send + Sync>);
+pub struct OnTrees(pub Arc<dyn Fn(BlobId, bool) + Send + Sync>);
 
 impl std::fmt::Debug for OnTrees {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -540,6 +542,7 @@ async fn snapshot_locked(
             cfg.pack_size as usize,
         );
         let on_trees = opts.on_trees.clone();
+        let stats = stats.clone();
         std::thread::spawn(move || {
             let c = collect(
                 items_rx,
@@ -551,8 +554,10 @@ async fn snapshot_locked(
                 &tx,
                 catalog.as_ref(),
             );
+            // Every reader and worker is done with its items, so with
+            // its warnings too.
             if let (Ok(c), Some(f)) = (&c, on_trees) {
-                f.0(c.root);
+                f.0(c.root, stats.warnings.load(Ordering::Relaxed) == 0);
             }
             c
         })
