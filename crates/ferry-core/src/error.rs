@@ -72,6 +72,9 @@ pub enum Error {
     #[error("{0}")]
     Invalid(String),
 
+    #[error("refusing target {target}: {reason}")]
+    Placement { target: PathBuf, reason: String },
+
     #[error("vault {vault} is locked by {holder}")]
     Locked { vault: String, holder: String },
     #[error("internal: {0}")]

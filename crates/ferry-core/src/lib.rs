@@ -32,6 +32,7 @@ pub mod migration;
 pub mod objects;
 pub mod pack;
 pub mod phase;
+pub mod placement;
 pub mod progress;
 pub mod prune;
 pub mod restore;

@@ -49,22 +49,7 @@ pub fn confine(roots: &[PathBuf], path: &Path) -> std::result::Result<PathBuf, S
     if path.components().any(|c| c == Component::ParentDir) {
         return Err(format!("{}: '..' is not allowed", path.display()));
     }
-    // The deepest existing ancestor, resolved; the rest appended as is.
-    let mut existing = path.to_path_buf();
-    let mut rest = Vec::new();
-    let resolved = loop {
-        match std::fs::canonicalize(&existing) {
-            Ok(c) => break c,
-            Err(_) => match (existing.file_name(), existing.parent()) {
-                (Some(n), Some(p)) => {
-                    rest.push(n.to_os_string());
-                    existing = p.to_path_buf();
-                }
-                _ => return Err(format!("{}: cannot be resolved", path.display())),
-            },
-        }
-    };
-    let full = rest.iter().rev().fold(resolved, |p, n| p.join(n));
+    let full = ferry_core::placement::resolve(path);
     if roots.iter().any(|r| full.starts_with(r)) {
         Ok(full)
     } else {
@@ -411,6 +396,9 @@ impl Agent {
                 reread_target,
                 ..
             } => {
+                let state = ferry_catalog::state_dir();
+                let keep = [("this agent's state directory", state.as_path())];
+                ferry_core::placement::check_target(&path, None, &keep, delete)?;
                 let snap = find_snapshot(&catalog, snapshot).await?;
                 let opts = RestoreOptions {
                     delete,
