@@ -682,3 +682,82 @@ fn sync_checks_the_target_beside_the_snapshot_and_still_fixes_drift() {
     assert_eq!(reread["restore"]["dirs_checked_in_place"], 0, "{reread}");
     assert_eq!(reread["restore"]["dirs_listed_ahead"], 0, "{reread}");
 }
+
+/// A target that is, holds or lies inside its source, or that overlaps
+/// the vault or ferry's state directory, is refused with one line before
+/// anything is read or written; a target beside them is fine.
+#[test]
+fn a_target_over_the_source_or_ferrys_own_state_is_refused() {
+    let env = Env::new();
+    let src = env.path("data/src");
+    make_volume(&src);
+    std::fs::write(env.path("data/other"), b"keep me").unwrap();
+    let vault = init(&env);
+    let listing = |p: &std::path::Path| describe(p);
+    let (before_data, before_vault) = (listing(&env.path("data")), listing(&env.path("vault")));
+    let s = src.to_str().unwrap();
+    let cases: Vec<(Vec<String>, &str)> = vec![
+        (vec!["sync".into(), s.into(), s.into()], "it is the source"),
+        (
+            vec!["sync".into(), s.into(), format!("{s}/copy")],
+            "inside the source",
+        ),
+        (
+            vec![
+                "sync".into(),
+                s.into(),
+                format!("{s}/.."),
+                "--delete".into(),
+            ],
+            "holds the source",
+        ),
+        (
+            vec!["sync".into(), s.into(), "/".into()],
+            "holds the source",
+        ),
+        (
+            vec![
+                "sync".into(),
+                s.into(),
+                format!("{vault}/restored"),
+                "--vault".into(),
+                vault.clone(),
+            ],
+            "inside the vault",
+        ),
+        (
+            vec![
+                "restore".into(),
+                "v".into(),
+                env.dir.path().display().to_string(),
+                "--vault".into(),
+                vault.clone(),
+                "--delete".into(),
+            ],
+            "which --delete would remove",
+        ),
+    ];
+    for (args, why) in &cases {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let out = env.run(&args);
+        let e = stderr(&out);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {e}");
+        assert!(
+            e.starts_with("error: refusing target") && e.contains(why) && e.lines().count() == 1,
+            "{args:?}: {e}"
+        );
+    }
+    assert_eq!(listing(&env.path("data")), before_data);
+    assert_eq!(listing(&env.path("vault")), before_vault);
+    // Beside the source and the vault: fine.
+    let dst = env.path("data/dst");
+    env.json(&[
+        "sync",
+        s,
+        dst.to_str().unwrap(),
+        "--vault",
+        &vault,
+        "--delete",
+    ]);
+    assert_same_tree(&src, &dst);
+}

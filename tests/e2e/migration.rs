@@ -561,4 +561,21 @@ fn a_cutover_refuses_an_incomplete_snapshot_before_touching_the_target() {
         std::fs::read(dst.join("db/table")).unwrap(),
         noise(200_000, 2)
     );
+
+    // A pair whose target lies inside its source fails its round with one
+    // line, and nothing is written there.
+    let inner = format!("{s}/db/copy");
+    let (code, err) = run(&["migration", "create", "nested", "--from", s, "--to", &inner]);
+    assert_eq!(code, Some(0), "{err}");
+    let out = env.run_unprivileged(&["migration", "presync", "nested", "--json"]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let e = r["rounds"][0]["pairs"][0]["error"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(
+        e.contains("refusing target") && e.contains("inside the source"),
+        "{r}"
+    );
+    assert!(!src.join("db/copy").exists());
 }

@@ -256,6 +256,7 @@ pub async fn run(cli: Cli) -> Result<u8> {
                 };
                 return crate::fleet::run_job(g, &client, &remote, spec).await;
             }
+            check_placement(g, &target, None, delta.delete)?;
             let (vault, catalog) = open(None, g).await?;
             let snap = ferry_core::sync::find_snapshot(catalog.as_ref(), &snapshot)?;
             let s = restore_into(vault, catalog, &snap, &target, &delta, None).await?;
@@ -289,6 +290,7 @@ pub async fn run(cli: Cli) -> Result<u8> {
                 .await;
             }
             let started = std::time::Instant::now();
+            check_placement(g, &target, Some(&source), delta.delete)?;
             let (vault, catalog) = match g.vault {
                 Some(_) => open(None, g).await?,
                 None => open_default_vault(g).await?,
@@ -762,6 +764,32 @@ pub(crate) fn default_volume(source: &Path) -> String {
         .unwrap_or_else(|| "root".into());
     let h = ferry_core::id::short_hash(canon.as_os_str().as_encoded_bytes());
     format!("{base}-{h}")
+}
+
+/// Refuses a target that is, holds or lies inside its source, or that
+/// overlaps what ferry keeps its own state in (see
+/// [`ferry_core::placement`]): the state directory (default vault,
+/// catalogs, the targets' memories), a local `--vault`, a `--catalog`.
+pub(crate) fn check_placement(
+    g: &Global,
+    target: &Path,
+    source: Option<&Path>,
+    delete: bool,
+) -> Result<()> {
+    let state = ferry_catalog::state_dir();
+    let vault = match g.vault.as_deref().map(Location::parse) {
+        Some(Ok(Location::Local(p))) => Some(p),
+        _ => None,
+    };
+    let mut keep: Vec<(&str, &Path)> = vec![("ferry's state directory", &state)];
+    if let Some(v) = &vault {
+        keep.push(("the vault", v));
+    }
+    if let Some(c) = &g.catalog {
+        keep.push(("the catalog", c));
+    }
+    ferry_core::placement::check_target(target, source, &keep, delete)?;
+    Ok(())
 }
 
 /// The embedded default vault of `ferry sync`: a local vault under the state

@@ -468,6 +468,11 @@ async fn run_pair_inner(
     opts.block = pair.kind == PairKind::Block;
     opts.read_limit = limit;
     let target_objects = crate::bucket::objects_at(Path::new(&pair.target), cfg).await?;
+    let source_objects = crate::bucket::objects_at(Path::new(&pair.source), cfg).await?;
+    if source_objects.is_none() && target_objects.is_none() {
+        let (source, target) = (Path::new(&pair.source), Path::new(&pair.target));
+        crate::commands::check_placement(&env.g, target, Some(source), true)?;
+    }
     // A directory target is checked beside the snapshot (see `ferry sync`).
     let ahead = match (opts.block, &target_objects) {
         (false, None) => {
@@ -475,7 +480,6 @@ async fn run_pair_inner(
         }
         _ => None,
     };
-    let source_objects = crate::bucket::objects_at(Path::new(&pair.source), cfg).await?;
     if source_objects.is_none() && target_objects.is_none() && !opts.block {
         // Directory to directory: `ferry sync`'s way, the restore planning
         // while the snapshot's last packs upload.
