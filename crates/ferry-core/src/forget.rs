@@ -141,10 +141,11 @@ pub fn parse_duration(s: &str) -> std::result::Result<Duration, String> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn snap(id: &str, volume: &str, t: i64) -> SnapshotRecord {
+    /// A snapshot record with only what tests look at.
+    pub(crate) fn snap(id: &str, volume: &str, t: i64) -> SnapshotRecord {
         serde_json::from_value(serde_json::json!({
             "id": id, "volume": volume, "time": "", "time_ns": t,
             "root": "00".repeat(32),

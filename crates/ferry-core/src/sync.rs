@@ -97,6 +97,11 @@ pub async fn sync_catalog(
             }
         }
     }
+    // What the catalog knew before the listing: only those can have been
+    // forgotten elsewhere. A snapshot committed while the vault is being
+    // listed (a restore that starts before its snapshot commits syncs
+    // here) is in the catalog but not in the listing, and must stay.
+    let known: Vec<String> = catalog.snapshots()?.into_iter().map(|s| s.id).collect();
     let mut present = HashSet::new();
     for obj in vault.list("snapshots/").await? {
         let name = obj.location.to_string();
@@ -110,10 +115,8 @@ pub async fn sync_catalog(
         new_seen.push(name);
     }
     // Snapshots forgotten elsewhere.
-    let gone: Vec<String> = catalog
-        .snapshots()?
+    let gone: Vec<String> = known
         .into_iter()
-        .map(|s| s.id)
         .filter(|id| !present.contains(id))
         .collect();
     if !gone.is_empty() {
@@ -175,5 +178,116 @@ pub fn find_snapshot(catalog: &dyn Catalog, spec: &str) -> Result<SnapshotRecord
             .into_iter()
             .max_by_key(|s| s.time_ns)
             .expect("not empty")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::catalog::{BlobLocation, CatalogResult};
+    use crate::pack::PackRecord;
+    use std::sync::Mutex;
+
+    /// A snapshot's commit, run against the catalog's snapshots.
+    type Commit = Box<dyn FnOnce(&Mutex<Vec<SnapshotRecord>>) + Send>;
+
+    /// Snapshots and seen names in memory; on its first `snapshots()` call
+    /// it runs `commit`, a snapshot's commit landing at that moment.
+    struct RacingCatalog {
+        snaps: Mutex<Vec<SnapshotRecord>>,
+        seen: Mutex<HashSet<String>>,
+        commit: Mutex<Option<Commit>>,
+    }
+
+    impl Catalog for RacingCatalog {
+        fn contains(&self, _: &[BlobId]) -> CatalogResult<Vec<bool>> {
+            unreachable!()
+        }
+        fn locate(&self, _: &[BlobId]) -> CatalogResult<Vec<Option<BlobLocation>>> {
+            unreachable!()
+        }
+        fn add_packs(&self, _: &[PackRecord]) -> CatalogResult<()> {
+            Ok(())
+        }
+        fn packs(&self) -> CatalogResult<Vec<(PackId, u64)>> {
+            Ok(vec![])
+        }
+        fn pack_blobs(&self, _: &PackId) -> CatalogResult<Vec<BlobId>> {
+            unreachable!()
+        }
+        fn add_snapshot(&self, snap: &SnapshotRecord) -> CatalogResult<()> {
+            let mut s = self.snaps.lock().unwrap();
+            if !s.iter().any(|x| x.id == snap.id) {
+                s.push(snap.clone());
+            }
+            Ok(())
+        }
+        fn snapshots(&self) -> CatalogResult<Vec<SnapshotRecord>> {
+            if let Some(commit) = self.commit.lock().unwrap().take() {
+                commit(&self.snaps);
+            }
+            Ok(self.snaps.lock().unwrap().clone())
+        }
+        fn tree(&self, _: &BlobId) -> CatalogResult<Option<Vec<u8>>> {
+            unreachable!()
+        }
+        fn put_tree(&self, _: &BlobId, _: &[u8]) -> CatalogResult<()> {
+            unreachable!()
+        }
+        fn seen_objects(&self) -> CatalogResult<HashSet<String>> {
+            Ok(self.seen.lock().unwrap().clone())
+        }
+        fn mark_seen(&self, names: &[String]) -> CatalogResult<()> {
+            self.seen.lock().unwrap().extend(names.iter().cloned());
+            Ok(())
+        }
+        fn remove_snapshots(&self, ids: &[String]) -> CatalogResult<()> {
+            self.snaps.lock().unwrap().retain(|s| !ids.contains(&s.id));
+            Ok(())
+        }
+        fn remove_packs(&self, _: &[PackId]) -> CatalogResult<()> {
+            Ok(())
+        }
+        fn blob_sizes(&self) -> CatalogResult<Vec<(BlobId, PackId, u32)>> {
+            unreachable!()
+        }
+    }
+
+    /// A restore that starts before its snapshot commits brings the
+    /// catalog up to date meanwhile: a snapshot committed while the vault's
+    /// snapshots are listed (record written to the vault and the catalog
+    /// between the listing and the check for forgotten ones) stays.
+    #[tokio::test]
+    async fn a_snapshot_committed_during_the_sync_is_not_taken_for_forgotten() {
+        let d = tempfile::tempdir().unwrap();
+        let dir = d.path().join("v");
+        std::fs::create_dir_all(&dir).unwrap();
+        let loc = crate::vault::Location::Local(dir.clone());
+        Vault::init(&loc, b"pw", &Default::default()).await.unwrap();
+        let vault = Vault::open(&loc, b"pw").await.unwrap();
+        let old = crate::forget::tests::snap("aaaa", "v", 1);
+        let new = crate::forget::tests::snap("bbbb", "v", 2);
+        vault.put_meta("snapshots/aaaa", &old).await.unwrap();
+        vault.put_meta("snapshots/bbbb", &new).await.unwrap();
+        // The new record is written aside; the commit puts it in place.
+        let (placed, aside) = (dir.join("snapshots/bbbb"), d.path().join("bbbb"));
+        std::fs::rename(&placed, &aside).unwrap();
+        let catalog = RacingCatalog {
+            snaps: Mutex::new(vec![old.clone()]),
+            seen: Mutex::new(HashSet::from(["snapshots/aaaa".to_string()])),
+            commit: Mutex::new(Some(Box::new(move |snaps| {
+                std::fs::rename(&aside, &placed).unwrap();
+                snaps.lock().unwrap().push(new);
+            }))),
+        };
+        sync_catalog(&vault, &catalog, false).await.unwrap();
+        let ids: Vec<String> = catalog
+            .snaps
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|s| s.id.clone())
+            .collect();
+        assert_eq!(ids, ["aaaa", "bbbb"]);
     }
 }
