@@ -380,6 +380,34 @@ fn symlinks_in_the_target_are_never_followed() {
         2,
         "nothing written outside the target"
     );
+
+    // The target given as a link to a directory (a volume reached through
+    // a link) is followed, that once: the files land in the directory,
+    // the link stays a link, and the next sync finds them in place.
+    let real = env.path("mounted");
+    std::fs::create_dir_all(&real).unwrap();
+    let link = env.path("volume-link");
+    std::os::unix::fs::symlink(&real, &link).unwrap();
+    let (s, l) = (src.to_str().unwrap(), link.to_str().unwrap());
+    let first = env.json(&["sync", s, l, "--vault", &vault]);
+    assert!(first["bytes_written"].as_u64().unwrap() > 0, "{first}");
+    assert!(
+        std::fs::symlink_metadata(&link)
+            .unwrap()
+            .file_type()
+            .is_symlink()
+    );
+    assert_same_tree(&src, &real);
+    let again = env.json(&["sync", s, l, "--vault", &vault]);
+    assert_eq!(again["bytes_written"], 0, "{again}");
+    // --block names an image file: a directory is one clear line.
+    let out = env.run(&["sync", s, l, "--vault", &vault, "--block"]);
+    assert_eq!(out.status.code(), Some(1));
+    let e = stderr(&out);
+    assert!(
+        e.contains("a directory, not a disk image") && e.lines().count() == 1,
+        "{e}"
+    );
 }
 
 /// A full disk: a 3 MiB tmpfs in a private mount namespace (`unshare -rm`,

@@ -862,6 +862,16 @@ async fn restore_locked(
     let mut snap: Option<SnapshotRecord> = None;
     let started = Instant::now();
     std::fs::create_dir_all(target).map_err(|e| Error::io(target, e))?;
+    // The target itself may be a link to a directory (a volume mounted
+    // elsewhere and reached through a link): it is followed, this once;
+    // nothing under it ever is.
+    let resolved = match std::fs::symlink_metadata(target) {
+        Ok(md) if md.file_type().is_symlink() => {
+            Some(std::fs::canonicalize(target).map_err(|e| Error::io(target, e))?)
+        }
+        _ => None,
+    };
+    let target = resolved.as_deref().unwrap_or(target);
     ensure_dir(target)?;
     let old_root = match state.last_snapshot()? {
         Some(id) => catalog

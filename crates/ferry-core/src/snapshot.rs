@@ -339,6 +339,12 @@ pub async fn snapshot(
         use std::os::unix::fs::FileTypeExt;
         root_md.file_type().is_block_device() || (opts.block && root_md.is_file())
     };
+    if opts.block && root_md.is_dir() {
+        return Err(Error::Invalid(format!(
+            "{}: a directory, not a disk image (drop --block)",
+            source.display()
+        )));
+    }
     if !root_md.is_dir() && !block {
         return Err(Error::Invalid(format!(
             "{}: not a directory (a disk image file needs --block)",
