@@ -309,6 +309,7 @@ pub async fn run(cli: Cli) -> Result<u8> {
                 snapshot: snap_summary,
                 restore: rs,
                 restore_at,
+                ..
             } = snapshot_and_restore(
                 vault,
                 catalog,
@@ -589,6 +590,8 @@ pub(crate) fn sync_report(
 /// What [`snapshot_and_restore`] did.
 pub(crate) struct Synced {
     pub snapshot: ferry_core::snapshot::SnapshotSummary,
+    /// The committed snapshot's record.
+    pub record: ferry_core::manifest::SnapshotRecord,
     pub restore: ferry_core::restore::RestoreSummary,
     /// When the restore started, in seconds from `started`.
     pub restore_at: f64,
@@ -702,23 +705,24 @@ pub(crate) async fn snapshot_and_restore(
     let (snapshotted, record) = snapshot.await.context("the snapshot task failed")?;
     let snapshot = snapshotted?;
     check(&snapshot)?;
+    let Some(record) = record else {
+        bail!("snapshot {} is not in the catalog", snapshot.snapshot_id);
+    };
     let (restore, restore_at) = match early {
         Some((r, at)) => (r?, at),
         None => {
-            let Some(snap) = record else {
-                bail!("snapshot {} is not in the catalog", snapshot.snapshot_id);
-            };
             let restore_at = started.elapsed().as_secs_f64();
             let checked = match ahead {
                 Some(a) => a.finish().await,
                 None => None,
             };
-            let rs = restore_into(vault, catalog, &snap, target, delta, checked).await?;
+            let rs = restore_into(vault, catalog, &record, target, delta, checked).await?;
             (rs, restore_at)
         }
     };
     Ok(Synced {
         snapshot,
+        record,
         restore,
         restore_at,
     })

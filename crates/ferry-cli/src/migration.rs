@@ -501,11 +501,7 @@ async fn run_pair_inner(
         // beyond it.
         out.snapshot_s = synced.snapshot.duration_s;
         out.restore_s = (t.elapsed().as_secs_f64() - out.snapshot_s).max(0.0);
-        out.bytes_total = ferry_core::sync::find_snapshot(
-            catalog.as_ref(),
-            &format!("{}@{}", pair.volume, synced.snapshot.snapshot_id),
-        )?
-        .bytes;
+        out.bytes_total = synced.record.bytes;
         out.bytes_written = synced.restore.bytes_written;
         out.files_written = synced.restore.files_written;
         out.files_deleted = synced.restore.files_deleted;
