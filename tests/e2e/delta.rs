@@ -265,13 +265,10 @@ fn sync_without_a_vault_repeats_cheaply() {
 
     let second = env2.json(&["sync", s, d]);
     assert_eq!(second["bytes_written"], 0, "{second}");
-    // Nothing changed: a fraction of the first run's time.
-    let (t1, t2) = (
-        first["duration_s"].as_f64().unwrap(),
-        second["duration_s"].as_f64().unwrap(),
-    );
-    assert!(t2 < t1 / 2.0, "first {t1}s, second {t2}s");
+    // Nothing changed: no content is read, stored or written (how fast
+    // that is belongs to benches/, not to a test).
     assert_eq!(second["snapshot"]["bytes_scanned"], 0, "{second}");
+    assert_eq!(second["snapshot"]["bytes_new"], 0, "{second}");
     assert_eq!(second["restore"]["files_unchanged"], 52, "{second}");
 
     let changed = mutate_db(&src);
