@@ -786,3 +786,53 @@ fn a_target_over_the_source_or_ferrys_own_state_is_refused() {
     ]);
     assert_same_tree(&src, &dst);
 }
+
+/// `ferry sync ~ ...`: a source that holds ferry's own state (the state
+/// directory with the default vault, or a `--vault` and `--catalog` given
+/// inside it) is copied without it. Read, the vault would be copied into
+/// itself, and grow with each run.
+#[test]
+fn a_source_holding_ferrys_state_is_copied_without_it() {
+    let mut env = Env::new();
+    let (src, dst) = (env.path("src"), env.path("dst"));
+    make_volume(&src);
+    let state = src.join("home/.state");
+    env.vars.retain(|(k, _)| k != "XDG_STATE_HOME");
+    env.vars
+        .push(("XDG_STATE_HOME".into(), state.display().to_string()));
+    let (s, d) = (src.to_str().unwrap(), dst.to_str().unwrap());
+    // Everything but the state: what the copy must equal.
+    let user_data = |root: &std::path::Path| {
+        let mut t = describe(root);
+        t.retain(|k, _| !k.starts_with("home/.state") && !k.starts_with("backups/"));
+        t
+    };
+
+    let first = env.json(&["sync", s, d]);
+    let own = state.join("ferry").display().to_string();
+    assert_eq!(first["snapshot"]["skipped_state"], serde_json::json!([own]));
+    assert_eq!(first["snapshot"]["incomplete"], false, "{first}");
+    assert_eq!(user_data(&src), user_data(&dst));
+    assert!(!dst.join("home/.state/ferry").exists());
+    // The vault grew during the first run; the second has nothing new.
+    let second = env.json(&["sync", s, d]);
+    assert_eq!(second["snapshot"]["bytes_new"], 0, "{second}");
+    assert_eq!(second["bytes_written"], 0, "{second}");
+    assert!(!dst.join("home/.state/ferry").exists());
+
+    // A vault and a catalog named on the command line, inside the source.
+    let vault = src.join("backups/vault");
+    let catalog = src.join("backups/catalog.sqlite");
+    let (v, c) = (vault.to_str().unwrap(), catalog.to_str().unwrap());
+    assert!(env.run(&["vault", "init", v]).status.success());
+    let third = env.json(&["sync", s, d, "--vault", v, "--catalog", c]);
+    let skipped = third["snapshot"]["skipped_state"].as_array().unwrap();
+    for p in [v, c, &own] {
+        assert!(skipped.iter().any(|x| x == p), "{p} not left out: {third}");
+    }
+    let fourth = env.json(&["sync", s, d, "--vault", v, "--catalog", c]);
+    assert_eq!(fourth["snapshot"]["bytes_new"], 0, "{fourth}");
+    assert!(!dst.join("backups/vault").exists());
+    assert!(!dst.join("backups/catalog.sqlite").exists());
+    assert_eq!(user_data(&src), user_data(&dst));
+}

@@ -1,6 +1,6 @@
 //! One function per command: open what it needs, call ferry-core, print.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::{Context, Result, anyhow, bail};
@@ -171,6 +171,7 @@ pub async fn run(cli: Cli) -> Result<u8> {
             let mut opts = SnapshotOptions::new(volume);
             opts.reread = reread;
             opts.block = block;
+            opts.skip = skip_own_state(g);
             let r = ferry_fleet::work::snapshot(vault, catalog, &source, &opts, bar.clone()).await;
             bar.finish();
             let s = r?;
@@ -305,6 +306,7 @@ pub async fn run(cli: Cli) -> Result<u8> {
             let mut opts = SnapshotOptions::new(volume);
             opts.reread = reread;
             opts.block = block;
+            opts.skip = skip_own_state(g);
             let Synced {
                 snapshot: snap_summary,
                 restore: rs,
@@ -525,7 +527,17 @@ pub(crate) fn snapshot_text(s: &ferry_core::snapshot::SnapshotSummary) -> String
             String::new()
         }
     ) + "\n"
+        + &skipped_state_text(&s.skipped_state)
         + &ferry_core::phase::table(&s.report)
+}
+
+/// Ferry's own state found in the source is named, so nobody wonders where
+/// it went in the copy.
+fn skipped_state_text(paths: &[String]) -> String {
+    match paths {
+        [] => String::new(),
+        p => format!("left out ferry's own state: {}\n", p.join(", ")),
+    }
 }
 
 pub(crate) fn restore_text(s: &ferry_core::restore::RestoreSummary, target: &Path) -> String {
@@ -780,20 +792,38 @@ pub(crate) fn check_placement(
     source: Option<&Path>,
     delete: bool,
 ) -> Result<()> {
-    let state = ferry_catalog::state_dir();
-    let vault = match g.vault.as_deref().map(Location::parse) {
-        Some(Ok(Location::Local(p))) => Some(p),
-        _ => None,
-    };
-    let mut keep: Vec<(&str, &Path)> = vec![("ferry's state directory", &state)];
-    if let Some(v) = &vault {
-        keep.push(("the vault", v));
-    }
-    if let Some(c) = &g.catalog {
-        keep.push(("the catalog", c));
-    }
+    let own = own_state(g);
+    let keep: Vec<(&str, &Path)> = own.iter().map(|(l, p)| (*l, p.as_path())).collect();
     ferry_core::placement::check_target(target, source, &keep, delete)?;
     Ok(())
+}
+
+/// Ferry's own state on this machine: the state directory (default vault,
+/// catalogs, target memories), a local `--vault` and a `--catalog`. A
+/// restore never lands in it, a snapshot leaves it out.
+pub(crate) fn own_state(g: &Global) -> Vec<(&'static str, PathBuf)> {
+    let mut own = vec![("ferry's state directory", ferry_catalog::state_dir())];
+    if let Some(Ok(Location::Local(p))) = g.vault.as_deref().map(Location::parse) {
+        own.push(("the vault", p));
+    }
+    if let Some(c) = &g.catalog {
+        own.push(("the catalog", c.clone()));
+    }
+    own
+}
+
+/// What a snapshot on this machine leaves out of its source: ferry's own
+/// state, with the catalog's SQLite companions.
+pub(crate) fn skip_own_state(g: &Global) -> Vec<PathBuf> {
+    let mut skip: Vec<PathBuf> = own_state(g).into_iter().map(|(_, p)| p).collect();
+    if let Some(c) = &g.catalog {
+        for ext in ["-wal", "-shm", "-journal"] {
+            let mut p = c.clone().into_os_string();
+            p.push(ext);
+            skip.push(p.into());
+        }
+    }
+    skip
 }
 
 /// The embedded default vault of `ferry sync`: a local vault under the state

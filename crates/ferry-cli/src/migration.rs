@@ -467,6 +467,7 @@ async fn run_pair_inner(
     let mut opts = ferry_core::snapshot::SnapshotOptions::new(pair.volume.clone());
     opts.block = pair.kind == PairKind::Block;
     opts.read_limit = limit;
+    opts.skip = crate::commands::skip_own_state(&env.g);
     let target_objects = crate::bucket::objects_at(Path::new(&pair.target), cfg).await?;
     let source_objects = crate::bucket::objects_at(Path::new(&pair.source), cfg).await?;
     if source_objects.is_none() && target_objects.is_none() {

@@ -66,6 +66,11 @@ pub struct SnapshotOptions {
     /// and whether every entry was read (the snapshot will not be marked
     /// incomplete).
     pub on_trees: Option<OnTrees>,
+    /// Left out wherever they appear in the source, matched by device and
+    /// inode: ferry's own state (the state directory, a local vault, the
+    /// catalog). A snapshot of a home directory would otherwise copy the
+    /// vault it is writing into itself, and grow with each run.
+    pub skip: Vec<PathBuf>,
 }
 
 /// A callback with the root tree's id: `ferry sync` starts planning its
@@ -93,6 +98,7 @@ impl SnapshotOptions {
             block: false,
             read_limit: None,
             on_trees: None,
+            skip: Vec::new(),
         }
     }
 }
@@ -135,6 +141,10 @@ pub struct SnapshotSummary {
     pub warnings: u64,
     /// Sockets, FIFOs and device nodes, which are not saved.
     pub skipped_special: u64,
+    /// Where ferry's own state (see [`SnapshotOptions::skip`]) was found in
+    /// the source and left out.
+    #[serde(default)]
+    pub skipped_state: Vec<String>,
 }
 
 /// When each part of a snapshot ended, in seconds from its start (they
@@ -167,6 +177,8 @@ struct Stats {
     /// Files that changed while they were read (capped at [`MAX_NAMED`]).
     /// Warnings are rare, so a lock is fine here.
     unstable: Mutex<Vec<String>>,
+    /// Ferry's own state found in the source (rare too).
+    skipped_state: Mutex<Vec<String>>,
 }
 
 /// How many unstable files a snapshot names (the count is always exact).
@@ -418,6 +430,7 @@ async fn snapshot_locked(
     let cfg = vault.config().clone();
     let workers = opts.workers.max(1);
 
+    let skip = skip_set(&opts.skip);
     let scan_stop = Arc::new(AtomicBool::new(false));
     if progress.wants_totals()
         && let Input::Path { path, .. } = &input
@@ -428,7 +441,12 @@ async fn snapshot_locked(
                 progress.add_total(1, n);
             }
         } else {
-            spawn_scanner(path.clone(), progress.clone(), scan_stop.clone());
+            spawn_scanner(
+                path.clone(),
+                skip.clone(),
+                progress.clone(),
+                scan_stop.clone(),
+            );
         }
     }
 
@@ -493,7 +511,7 @@ async fn snapshot_locked(
     drop(pool_rx);
 
     let reader = {
-        let (src, stats, progress, chunker) = (
+        let (src, stats, progress, chunker, skip) = (
             match &input {
                 Input::Path { path, .. } => Ok(path.clone()),
                 Input::Objects(o) => Err(o.clone()),
@@ -501,6 +519,7 @@ async fn snapshot_locked(
             stats.clone(),
             progress.clone(),
             cfg.chunker,
+            skip,
         );
         let previous = match (&parent, opts.reread) {
             (Some(p), false) => Some(Previous {
@@ -524,6 +543,7 @@ async fn snapshot_locked(
                     progress.as_ref(),
                     Some(pool_tx),
                     block,
+                    &skip,
                 ),
                 Err(objects) => objects::read_objects(
                     objects.as_ref(),
@@ -740,11 +760,29 @@ async fn snapshot_locked(
         unstable: record.unstable.clone(),
         warnings,
         skipped_special: stats.special.load(Ordering::Relaxed),
+        skipped_state: stats
+            .skipped_state
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone(),
     })
 }
 
+/// Device and inode of each path to leave out (those that exist).
+type Skip = Arc<HashSet<(u64, u64)>>;
+
+fn skip_set(paths: &[PathBuf]) -> Skip {
+    Arc::new(
+        paths
+            .iter()
+            .filter_map(|p| std::fs::symlink_metadata(p).ok())
+            .map(|md| (md.dev(), md.ino()))
+            .collect(),
+    )
+}
+
 /// Walks ahead to size the progress bar; stops early when the snapshot ends.
-fn spawn_scanner(root: PathBuf, progress: Arc<dyn Progress>, stop: Arc<AtomicBool>) {
+fn spawn_scanner(root: PathBuf, skip: Skip, progress: Arc<dyn Progress>, stop: Arc<AtomicBool>) {
     std::thread::spawn(move || {
         let mut stack = vec![root];
         while let Some(dir) = stack.pop() {
@@ -758,6 +796,9 @@ fn spawn_scanner(root: PathBuf, progress: Arc<dyn Progress>, stop: Arc<AtomicBoo
                 let Ok(md) = e.path().symlink_metadata() else {
                     continue;
                 };
+                if skip.contains(&(md.dev(), md.ino())) {
+                    continue;
+                }
                 if md.is_dir() {
                     stack.push(e.path());
                 } else if md.is_file() {
@@ -805,6 +846,7 @@ fn read_source(
     progress: &dyn Progress,
     pool: Option<crossbeam_channel::Sender<LargeFile>>,
     block: bool,
+    skip: &HashSet<(u64, u64)>,
 ) -> Result<()> {
     let mut r = Reader {
         chunker,
@@ -814,6 +856,7 @@ fn read_source(
         progress,
         links: HashMap::new(),
         pool,
+        skip,
     };
     let md = std::fs::symlink_metadata(root).map_err(|e| Error::io(root, e))?;
     r.send(Item::EnterDir {
@@ -905,6 +948,8 @@ struct Reader<'a> {
     links: HashMap<(u64, u64), Vec<u8>>,
     /// Where large files go to be chunked in parallel.
     pool: Option<crossbeam_channel::Sender<LargeFile>>,
+    /// Ferry's own state: never read (see [`SnapshotOptions::skip`]).
+    skip: &'a HashSet<(u64, u64)>,
 }
 
 impl Reader<'_> {
@@ -963,6 +1008,15 @@ impl Reader<'_> {
                     continue;
                 }
             };
+            if self.skip.contains(&(md.dev(), md.ino())) {
+                tracing::info!("{}: ferry's own state, left out", path.display());
+                self.stats
+                    .skipped_state
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .push(path.display().to_string());
+                continue;
+            }
             match source::entry_type(&md) {
                 EntryType::Dir => subdirs.push((path, name, child_rel, md)),
                 EntryType::File => {

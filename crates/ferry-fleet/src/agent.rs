@@ -319,6 +319,8 @@ impl Agent {
                 opts.reread = reread;
                 opts.block = block;
                 opts.read_limit = read_limit;
+                // The agent's own catalog cache and state, if its root holds them.
+                opts.skip = vec![ferry_catalog::state_dir()];
                 let s = crate::work::snapshot(vault, catalog, &path, &opts, progress).await?;
                 Ok((
                     if s.incomplete { 3 } else { 0 },
