@@ -836,3 +836,83 @@ fn a_source_holding_ferrys_state_is_copied_without_it() {
     assert!(!dst.join("backups/catalog.sqlite").exists());
     assert_eq!(user_data(&src), user_data(&dst));
 }
+
+fn tree_bytes(root: &std::path::Path) -> u64 {
+    let mut n = 0;
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let e = e.unwrap();
+            let md = e.metadata().unwrap();
+            if md.is_dir() {
+                stack.push(e.path());
+            } else {
+                n += md.len();
+            }
+        }
+    }
+    n
+}
+
+/// `ferry sync` is rsync to its users: its default vault must not pile up.
+/// Each run keeps the volume's newest two snapshots (the previous one
+/// restores the target as it was before the run) and prunes once the packs
+/// outgrow three times the volume; the other commands find the default
+/// vault without `--vault`; a target synced from a snapshot since pruned
+/// still syncs right.
+#[test]
+fn the_default_vault_keeps_two_snapshots_and_stays_bounded() {
+    let mut env = Env::new();
+    env.vars.retain(|(k, _)| k != "FERRY_PASSPHRASE");
+    let (src, dst, early) = (env.path("src"), env.path("dst"), env.path("early"));
+    make_volume(&src);
+    let (s, d) = (src.to_str().unwrap(), dst.to_str().unwrap());
+    env.json(&["sync", s, early.to_str().unwrap()]);
+    let table = src.join("db/table.dat");
+    let mut before_last = Vec::new();
+    let (mut pruned, mut volume) = (0, String::new());
+    for round in 0..4u64 {
+        // The whole 16 MiB table rewritten: nothing dedups between rounds.
+        before_last = std::fs::read(&table).unwrap();
+        std::fs::write(&table, noise(2048 * PAGE, 1000 + round)).unwrap();
+        let out = env.json(&["sync", s, d]);
+        volume = out["snapshot"]["volume"].as_str().unwrap().to_string();
+        let upkeep = &out["upkeep"];
+        let forgotten = upkeep["forgotten"].as_array().unwrap().len();
+        // Two snapshots before this round's (the early sync's and round 0's).
+        assert_eq!(forgotten, usize::from(round >= 1), "round {round}: {out}");
+        assert_eq!(upkeep["prune_error"], serde_json::Value::Null, "{out}");
+        if let Some(p) = upkeep["pruned"].as_object() {
+            assert!(p["bytes_reclaimed"].as_u64().unwrap() > 0, "{out}");
+            pruned += 1;
+        }
+        let vault = tree_bytes(&env.path("state/ferry/default-vault"));
+        assert!(
+            vault <= 3 * 16 * 1024 * 1024 + 2 * 1024 * 1024,
+            "round {round}: the default vault holds {vault} bytes"
+        );
+        assert_same_tree(&src, &dst);
+    }
+    // By round 2 four versions of the table (64 MiB) were written.
+    assert!(pruned >= 1, "never pruned");
+
+    // No --vault: the default vault's snapshots, and the one before the
+    // last run restores the table as it was.
+    let list = env.json(&["snapshots"]);
+    let snaps = list["snapshots"].as_array().unwrap();
+    assert_eq!(snaps.len(), 2, "{list}");
+    let previous = snaps
+        .iter()
+        .min_by_key(|x| x["time_ns"].as_i64().unwrap())
+        .unwrap();
+    let spec = format!("{volume}@{}", previous["id"].as_str().unwrap());
+    let undo = env.path("undo");
+    env.json(&["restore", &spec, undo.to_str().unwrap()]);
+    assert!(std::fs::read(undo.join("db/table.dat")).unwrap() == before_last);
+
+    // The early target's snapshot is long pruned: it still syncs whole.
+    env.json(&["sync", s, early.to_str().unwrap(), "--delete"]);
+    assert_same_tree(&src, &early);
+    let check = env.json(&["vault", "check", "--read-data"]);
+    assert_eq!(check["snapshots"], 2, "{check}");
+}

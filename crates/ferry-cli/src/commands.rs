@@ -292,9 +292,10 @@ pub async fn run(cli: Cli) -> Result<u8> {
             }
             let started = std::time::Instant::now();
             check_placement(g, &target, Some(&source), delta.delete)?;
-            let (vault, catalog) = match g.vault {
-                Some(_) => open(None, g).await?,
-                None => open_default_vault(g).await?,
+            let default_vault = g.vault.is_none();
+            let (vault, catalog) = match default_vault {
+                false => open(None, g).await?,
+                true => open_default_vault(g).await?,
             };
             let volume = volume.unwrap_or_else(|| default_volume(&source));
             // The target is checked beside the snapshot: the restore then
@@ -313,8 +314,8 @@ pub async fn run(cli: Cli) -> Result<u8> {
                 restore_at,
                 ..
             } = snapshot_and_restore(
-                vault,
-                catalog,
+                vault.clone(),
+                catalog.clone(),
                 &source,
                 &target,
                 opts,
@@ -334,24 +335,47 @@ pub async fn run(cli: Cli) -> Result<u8> {
                 report: Vec<ferry_core::phase::Phase>,
                 snapshot: &'a ferry_core::snapshot::SnapshotSummary,
                 restore: &'a ferry_core::restore::RestoreSummary,
+                /// The default vault's upkeep, after the target is in place.
+                upkeep: Option<ferry_core::upkeep::UpkeepSummary>,
             }
+            let duration_s = started.elapsed().as_secs_f64();
+            let upkeep = match default_vault {
+                true => Some(
+                    ferry_core::upkeep::upkeep(
+                        vault,
+                        catalog,
+                        &snap_summary.volume,
+                        &Default::default(),
+                    )
+                    .await
+                    .context("the default vault's upkeep (the target is in place)")?,
+                ),
+                false => None,
+            };
             let out = Out {
                 snapshot_id: &snap_summary.snapshot_id,
                 bytes_written: rs.bytes_written,
-                duration_s: started.elapsed().as_secs_f64(),
+                duration_s,
                 report: sync_report(&snap_summary.report, &rs.report, restore_at),
                 snapshot: &snap_summary,
                 restore: &rs,
+                upkeep,
             };
             print(g, &out, || {
                 format!(
-                    "{}\n{}\ncutover report ({:.2}s in all):\n{}",
+                    "{}\n{}\ncutover report ({:.2}s in all):\n{}{}",
                     snapshot_text(&snap_summary),
                     restore_text(&rs, &target),
                     out.duration_s,
-                    ferry_core::phase::table(&out.report)
+                    ferry_core::phase::table(&out.report),
+                    out.upkeep.as_ref().map(upkeep_text).unwrap_or_default()
                 )
             })?;
+            if let Some(e) = out.upkeep.as_ref().and_then(|u| u.prune_error.as_ref()) {
+                eprintln!(
+                    "warning: the default vault was not pruned ({e}); the next sync tries again"
+                );
+            }
             Ok(if snap_summary.incomplete { 3 } else { 0 })
         }
         Command::Coordinator {
@@ -529,6 +553,27 @@ pub(crate) fn snapshot_text(s: &ferry_core::snapshot::SnapshotSummary) -> String
     ) + "\n"
         + &skipped_state_text(&s.skipped_state)
         + &ferry_core::phase::table(&s.report)
+}
+
+/// Only when the upkeep did something.
+fn upkeep_text(u: &ferry_core::upkeep::UpkeepSummary) -> String {
+    let mut out = String::new();
+    if !u.forgotten.is_empty() {
+        out.push_str(&format!(
+            "\ndefault vault: forgot {} older snapshot(s) of the volume",
+            u.forgotten.len()
+        ));
+    }
+    if let Some(p) = &u.pruned {
+        out.push_str(&format!(
+            "\ndefault vault: pruned (it held {}, over {}): {} reclaimed in {:.1}s",
+            human_bytes(u.pack_bytes),
+            human_bytes(u.limit_bytes),
+            human_bytes(p.bytes_reclaimed),
+            p.duration_s
+        ));
+    }
+    out
 }
 
 /// Ferry's own state found in the source is named, so nobody wonders where
@@ -829,6 +874,11 @@ pub(crate) fn skip_own_state(g: &Global) -> Vec<PathBuf> {
 /// The embedded default vault of `ferry sync`: a local vault under the state
 /// directory, with a random key in a 0600 file beside it (no passphrase to
 /// choose for the simplest migration).
+fn default_vault_exists() -> bool {
+    let dir = ferry_catalog::state_dir();
+    dir.join("default-vault.key").exists() && dir.join("default-vault/config").exists()
+}
+
 pub(crate) async fn open_default_vault(g: &Global) -> Result<(Arc<Vault>, Arc<dyn Catalog>)> {
     use std::os::unix::fs::OpenOptionsExt;
     let dir = ferry_catalog::state_dir();
@@ -872,7 +922,11 @@ fn hex_key() -> String {
 pub(crate) fn location_of(positional: Option<&str>, g: &Global) -> Result<Location> {
     let s = positional
         .or(g.vault.as_deref())
-        .ok_or_else(|| anyhow!("no vault given: pass --vault VAULT or set FERRY_VAULT"))?;
+        .ok_or_else(|| {
+            anyhow!(
+                "no vault given: pass --vault VAULT or set FERRY_VAULT (ferry sync's default vault is used once it exists)"
+            )
+        })?;
     Ok(Location::parse(s)?)
 }
 
@@ -908,6 +962,11 @@ pub(crate) async fn open(
     positional: Option<&str>,
     g: &Global,
 ) -> Result<(Arc<Vault>, Arc<dyn Catalog>)> {
+    // No vault named: the one `ferry sync` made, if it did (its snapshots
+    // are listed, restored, forgotten and pruned like any vault's).
+    if positional.is_none() && g.vault.is_none() && default_vault_exists() {
+        return open_default_vault(g).await;
+    }
     let loc = location_of(positional, g)?;
     let vault = Vault::open(&loc, &passphrase(g)?).await?;
     let path = catalog_path(g, &vault);

@@ -41,6 +41,7 @@ pub mod source;
 pub mod sync;
 pub mod target;
 pub mod telemetry;
+pub mod upkeep;
 pub mod vault;
 
 pub use error::{Error, Result};
