@@ -277,13 +277,47 @@ fn a_snapshot_on_one_agent_restores_on_another_and_dedups_across_the_fleet() {
     assert_eq!(jobs.len(), 5);
     assert!(jobs.iter().all(|j| j["state"] == "done"), "{jobs:?}");
 
+    // Directories cost neither walk a round trip each: the parent's trees
+    // (and the target's old ones) come many per call, and a tree the
+    // parent has at the same place is not looked up.
+    for d in 0..300 {
+        let dir = src.join(format!("many/d{d:03}"));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("f"), format!("file {d}")).unwrap();
+    }
+    let sync_args = [
+        "sync",
+        s(&src),
+        s(&target),
+        "--volume",
+        "db",
+        "--from-agent",
+        "node1",
+        "--to-agent",
+        "node2",
+        "--delete",
+    ];
+    f.json(&sync_args);
+    std::fs::write(src.join("many/d150/f"), b"changed").unwrap();
+    let again = f.json(&sync_args);
+    assert_eq!(again["restore"]["files_written"], 1, "{again}");
+    assert_same_tree(&src, &target);
+    for side in ["snapshot", "restore"] {
+        let rpcs = again[side]["catalog_rpcs"].as_u64().unwrap();
+        eprintln!("{side}: {rpcs} catalog calls");
+        assert!(
+            rpcs < 40,
+            "{side}: {rpcs} catalog calls for 300 directories"
+        );
+    }
+
     // The vault holds what the agents wrote: the embedded CLI, with the
     // passphrase and a catalog of its own, sees every snapshot and checks it.
     let check = f
         .env
         .json(&["vault", "check", "s3://vault/fleet", "--read-data"]);
     assert_eq!(check["ok"], true, "{check}");
-    assert_eq!(check["snapshots"], 3, "{check}");
+    assert_eq!(check["snapshots"], 5, "{check}");
 }
 
 #[test]

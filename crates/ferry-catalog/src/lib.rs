@@ -388,6 +388,15 @@ impl Catalog for SqliteCatalog {
         })
     }
 
+    fn trees(&self, ids: &[BlobId]) -> CatalogResult<Vec<Option<Vec<u8>>>> {
+        self.read(|conn| {
+            let mut st = conn.prepare_cached("SELECT data FROM trees WHERE id = ?1")?;
+            ids.iter()
+                .map(|id| st.query_row([&id.0[..]], |r| r.get(0)).optional())
+                .collect()
+        })
+    }
+
     fn put_tree(&self, id: &BlobId, data: &[u8]) -> CatalogResult<()> {
         let conn = self.conn();
         let mut st = conn

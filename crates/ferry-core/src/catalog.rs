@@ -58,6 +58,13 @@ pub trait Catalog: Send + Sync {
     /// A cached tree blob (plaintext), if the catalog has it.
     fn tree(&self, id: &BlobId) -> CatalogResult<Option<Vec<u8>>>;
 
+    /// Many cached trees at once, in the order of `ids`: a remote catalog
+    /// answers in one round trip what a walk would ask one directory at a
+    /// time.
+    fn trees(&self, ids: &[BlobId]) -> CatalogResult<Vec<Option<Vec<u8>>>> {
+        ids.iter().map(|id| self.tree(id)).collect()
+    }
+
     fn put_tree(&self, id: &BlobId, data: &[u8]) -> CatalogResult<()>;
 
     /// Caches many trees at once: a snapshot makes hundreds, and a catalog

@@ -428,6 +428,10 @@ const TREES_AHEAD: usize = 32;
 /// in two batches is fetched twice: batches are large enough that few do.
 pub const BATCH_FILES: usize = 32_768;
 
+/// Directories whose trees (and the target's old trees) are asked of the
+/// catalog in one call.
+const TREES_PER_CALL: usize = 64;
+
 /// Loads the snapshot's trees, each beside the tree the target last got at
 /// the same place, ahead of the planner and in the order it walks them
 /// (depth first, in the snapshot's order), on another core: loading and decoding
@@ -448,19 +452,42 @@ fn prefetch_trees(
             let (vault, catalog) = (vault.clone(), catalog.clone());
             async move { crate::sync::load_tree(&vault, catalog.as_ref(), &id).await }
         };
-        let mut stack = vec![(root, old_root, Vec::new())];
+        let mut stack: Vec<(BlobId, Option<BlobId>, Vec<u8>)> = vec![(root, old_root, Vec::new())];
+        // Trees of the directories walked next, fetched together: one
+        // catalog call (a round trip, with a coordinator) for many
+        // directories. At most a batch per level is held.
+        let mut ahead: HashMap<BlobId, Tree> = HashMap::new();
         while let Some((tree_id, old_id, rel)) = stack.pop() {
-            let tree = match load(tree_id).await {
-                Ok(t) => t,
-                Err(e) => {
-                    let _ = tx.send(Err(e)).await;
-                    return;
+            if !ahead.contains_key(&tree_id) {
+                let mut ids: Vec<BlobId> = std::iter::once((tree_id, old_id))
+                    .chain(stack.iter().rev().map(|(t, o, _)| (*t, *o)))
+                    .take(TREES_PER_CALL)
+                    .flat_map(|(t, o)| std::iter::once(t).chain(o))
+                    .filter(|id| !ahead.contains_key(id))
+                    .collect();
+                ids.sort_unstable();
+                ids.dedup();
+                if let Ok(found) = crate::sync::cached_trees(catalog.as_ref(), &ids) {
+                    ahead.extend(found);
                 }
+            }
+            let tree = match ahead.remove(&tree_id) {
+                Some(t) => t,
+                None => match load(tree_id).await {
+                    Ok(t) => t,
+                    Err(e) => {
+                        let _ = tx.send(Err(e)).await;
+                        return;
+                    }
+                },
             };
             let old = match old_id {
                 // Unchanged directory: the same listing, parsed once.
                 Some(id) if id == tree_id => Some((id, tree.clone())),
-                Some(id) => load(id).await.ok().map(|t| (id, t)),
+                Some(id) => match ahead.remove(&id) {
+                    Some(t) => Some((id, t)),
+                    None => load(id).await.ok().map(|t| (id, t)),
+                },
                 None => None,
             };
             // Pushed last first, so popped in the snapshot's order.

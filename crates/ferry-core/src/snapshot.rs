@@ -303,6 +303,10 @@ enum Item {
         name: Name,
         md: Meta,
         xattrs: Vec<Xattr>,
+        /// The parent snapshot's tree at this place: if the directory's
+        /// tree comes out the same, the vault holds it (the parent is
+        /// live) and it needs no dedup lookup.
+        parent_tree: Option<BlobId>,
     },
     LeaveDir,
     FileStart {
@@ -819,7 +823,19 @@ struct Previous {
     rt: tokio::runtime::Handle,
 }
 
+/// The parent's subtrees of a directory fetched at once.
+const SUBTREES_AHEAD: usize = 64;
+
 impl Previous {
+    /// Those of the parent's trees `ids` that the catalog has cached, in one
+    /// call; the others are read one by one with [`Previous::tree`].
+    fn cached(&self, ids: &[BlobId]) -> HashMap<BlobId, Tree> {
+        if ids.is_empty() {
+            return HashMap::new();
+        }
+        crate::sync::cached_trees(self.catalog.as_ref(), ids).unwrap_or_default()
+    }
+
     /// The parent's tree, if it can be read (if not, files are just read).
     fn tree(&self, id: &BlobId) -> Option<Tree> {
         self.rt
@@ -863,6 +879,7 @@ fn read_source(
         name: Name(b".".to_vec()),
         md: Meta::from(&md),
         xattrs: vec![],
+        parent_tree: previous.as_ref().map(|p| p.root),
     })?;
     if block {
         // A raw volume: one stream, the single entry `block` of the root.
@@ -1053,18 +1070,46 @@ impl Reader<'_> {
                 }
             }
         }
-        for (path, name, child_rel, md) in subdirs {
+        let parent_trees: Vec<Option<BlobId>> = subdirs
+            .iter()
+            .map(|(_, name, _, _)| match old_node(name).map(|n| &n.kind) {
+                Some(NodeKind::Dir { subtree }) if previous.is_some() => Some(*subtree),
+                _ => None,
+            })
+            .collect();
+        // The parent's subtrees come a window at a time, in one catalog
+        // call each (a round trip, with a coordinator), not one per
+        // directory; a window is all that is held per level.
+        let mut window: HashMap<BlobId, Tree> = HashMap::new();
+        for (k, (path, name, child_rel, md)) in subdirs.into_iter().enumerate() {
+            if let (Some(p), 0) = (previous, k % SUBTREES_AHEAD) {
+                let ids: Vec<BlobId> = parent_trees[k..]
+                    .iter()
+                    .take(SUBTREES_AHEAD)
+                    .flatten()
+                    .copied()
+                    .collect();
+                window = p.cached(&ids);
+            }
             let xattrs = self.xattrs(&path);
-            let sub = match (previous, old_node(&name).map(|n| &n.kind)) {
-                (Some(p), Some(NodeKind::Dir { subtree })) => p.tree(subtree),
+            let fetched;
+            let sub = match (previous, parent_trees[k]) {
+                (Some(p), Some(id)) => match window.get(&id) {
+                    Some(t) => Some(t),
+                    None => {
+                        fetched = p.tree(&id);
+                        fetched.as_ref()
+                    }
+                },
                 _ => None,
             };
             self.send(Item::EnterDir {
                 name,
                 md: Meta::from(&md),
                 xattrs,
+                parent_tree: parent_trees[k],
             })?;
-            self.dir(&path, &child_rel, previous, sub.as_ref())?;
+            self.dir(&path, &child_rel, previous, sub)?;
             self.send(Item::LeaveDir)?;
         }
         Ok(())
@@ -1644,6 +1689,7 @@ struct OpenDir {
     name: Name,
     md: Meta,
     xattrs: Vec<Xattr>,
+    parent_tree: Option<BlobId>,
     entries: Vec<Node>,
 }
 
@@ -1722,10 +1768,16 @@ fn collect(
     let mut trees: Vec<(BlobId, Vec<u8>)> = Vec::new();
     for item in items.into_iter().flatten() {
         match item {
-            Item::EnterDir { name, md, xattrs } => stack.push(OpenDir {
+            Item::EnterDir {
                 name,
                 md,
                 xattrs,
+                parent_tree,
+            } => stack.push(OpenDir {
+                name,
+                md,
+                xattrs,
+                parent_tree,
                 entries: Vec::new(),
             }),
             Item::LeaveDir => {
@@ -1741,8 +1793,9 @@ fn collect(
                 let id = ids.id(&blob);
                 // A tree the vault already holds (most of them in a
                 // pre-sync) is not cached again: the cache is filled on
-                // first read where it lacks one.
-                if dedup.claim(id)? {
+                // first read where it lacks one. One the parent has at the
+                // same place is not even looked up.
+                if d.parent_tree != Some(id) && dedup.claim(id)? {
                     pack.add(BlobKind::Tree, id, &blob, level);
                     if pack.is_full() {
                         let full = std::mem::replace(&mut pack, PackWriter::new(key, pack_size));

@@ -8,7 +8,7 @@
 //! the packs prune deleted; snapshot records gone from the vault (forget)
 //! leave the catalog too.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 
 use crate::catalog::Catalog;
 use crate::error::{Error, Result};
@@ -155,6 +155,18 @@ pub async fn load_tree(vault: &Vault, catalog: &dyn Catalog, id: &BlobId) -> Res
     let tree = Tree::decode(&b).map_err(damaged)?;
     catalog.put_tree(id, &tree.encode_cached())?;
     Ok(tree)
+}
+
+/// The trees of `ids` the catalog has cached, decoded, in one catalog call
+/// (one round trip to a coordinator). Trees it lacks or cannot decode are
+/// left out: [`load_tree`] reads those from the vault, or names the damage.
+pub fn cached_trees(catalog: &dyn Catalog, ids: &[BlobId]) -> Result<HashMap<BlobId, Tree>> {
+    let found = catalog.trees(ids)?;
+    Ok(ids
+        .iter()
+        .zip(found)
+        .filter_map(|(id, b)| Some((*id, Tree::decode_cached(&b?).ok()?)))
+        .collect())
 }
 
 /// Finds a snapshot by `NAME`, `NAME@ID-PREFIX` or `NAME@latest`: the latest

@@ -17,6 +17,10 @@ use crate::{Error, Result};
 /// a tree. Larger calls fail with a clear error instead of exhausting memory.
 pub const MAX_MESSAGE: usize = 64 << 20;
 
+/// Bytes of trees sent or answered in one message: well under the limit,
+/// whatever the overhead of framing each.
+pub const TREES_BUDGET: usize = 16 << 20;
+
 /// How a client reaches the coordinator.
 #[derive(Clone, Debug, Default)]
 pub struct ConnectOptions {

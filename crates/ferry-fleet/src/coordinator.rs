@@ -23,7 +23,7 @@ use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Identity, Server, ServerTlsConfig};
 use tonic::{Request, Response, Status};
 
-use crate::conn::MAX_MESSAGE;
+use crate::conn::{MAX_MESSAGE, TREES_BUDGET};
 use crate::convert;
 use crate::proto::coordinator_server::{Coordinator, CoordinatorServer};
 use crate::proto::{self, Empty};
@@ -412,6 +412,54 @@ impl Coordinator for Service {
             found: t.is_some(),
             data: t.unwrap_or_default(),
         }))
+    }
+
+    async fn get_trees(
+        &self,
+        req: Request<proto::BlobIds>,
+    ) -> Result<Response<proto::TreesReply>, Status> {
+        let mut ids = convert::ids_from_bytes(&req.into_inner().ids).map_err(invalid)?;
+        if ids.is_empty() {
+            return Err(Status::invalid_argument("no tree ids"));
+        }
+        // At most this many read per call, whatever a client asks.
+        ids.truncate(1024);
+        let c = self.catalog();
+        let found = blocking(move || c.trees(&ids).map_err(failed)).await?;
+        // Whole trees in the order asked, up to the budget; the client asks
+        // again for the rest. A tree larger than a message on its own is
+        // answered as not cached: it is read from the vault instead.
+        let mut size = 0;
+        let mut trees = Vec::new();
+        for t in found {
+            let n = t.as_ref().map_or(0, Vec::len) + 64;
+            if !trees.is_empty() && size + n > TREES_BUDGET {
+                break;
+            }
+            size += n;
+            let t = t.filter(|d| d.len() + 1024 <= TREES_BUDGET);
+            trees.push(proto::TreeReply {
+                found: t.is_some(),
+                data: t.unwrap_or_default(),
+            });
+        }
+        Ok(Response::new(proto::TreesReply { trees }))
+    }
+
+    async fn put_trees(
+        &self,
+        req: Request<proto::PutTreesRequest>,
+    ) -> Result<Response<Empty>, Status> {
+        let trees = req
+            .into_inner()
+            .trees
+            .into_iter()
+            .map(|t| Ok((convert::blob_id(&t.id)?, t.data)))
+            .collect::<std::result::Result<Vec<_>, String>>()
+            .map_err(invalid)?;
+        let c = self.catalog();
+        blocking(move || c.put_trees(&trees).map_err(failed)).await?;
+        Ok(Response::new(Empty {}))
     }
 
     async fn put_tree(

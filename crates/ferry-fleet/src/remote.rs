@@ -17,7 +17,7 @@ use ferry_core::manifest::SnapshotRecord;
 use ferry_core::pack::PackRecord;
 use tonic::Status;
 
-use crate::conn::{Client, ConnectOptions, with_retry};
+use crate::conn::{Client, ConnectOptions, TREES_BUDGET, with_retry};
 use crate::convert;
 use crate::proto;
 
@@ -53,6 +53,15 @@ impl RemoteCatalog {
             patience,
             rpcs: AtomicU64::new(0),
         })
+    }
+
+    fn send_trees(&self, trees: Vec<proto::PutTreeRequest>) -> CatalogResult<()> {
+        let req = proto::PutTreesRequest { trees };
+        self.call("PutTrees", move |mut c| {
+            let req = req.clone();
+            async move { c.put_trees(req).await }
+        })?;
+        Ok(())
     }
 
     /// Calls made so far (for the RPCs-per-GiB figure).
@@ -203,6 +212,51 @@ impl Catalog for RemoteCatalog {
         Ok(r.found.then_some(r.data))
     }
 
+    fn trees(&self, ids: &[BlobId]) -> CatalogResult<Vec<Option<Vec<u8>>>> {
+        let mut out = Vec::with_capacity(ids.len());
+        while out.len() < ids.len() {
+            let req = proto::BlobIds {
+                ids: convert::ids_to_bytes(&ids[out.len()..]),
+            };
+            let r = self.call("GetTrees", move |mut c| {
+                let req = req.clone();
+                async move { c.get_trees(req).await }
+            })?;
+            if r.trees.is_empty() || out.len() + r.trees.len() > ids.len() {
+                return Err(bad(
+                    "reply",
+                    format!("{} trees for {} ids", r.trees.len(), ids.len() - out.len()),
+                ));
+            }
+            out.extend(r.trees.into_iter().map(|t| t.found.then_some(t.data)));
+        }
+        Ok(out)
+    }
+
+    fn put_trees(&self, trees: &[(BlobId, Vec<u8>)]) -> CatalogResult<()> {
+        let mut batch: Vec<proto::PutTreeRequest> = Vec::new();
+        let mut size = 0;
+        for (id, data) in trees {
+            // As in `put_tree`: a tree too large for a message is not cached.
+            if data.len() + 1024 > TREES_BUDGET {
+                continue;
+            }
+            if size + data.len() + 1024 > TREES_BUDGET {
+                self.send_trees(std::mem::take(&mut batch))?;
+                size = 0;
+            }
+            size += data.len() + 64;
+            batch.push(proto::PutTreeRequest {
+                id: id.0.to_vec(),
+                data: data.clone(),
+            });
+        }
+        if !batch.is_empty() {
+            self.send_trees(batch)?;
+        }
+        Ok(())
+    }
+
     fn put_tree(&self, id: &BlobId, data: &[u8]) -> CatalogResult<()> {
         // The tree cache is an optimisation: a tree too large for one
         // message is simply read from the vault next time.
@@ -331,5 +385,107 @@ impl RemoteCatalog {
             .map(|j| serde_json::from_str(j).map_err(|e| bad("migration round", e.to_string())))
             .collect::<CatalogResult<Vec<_>>>()?;
         Ok(Some((m, rounds)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::coordinator::{CoordinatorOptions, bind, serve};
+    use ferry_catalog::SqliteCatalog;
+    use ferry_catalog::jobs::JobQueue;
+    use std::sync::Arc;
+
+    /// Trees go to a real coordinator and come back in batches: many per
+    /// call, split where a message would pass the budget, in the order
+    /// asked, with a tree too large for any message left uncached.
+    #[test]
+    fn trees_travel_in_batches_under_the_message_budget() {
+        let d = tempfile::tempdir().unwrap();
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        let loc = ferry_core::vault::Location::Local(d.path().join("vault"));
+        std::fs::create_dir_all(d.path().join("vault")).unwrap();
+        let mut vopts = ferry_core::config::VaultOptions::default();
+        vopts.kdf.m_kib = 64;
+        vopts.kdf.t = 1;
+        let vault = rt.block_on(async {
+            ferry_core::vault::Vault::init(&loc, b"pw", &vopts)
+                .await
+                .unwrap();
+            ferry_core::vault::Vault::open(&loc, b"pw").await.unwrap()
+        });
+        let path = d.path().join("coordinator.sqlite");
+        let (catalog, _) = SqliteCatalog::open(&path, vault.id()).unwrap();
+        let opts = CoordinatorOptions {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            token: None,
+            tls: None,
+            lease: Duration::from_secs(30),
+            vault_location: loc.to_string(),
+            vault_id: vault.id().into(),
+            keys: vault.master_keys().clone(),
+            bucket_state_dir: path.with_extension("buckets"),
+        };
+        let listener = rt.block_on(bind(&opts)).unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let queue = Arc::new(JobQueue::open(&path).unwrap());
+        rt.spawn(serve(
+            listener,
+            Arc::new(catalog),
+            queue,
+            opts,
+            std::future::pending(),
+        ));
+        let connect = ConnectOptions {
+            url,
+            token: None,
+            tls_ca: None,
+        };
+        let remote = RemoteCatalog::connect(&connect, Duration::from_secs(10)).unwrap();
+
+        // 40 trees of 1 MiB (2.5 budgets), one larger than the budget, and
+        // 100 small ones.
+        let tree = |k: u32, len: usize| {
+            let id = BlobId(*blake3::hash(&k.to_le_bytes()).as_bytes());
+            let data: Vec<u8> = (0..len).map(|i| (i as u32 ^ k) as u8).collect();
+            (id, data)
+        };
+        let mut trees: Vec<(BlobId, Vec<u8>)> = (0..40).map(|k| tree(k, 1 << 20)).collect();
+        let huge = tree(1000, TREES_BUDGET + 1);
+        trees.push(huge.clone());
+        trees.extend((2000..2100).map(|k| tree(k, 300)));
+        let before = remote.rpcs();
+        remote.put_trees(&trees).unwrap();
+        let puts = remote.rpcs() - before;
+        assert!(
+            (3..=4).contains(&puts),
+            "{puts} calls to put 41 MiB of trees"
+        );
+
+        let mut ids: Vec<BlobId> = trees.iter().map(|(id, _)| *id).collect();
+        let unknown = tree(9999, 1).0;
+        ids.insert(7, unknown);
+        let before = remote.rpcs();
+        let got = remote.trees(&ids).unwrap();
+        let gets = remote.rpcs() - before;
+        assert!(
+            (3..=4).contains(&gets),
+            "{gets} calls to get 41 MiB of trees"
+        );
+        assert_eq!(got.len(), ids.len());
+        for (id, g) in ids.iter().zip(&got) {
+            let want = trees
+                .iter()
+                .find(|(t, _)| t == id)
+                .filter(|(t, _)| *t != huge.0)
+                .map(|(_, d)| d);
+            assert_eq!(g.as_ref(), want, "tree {}", id.short());
+        }
+
+        // The small ones alone: one call.
+        let before = remote.rpcs();
+        let small: Vec<BlobId> = trees[41..].iter().map(|(id, _)| *id).collect();
+        assert!(remote.trees(&small).unwrap().iter().all(Option::is_some));
+        assert_eq!(remote.rpcs() - before, 1);
     }
 }

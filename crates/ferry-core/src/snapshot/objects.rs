@@ -43,6 +43,7 @@ pub(super) fn read_objects(
         name: Name(b".".to_vec()),
         md: objects::DIR_META,
         xattrs: vec![],
+        parent_tree: previous.as_ref().map(|p| p.root),
     })?;
     let mut stack = vec![OpenDir {
         name: String::new(),
@@ -78,14 +79,19 @@ pub(super) fn read_objects(
                 refused = true;
                 break;
             }
-            let old = match (&previous, old_node(&top.old, d).map(|n| &n.kind)) {
-                (Some(p), Some(NodeKind::Dir { subtree })) => p.tree(subtree),
+            let parent_tree = match (&previous, old_node(&top.old, d).map(|n| &n.kind)) {
+                (Some(_), Some(NodeKind::Dir { subtree })) => Some(*subtree),
+                _ => None,
+            };
+            let old = match (&previous, parent_tree) {
+                (Some(p), Some(id)) => p.tree(&id),
                 _ => None,
             };
             send(Item::EnterDir {
                 name: Name(d.as_bytes().to_vec()),
                 md: objects::DIR_META,
                 xattrs: vec![],
+                parent_tree,
             })?;
             stack.push(OpenDir {
                 name: d.to_string(),
