@@ -50,10 +50,20 @@ impl FleetClient {
     }
 
     async fn job_within(&self, id: u64, patience: Duration) -> Result<proto::JobInfo> {
+        self.job_waiting(id, patience, 0).await
+    }
+
+    /// The job, once it ended or after `wait_ms`, whichever comes first.
+    async fn job_waiting(
+        &self,
+        id: u64,
+        patience: Duration,
+        wait_ms: u32,
+    ) -> Result<proto::JobInfo> {
         let c = self.client.clone();
         with_retry(&self.url, "GetJob", patience, || {
             let mut c = c.clone();
-            async move { c.get_job(proto::JobRef { id }).await }
+            async move { c.get_job(proto::JobRef { id, wait_ms }).await }
         })
         .await
     }
@@ -65,14 +75,19 @@ impl FleetClient {
         mut on_progress: impl FnMut(&JobProgress),
     ) -> Result<proto::JobInfo> {
         loop {
-            let j = self.job_within(id, self.patience).await?;
+            // The coordinator answers when the job ends, or after a quarter
+            // second with its progress.
+            let asked = tokio::time::Instant::now();
+            let j = self.job_waiting(id, self.patience, 250).await?;
             if j.state == "done" || j.state == "failed" {
                 return Ok(j);
             }
             if let Ok(p) = serde_json::from_str::<JobProgress>(&j.progress_json) {
                 on_progress(&p);
             }
-            tokio::time::sleep(Duration::from_millis(250)).await;
+            // A coordinator that does not wait (an older one) is not
+            // asked more than four times a second.
+            tokio::time::sleep_until(asked + Duration::from_millis(250)).await;
         }
     }
 
@@ -81,7 +96,7 @@ impl FleetClient {
         let c = self.client.clone();
         with_retry(&self.url, "Rerun", QUICK, || {
             let mut c = c.clone();
-            async move { c.rerun(proto::JobRef { id }).await }
+            async move { c.rerun(proto::JobRef { id, wait_ms: 0 }).await }
         })
         .await
     }

@@ -56,6 +56,8 @@ struct State {
     bucket_states: std::sync::Mutex<HashMap<String, Arc<SqliteSyncState>>>,
     /// Woken when a job is submitted, so waiting leases return at once.
     submitted: Notify,
+    /// Woken when a job ends, so a client following it hears at once.
+    ended: Notify,
 }
 
 #[derive(Clone)]
@@ -306,6 +308,7 @@ impl Coordinator for Service {
             )));
         }
         tracing::info!(job, %agent, exit_code = code, "job finished");
+        self.0.ended.notify_waiters();
         Ok(Response::new(Empty {}))
     }
 
@@ -583,12 +586,33 @@ impl Coordinator for Service {
         &self,
         req: Request<proto::JobRef>,
     ) -> Result<Response<proto::JobInfo>, Status> {
-        let id = req.into_inner().id;
-        let q = self.queue();
-        let job = blocking(move || q.job(id).map_err(failed)).await?;
-        match job {
-            Some(j) => Ok(Response::new(self.info(j).await?)),
-            None => Err(Status::not_found(format!("no job {id}"))),
+        let r = req.into_inner();
+        let id = r.id;
+        // A follower may wait (a little) for the job to end: it hears of
+        // the end when it happens, not at its next poll.
+        let deadline =
+            tokio::time::Instant::now() + Duration::from_millis(u64::from(r.wait_ms.min(5000)));
+        loop {
+            // Listen before looking, so an end in between wakes us.
+            let ended = self.0.ended.notified();
+            tokio::pin!(ended);
+            ended.as_mut().enable();
+            let q = self.queue();
+            let job = blocking(move || q.job(id).map_err(failed)).await?;
+            match job {
+                Some(j) if j.state == "done" || j.state == "failed" => {
+                    return Ok(Response::new(self.info(j).await?));
+                }
+                Some(j) => {
+                    tokio::select! {
+                        _ = &mut ended => continue,
+                        _ = tokio::time::sleep_until(deadline) => {
+                            return Ok(Response::new(self.info(j).await?));
+                        }
+                    }
+                }
+                None => return Err(Status::not_found(format!("no job {id}"))),
+            }
         }
     }
 
@@ -972,6 +996,7 @@ pub async fn serve(
         opts,
         bucket_states: Default::default(),
         submitted: Notify::new(),
+        ended: Notify::new(),
     });
     let reaper = {
         let (q, state) = (queue.clone(), state.clone());
@@ -987,6 +1012,7 @@ pub async fn serve(
                             "leases expired: jobs failed, distributed tasks queued again"
                         );
                         state.submitted.notify_waiters();
+                        state.ended.notify_waiters();
                     }
                     Ok(Err(e)) => tracing::warn!("expiring leases: {e}"),
                     _ => {}

@@ -396,11 +396,8 @@ mod tests {
     use ferry_catalog::jobs::JobQueue;
     use std::sync::Arc;
 
-    /// Trees go to a real coordinator and come back in batches: many per
-    /// call, split where a message would pass the budget, in the order
-    /// asked, with a tree too large for any message left uncached.
-    #[test]
-    fn trees_travel_in_batches_under_the_message_budget() {
+    /// A coordinator on loopback, with its own vault and catalog.
+    fn coordinator() -> (tempfile::TempDir, tokio::runtime::Runtime, ConnectOptions) {
         let d = tempfile::tempdir().unwrap();
         let rt = tokio::runtime::Runtime::new().unwrap();
         let loc = ferry_core::vault::Location::Local(d.path().join("vault"));
@@ -441,6 +438,15 @@ mod tests {
             token: None,
             tls_ca: None,
         };
+        (d, rt, connect)
+    }
+
+    /// Trees go to a real coordinator and come back in batches: many per
+    /// call, split where a message would pass the budget, in the order
+    /// asked, with a tree too large for any message left uncached.
+    #[test]
+    fn trees_travel_in_batches_under_the_message_budget() {
+        let (_d, _rt, connect) = coordinator();
         let remote = RemoteCatalog::connect(&connect, Duration::from_secs(10)).unwrap();
 
         // 40 trees of 1 MiB (2.5 budgets), one larger than the budget, and
@@ -487,5 +493,79 @@ mod tests {
         let small: Vec<BlobId> = trees[41..].iter().map(|(id, _)| *id).collect();
         assert!(remote.trees(&small).unwrap().iter().all(Option::is_some));
         assert_eq!(remote.rpcs() - before, 1);
+    }
+
+    /// A client following a job hears of its end when it ends: the
+    /// coordinator holds a GetJob that asks to wait, and answers it at the
+    /// job's Finish (a reply at the end of the wait would still say
+    /// "running").
+    #[test]
+    fn a_waiting_get_job_is_answered_when_the_job_ends() {
+        let (_d, rt, connect) = coordinator();
+        rt.block_on(async {
+            let mut c = crate::conn::connect(&connect).unwrap();
+            c.register(proto::RegisterRequest {
+                agent: "a".into(),
+                roots: vec!["/data".into()],
+                host: "h".into(),
+                version: "test".into(),
+            })
+            .await
+            .unwrap();
+            let spec = crate::spec::JobSpec::Snapshot {
+                source: "/data/v".into(),
+                volume: "v".into(),
+                reread: false,
+                block: false,
+                read_limit: None,
+            };
+            let job = c
+                .submit(proto::SubmitRequest {
+                    agent: "a".into(),
+                    kind: spec.kind().into(),
+                    spec_json: serde_json::to_string(&spec).unwrap(),
+                })
+                .await
+                .unwrap()
+                .into_inner();
+            let leased = c
+                .lease(proto::LeaseRequest {
+                    agent: "a".into(),
+                    wait_seconds: 1,
+                })
+                .await
+                .unwrap()
+                .into_inner();
+            assert_eq!(leased.job.map(|j| j.id), Some(job.id));
+            let mut follower = c.clone();
+            let id = job.id;
+            let waiting = tokio::spawn(async move {
+                follower
+                    .get_job(proto::JobRef { id, wait_ms: 5000 })
+                    .await
+                    .unwrap()
+                    .into_inner()
+            });
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            assert!(!waiting.is_finished(), "GetJob did not wait");
+            c.finish(proto::FinishRequest {
+                agent: "a".into(),
+                job: job.id,
+                exit_code: 0,
+                result_json: "{}".into(),
+                error: String::new(),
+            })
+            .await
+            .unwrap();
+            let seen = waiting.await.unwrap();
+            assert_eq!(seen.state, "done");
+            // Without asking to wait, the answer is immediate.
+            let now = c
+                .get_job(proto::JobRef { id, wait_ms: 0 })
+                .await
+                .unwrap()
+                .into_inner();
+            assert_eq!(now.state, "done");
+        });
     }
 }
