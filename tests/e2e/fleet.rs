@@ -130,6 +130,43 @@ impl Fleet {
         self.wait_online(name);
     }
 
+    /// An agent running as nobody (when the tests run as root): files
+    /// it may not read stay unreadable to it.
+    pub(crate) fn start_agent_unprivileged(&mut self, name: &str, root: &Path) {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::create_dir_all(root).unwrap();
+        let state = self.env.path(&format!("agent-{name}"));
+        std::fs::create_dir_all(&state).unwrap();
+        for p in [self.env.dir.path(), state.as_path()] {
+            std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o777)).unwrap();
+        }
+        std::fs::set_permissions(&self.token_file, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let base = self.env.cmd(&[]);
+        let mut c = std::process::Command::new(if is_root() { "setpriv" } else { "env" });
+        if is_root() {
+            c.args(["--reuid=65534", "--regid=65534", "--clear-groups"]);
+        }
+        c.arg(env!("CARGO_BIN_EXE_ferry"));
+        for (k, v) in base.get_envs() {
+            match v {
+                Some(v) => c.env(k, v),
+                None => c.env_remove(k),
+            };
+        }
+        c.args(["agent", "--name", name, "--root"])
+            .arg(root)
+            .args(["--coordinator", &self.url, "--token-file"])
+            .arg(&self.token_file)
+            .env_remove("FERRY_PASSPHRASE")
+            .env("XDG_STATE_HOME", &state)
+            .env("HOME", &state)
+            .env_remove("XDG_CONFIG_HOME")
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit());
+        self.agents.push((name.into(), Proc(c.spawn().unwrap())));
+        self.wait_online(name);
+    }
+
     pub(crate) fn agent_mut(&mut self, name: &str) -> &mut Proc {
         &mut self.agents.iter_mut().find(|(n, _)| n == name).unwrap().1
     }
@@ -770,4 +807,96 @@ fn metrics_move_while_a_job_runs() {
         serde_json::from_str(&line).unwrap_or_else(|e| panic!("not JSON ({e}): {line:?}"));
     assert_eq!(v["level"], "INFO", "{v}");
     assert!(v["fields"]["message"].is_string(), "{v}");
+}
+
+/// Over agents, the target's agent checks its target while the source's
+/// agent takes the snapshot, then restores exactly that snapshot; in a
+/// cutover it refuses a snapshot that missed entries, and the target is
+/// left as it was.
+#[test]
+fn a_cutover_over_agents_restores_only_a_whole_snapshot() {
+    use std::os::unix::fs::PermissionsExt;
+    let mut f = Fleet::start();
+    let (src_root, dst_root) = (f.env.path("node1"), f.env.path("node2"));
+    let (src, dst) = (src_root.join("db"), dst_root.join("db"));
+    std::fs::create_dir_all(src.join("data")).unwrap();
+    std::fs::write(src.join("data/table"), noise(300_000, 1)).unwrap();
+    std::fs::write(src.join("log"), b"one").unwrap();
+    f.start_agent_unprivileged("node1", &src_root);
+    f.start_agent("node2", &dst_root);
+    let create = f.run(&[
+        "migration",
+        "create",
+        "m",
+        "--from",
+        s(&src),
+        "--to",
+        s(&dst),
+        "--from-agent",
+        "node1",
+        "--to-agent",
+        "node2",
+    ]);
+    assert!(create.status.success(), "{}", stderr(&create));
+    let r = f.json(&["migration", "presync", "m"]);
+    assert_eq!(r["rounds"][0]["pairs"][0]["ok"], true, "{r}");
+    assert_same_tree(&src, &dst);
+
+    // The table changes, and a file the source's agent cannot read appears.
+    std::fs::write(src.join("data/table"), noise(300_000, 2)).unwrap();
+    std::fs::write(src.join("data/lock"), b"held").unwrap();
+    std::fs::set_permissions(
+        src.join("data/lock"),
+        std::fs::Permissions::from_mode(0o000),
+    )
+    .unwrap();
+    std::fs::write(dst.join("stray"), b"x").unwrap();
+    let out = f
+        .cmd(&[
+            "migration",
+            "cutover",
+            "m",
+            "--json",
+            "--quiesce-cmd",
+            "true",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    let c: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let e = c["pairs"][0]["error"].as_str().unwrap_or_default();
+    assert!(e.contains("incomplete") && e.contains("quiesced?"), "{c}");
+    // The restore job refused it on its agent, and said why.
+    let jobs = f.json(&["jobs"]);
+    let last = jobs["jobs"].as_array().unwrap().last().unwrap().clone();
+    assert_eq!(last["kind"], "restore", "{jobs}");
+    assert_eq!(last["state"], "failed", "{jobs}");
+    assert!(
+        last["error"].as_str().unwrap().contains("incomplete"),
+        "{jobs}"
+    );
+    assert_eq!(
+        std::fs::read(dst.join("data/table")).unwrap(),
+        noise(300_000, 1)
+    );
+    assert!(dst.join("stray").exists() && !dst.join("data/lock").exists());
+
+    std::fs::set_permissions(
+        src.join("data/lock"),
+        std::fs::Permissions::from_mode(0o644),
+    )
+    .unwrap();
+    let out = f
+        .cmd(&[
+            "migration",
+            "cutover",
+            "m",
+            "--json",
+            "--quiesce-cmd",
+            "true",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_same_tree(&src, &dst);
 }

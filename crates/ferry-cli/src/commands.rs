@@ -237,6 +237,7 @@ pub async fn run(cli: Cli) -> Result<u8> {
                         delete: delta.delete,
                         verify: delta.verify,
                         reread_target: delta.reread_target,
+                        after: None,
                     }
                 })
                 .await;
@@ -254,6 +255,7 @@ pub async fn run(cli: Cli) -> Result<u8> {
                     delete: delta.delete,
                     verify: delta.verify,
                     reread_target: delta.reread_target,
+                    after: None,
                 };
                 return crate::fleet::run_job(g, &client, &remote, spec).await;
             }

@@ -67,7 +67,15 @@ pub async fn run_and_wait(
     spec: &JobSpec,
 ) -> Result<(u8, Value)> {
     let job = client.submit(agent, spec).await?;
-    let done = follow(client, &job).await?;
+    wait_for(client, &job).await
+}
+
+/// Follows a submitted job to its end: its exit code and summary.
+pub async fn wait_for(
+    client: &FleetClient,
+    job: &ferry_fleet::proto::JobInfo,
+) -> Result<(u8, Value)> {
+    let done = follow(client, job).await?;
     outcome(&done)
 }
 
@@ -202,8 +210,9 @@ pub struct SyncJob {
     pub to_agent: Option<String>,
 }
 
-/// `ferry sync` across two agents: a snapshot job on one, then a restore
-/// job of exactly that snapshot on the other.
+/// `ferry sync` across two agents: a snapshot job on one, and a restore
+/// job on the other that checks its target meanwhile and restores exactly
+/// that snapshot.
 pub async fn sync(g: &Global, s: SyncJob) -> Result<u8> {
     let (Some(from), Some(to)) = (&s.from_agent, &s.to_agent) else {
         bail!(
@@ -213,6 +222,7 @@ pub async fn sync(g: &Global, s: SyncJob) -> Result<u8> {
     let client = fleet_client(g)?;
     let started = std::time::Instant::now();
     let source = absolute(&s.source)?;
+    let target = absolute(&s.target)?;
     let volume = s
         .volume
         .clone()
@@ -229,6 +239,25 @@ pub async fn sync(g: &Global, s: SyncJob) -> Result<u8> {
             },
         )
         .await?;
+    // The restore is queued at once: the target's agent checks the target
+    // while the snapshot is taken, then restores the snapshot it made.
+    let restore_job = client
+        .submit(
+            to,
+            &JobSpec::Restore {
+                snapshot: volume.clone(),
+                target,
+                delete: s.delta.delete,
+                verify: s.delta.verify,
+                reread_target: s.delta.reread_target,
+                after: Some(ferry_fleet::spec::After {
+                    job: snap_job.id,
+                    whole: false,
+                }),
+            },
+        )
+        .await?;
+    let submitted_at = started.elapsed().as_secs_f64();
     let snap_done = follow(&client, &snap_job).await?;
     let (snap_code, snap) = outcome(&snap_done)?;
     let snapshot_id = snap
@@ -236,21 +265,14 @@ pub async fn sync(g: &Global, s: SyncJob) -> Result<u8> {
         .and_then(Value::as_str)
         .ok_or_else(|| anyhow!("job {}: no snapshot id in its result", snap_done.id))?
         .to_string();
-    let restore_job = client
-        .submit(
-            to,
-            &JobSpec::Restore {
-                snapshot: format!("{volume}@{snapshot_id}"),
-                target: absolute(&s.target)?,
-                delete: s.delta.delete,
-                verify: s.delta.verify,
-                reread_target: s.delta.reread_target,
-            },
-        )
-        .await?;
-    let restore_at = started.elapsed().as_secs_f64();
     let restore_done = follow(&client, &restore_job).await?;
     let (_, restore) = outcome(&restore_done)?;
+    // Its phases count from when it stopped waiting for the snapshot.
+    let restore_at = submitted_at
+        + restore
+            .get("waited_s")
+            .and_then(Value::as_f64)
+            .unwrap_or(0.0);
     #[derive(Serialize)]
     struct Out<'a> {
         snapshot_id: &'a str,

@@ -755,36 +755,93 @@ async fn run_pair_fleet(
         }
     };
     let agent = src.agent.clone();
-    let r = crate::fleet::run_and_wait(client, &agent, &spec).await;
+    let snap_job = match client.submit(&agent, &spec).await {
+        Ok(j) => j,
+        Err(e) => {
+            src.release().await;
+            return Err(e.into());
+        }
+    };
+    // The target's agent checks the target while the snapshot is taken,
+    // then restores the snapshot that job made; in a cutover (`strict`) it
+    // refuses one that missed entries, before touching the target.
+    let placed = Side::place(g, args, &pair.target, &pair.to_agent, false, false).await;
+    let restore_job = match &placed {
+        Ok(dst) => {
+            let spec = if fleet_bucket(&pair.target) {
+                None
+            } else {
+                Some(JobSpec::Restore {
+                    snapshot: pair.volume.clone(),
+                    target: dst.path.clone(),
+                    delete: true,
+                    verify: false,
+                    reread_target: false,
+                    after: Some(ferry_fleet::spec::After {
+                        job: snap_job.id,
+                        whole: strict,
+                    }),
+                })
+            };
+            match spec {
+                Some(spec) => Some(client.submit(&dst.agent, &spec).await),
+                None => None,
+            }
+        }
+        Err(_) => None,
+    };
+    let r = crate::fleet::wait_for(client, &snap_job).await;
     src.release().await;
-    let (_, v) = r?;
+    let waited = async |job: Option<Result<ferry_fleet::proto::JobInfo, ferry_fleet::Error>>| {
+        if let Some(Ok(j)) = job {
+            let _ = crate::fleet::wait_for(client, &j).await;
+        }
+    };
+    let dst = match placed {
+        Ok(d) => d,
+        Err(e) => {
+            waited(restore_job).await;
+            return Err(e);
+        }
+    };
+    let (_, v) = match r {
+        Ok(r) => r,
+        Err(e) => {
+            // The restore job fails on its own; its end is awaited so the
+            // target is settled when the round reports.
+            waited(restore_job).await;
+            dst.release().await;
+            return Err(e);
+        }
+    };
     let s: ferry_core::snapshot::SnapshotSummary = serde_json::from_value(v)?;
-    record_snapshot(
+    if let Err(e) = record_snapshot(
         out,
         &s,
         t,
         strict,
         &format!("{} on agent {agent}", pair.source),
-    )?;
+    ) {
+        waited(restore_job).await;
+        dst.release().await;
+        return Err(e);
+    }
     let t = Instant::now();
-    let dst = Side::place(g, args, &pair.target, &pair.to_agent, false, false).await?;
-    let spec = if fleet_bucket(&pair.target) {
-        JobSpec::RestoreObjects {
-            snapshot: spec_name(pair, &s.snapshot_id),
-            target: pair.target.clone(),
-            delete: true,
-        }
-    } else {
-        JobSpec::Restore {
-            snapshot: spec_name(pair, &s.snapshot_id),
-            target: dst.path.clone(),
-            delete: true,
-            verify: false,
-            reread_target: false,
+    let agent = dst.agent.clone();
+    let r = match restore_job {
+        Some(job) => match job {
+            Ok(j) => crate::fleet::wait_for(client, &j).await,
+            Err(e) => Err(e.into()),
+        },
+        None => {
+            let spec = JobSpec::RestoreObjects {
+                snapshot: spec_name(pair, &s.snapshot_id),
+                target: pair.target.clone(),
+                delete: true,
+            };
+            crate::fleet::run_and_wait(client, &agent, &spec).await
         }
     };
-    let agent = dst.agent.clone();
-    let r = crate::fleet::run_and_wait(client, &agent, &spec).await;
     dst.release().await;
     let (_, v) = r?;
     let num = |k: &str| v.get(k).and_then(Value::as_u64).unwrap_or(0);

@@ -261,6 +261,53 @@ impl Agent {
         }
     }
 
+    /// Waits for the snapshot job a restore follows; the id of the
+    /// snapshot it made.
+    async fn snapshot_of(&self, me: u64, after: &crate::spec::After) -> Result<String> {
+        loop {
+            let client = self.client.clone();
+            let id = after.job;
+            let j = with_retry(&self.opts.connect.url, "GetJob", self.opts.patience, || {
+                let mut c = client.clone();
+                async move { c.get_job(proto::JobRef { id, wait_ms: 1000 }).await }
+            })
+            .await?;
+            match j.state.as_str() {
+                "done" => {}
+                "failed" => {
+                    return Err(Error::Invalid(format!(
+                        "job {me}: the snapshot job {id} failed: {}; the target is left as it was",
+                        j.error
+                    )));
+                }
+                // Jobs are leased in order, so this cannot happen unless the
+                // restore was submitted before its snapshot; it would wait
+                // for itself.
+                "queued" if j.agent == self.opts.name => {
+                    return Err(Error::Invalid(format!(
+                        "job {me}: the snapshot job {id} is queued behind it on this agent"
+                    )));
+                }
+                _ => continue,
+            }
+            let v: Value = serde_json::from_str(&j.result_json).unwrap_or(Value::Null);
+            let snapshot = v
+                .get("snapshot_id")
+                .and_then(Value::as_str)
+                .ok_or_else(|| {
+                    Error::Invalid(format!("job {me}: the snapshot job {id} named no snapshot"))
+                })?;
+            if after.whole && j.exit_code == 3 {
+                return Err(Error::Invalid(format!(
+                    "job {me}: snapshot {} is incomplete: {} entries could not be read or changed while read (is the source quiesced?); the target is left as it was",
+                    snapshot.get(..8).unwrap_or(snapshot),
+                    v.get("warnings").and_then(Value::as_u64).unwrap_or(0)
+                )));
+            }
+            return Ok(snapshot.to_string());
+        }
+    }
+
     /// Runs one job: its exit code (0, or 3 for an incomplete snapshot) and
     /// its summary.
     async fn execute(
@@ -396,20 +443,47 @@ impl Agent {
                 delete,
                 verify,
                 reread_target,
+                after,
                 ..
             } => {
                 let state = ferry_catalog::state_dir();
                 let keep = [("this agent's state directory", state.as_path())];
                 ferry_core::placement::check_target(&path, None, &keep, delete)?;
+                let started = std::time::Instant::now();
+                let (snapshot, checked) = match &after {
+                    None => (snapshot, None),
+                    Some(after) => {
+                        // The target is checked while the snapshot is taken
+                        // (on another node), as `ferry sync` does on one.
+                        let ahead = match reread_target {
+                            false => {
+                                crate::work::check_ahead(vault.clone(), catalog.clone(), &path)
+                            }
+                            true => None,
+                        };
+                        let id = self.snapshot_of(job.id, after).await?;
+                        let checked = match ahead {
+                            Some(a) => a.finish().await,
+                            None => None,
+                        };
+                        (format!("{snapshot}@{id}"), checked)
+                    }
+                };
+                let waited_s = started.elapsed().as_secs_f64();
                 let snap = find_snapshot(&catalog, snapshot).await?;
                 let opts = RestoreOptions {
                     delete,
                     verify,
                     reread_target,
+                    checked,
                     ..Default::default()
                 };
                 let s = crate::work::restore(vault, catalog, &snap, &path, &opts, progress).await?;
-                Ok((0, json(serde_json::to_value(&s))))
+                let mut v = json(serde_json::to_value(&s));
+                if let (Some(_), Value::Object(m)) = (&after, &mut v) {
+                    m.insert("waited_s".into(), Value::from(waited_s));
+                }
+                Ok((0, v))
             }
         }
     }

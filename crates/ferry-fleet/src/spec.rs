@@ -32,6 +32,11 @@ pub enum JobSpec {
         verify: bool,
         #[serde(default)]
         reread_target: bool,
+        /// The restore follows a snapshot job that may still run: the
+        /// agent checks its target meanwhile, then restores the snapshot
+        /// that job made (`snapshot` names only the volume).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        after: Option<After>,
     },
     /// Compare a target with a snapshot (`ferry migration`'s verification
     /// and report); the result is a `ferry_core::compare::Comparison`.
@@ -212,6 +217,16 @@ impl ferry_core::progress::Progress for ProgressCounter {
     }
 }
 
+/// The snapshot job a restore follows.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct After {
+    pub job: u64,
+    /// Refuse a snapshot that missed entries (a cutover): the target is
+    /// then not touched.
+    #[serde(default)]
+    pub whole: bool,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -224,6 +239,10 @@ mod tests {
             delete: true,
             verify: false,
             reread_target: false,
+            after: Some(After {
+                job: 7,
+                whole: true,
+            }),
         };
         let j = serde_json::to_string(&s).unwrap();
         assert!(j.contains("\"kind\":\"restore\""), "{j}");

@@ -118,7 +118,8 @@ pub fn check_ahead(
             is_root: super::effective_uid() == 0,
         };
         let mut checked = Checked::default();
-        walk.dir(&snap.root, &target, Vec::new(), true, &mut checked)?;
+        let root = walk.tree(&snap.root)?;
+        walk.dir(&snap.root, root, &target, Vec::new(), true, &mut checked)?;
         Ok(Some(checked))
     })
 }
@@ -131,7 +132,15 @@ struct Walk<'a> {
     is_root: bool,
 }
 
+/// Subdirectories whose trees are asked of the catalog in one call.
+const SUBTREES_AHEAD: usize = 64;
+
 impl Walk<'_> {
+    fn tree(&self, id: &BlobId) -> Result<Tree> {
+        self.rt
+            .block_on(crate::sync::load_tree(self.vault, self.catalog, id))
+    }
+
     /// Checks one directory and, after it, its subdirectories; records it
     /// if it is in place whole and returns what it holds. `meta_ok`: its
     /// own metadata (checked from its parent's listing) is the tree's; a
@@ -139,14 +148,12 @@ impl Walk<'_> {
     fn dir(
         &self,
         id: &BlobId,
+        tree: Tree,
         dir: &Path,
         rel: Vec<u8>,
         meta_ok: bool,
         checked: &mut Checked,
     ) -> Result<Option<Whole>> {
-        let tree: Tree = self
-            .rt
-            .block_on(crate::sync::load_tree(self.vault, self.catalog, id))?;
         let files = self.state.get_dir(&rel)?;
         let memory: HashMap<&[u8], &TargetFile> =
             files.iter().map(|f| (f.path.as_slice(), f)).collect();
@@ -201,8 +208,23 @@ impl Walk<'_> {
             }
             (ok, listing.into_keys().collect::<Vec<_>>())
         };
-        for (subtree, path, child_rel, meta_ok) in subdirs {
-            match self.dir(&subtree, &path, child_rel, meta_ok, checked)? {
+        // Their trees a window at a time, in one catalog call each (a round
+        // trip, with a coordinator).
+        let mut window: HashMap<BlobId, Tree> = HashMap::new();
+        for (k, (subtree, path, child_rel, meta_ok)) in subdirs.iter().cloned().enumerate() {
+            if k % SUBTREES_AHEAD == 0 {
+                let ids: Vec<BlobId> = subdirs[k..]
+                    .iter()
+                    .take(SUBTREES_AHEAD)
+                    .map(|s| s.0)
+                    .collect();
+                window = crate::sync::cached_trees(self.catalog, &ids).unwrap_or_default();
+            }
+            let sub = match window.remove(&subtree) {
+                Some(t) => t,
+                None => self.tree(&subtree)?,
+            };
+            match self.dir(&subtree, sub, &path, child_rel, meta_ok, checked)? {
                 Some(w) => {
                     whole.files += w.files;
                     whole.dirs += w.dirs + 1;
