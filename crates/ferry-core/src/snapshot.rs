@@ -206,10 +206,6 @@ struct Dedup {
 }
 
 impl Dedup {
-    fn claim(&self, id: BlobId) -> Result<bool> {
-        Ok(self.claim_batch(&[id])?[0])
-    }
-
     /// For each id, whether this worker stores it. One catalog call for the
     /// whole batch: with a remote catalog, one round trip per batch.
     fn claim_batch(&self, ids: &[BlobId]) -> Result<Vec<bool>> {
@@ -1766,6 +1762,34 @@ fn collect(
     let mut root = None;
     // Trees to cache, written to the catalog in batches (one commit each).
     let mut trees: Vec<(BlobId, Vec<u8>)> = Vec::new();
+    // Trees not known from the parent, waiting for one dedup lookup.
+    let mut new_trees: Vec<(BlobId, Vec<u8>, Tree)> = Vec::new();
+    // Those the vault lacks go into the pack and the cache.
+    let store_trees = |new: &mut Vec<(BlobId, Vec<u8>, Tree)>,
+                       pack: &mut PackWriter,
+                       trees: &mut Vec<(BlobId, Vec<u8>)>|
+     -> Result<()> {
+        if new.is_empty() {
+            return Ok(());
+        }
+        let ids_: Vec<BlobId> = new.iter().map(|t| t.0).collect();
+        let claims = dedup.claim_batch(&ids_)?;
+        for ((id, blob, tree), claim) in new.drain(..).zip(claims) {
+            if !claim {
+                continue;
+            }
+            pack.add(BlobKind::Tree, id, &blob, level);
+            if pack.is_full() {
+                let full = std::mem::replace(pack, PackWriter::new(key, pack_size));
+                packs.blocking_send(full.finish()).map_err(|_| stopped())?;
+            }
+            trees.push((id, tree.encode_cached()));
+            if trees.len() >= TREE_BATCH {
+                catalog.put_trees(&std::mem::take(trees))?;
+            }
+        }
+        Ok(())
+    };
     for item in items.into_iter().flatten() {
         match item {
             Item::EnterDir {
@@ -1794,16 +1818,12 @@ fn collect(
                 // A tree the vault already holds (most of them in a
                 // pre-sync) is not cached again: the cache is filled on
                 // first read where it lacks one. One the parent has at the
-                // same place is not even looked up.
-                if d.parent_tree != Some(id) && dedup.claim(id)? {
-                    pack.add(BlobKind::Tree, id, &blob, level);
-                    if pack.is_full() {
-                        let full = std::mem::replace(&mut pack, PackWriter::new(key, pack_size));
-                        packs.blocking_send(full.finish()).map_err(|_| stopped())?;
-                    }
-                    trees.push((id, tree.encode_cached()));
-                    if trees.len() >= TREE_BATCH {
-                        catalog.put_trees(&std::mem::take(&mut trees))?;
+                // same place is not even looked up; the others are looked
+                // up in batches (a round trip each, with a coordinator).
+                if d.parent_tree != Some(id) {
+                    new_trees.push((id, blob, tree));
+                    if new_trees.len() >= TREE_BATCH {
+                        store_trees(&mut new_trees, &mut pack, &mut trees)?;
                     }
                 }
                 match stack.last_mut() {
@@ -1869,6 +1889,7 @@ fn collect(
             }
         }
     }
+    store_trees(&mut new_trees, &mut pack, &mut trees)?;
     if !pack.is_empty() {
         packs.blocking_send(pack.finish()).map_err(|_| stopped())?;
     }
