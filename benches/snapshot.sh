@@ -7,7 +7,10 @@
 # the final delta (one `ferry sync` into a target pre-synced by `ferry sync`:
 # snapshot + delta restore, what runs in the downtime window) against
 # `rsync -a --delete`, `rsync -a --delete --inplace --no-whole-file` and
-# `rclone sync` on the same change, each into its own pre-synced copy.
+# `rclone sync` on the same change, each into its own pre-synced copy;
+# and the same final delta over a coordinator and two agents on loopback
+# (`ferry sync --from-agent a --to-agent b`: the migration's path between
+# two nodes; FLEET=0 skips it).
 # Full restores also against `cp -a` of the tree (the disk's limit).
 # Prints one table: operation, tool, wall s, MB/s (of the whole volume),
 # peak RSS, bytes stored/written, and peer/ferry time ratio.
@@ -35,7 +38,7 @@ if [ ! -d pristine ]; then
   # shellcheck disable=SC2086
   python3 "$gen" build pristine $GEN_ARGS >/dev/null
 fi
-rm -rf data cp-out* vault state restored restored-* restic-repo restic-out* borg-repo borg-out* rsync-target rsync-inplace-target rclone-target sync-target results.tsv
+rm -rf data cp-out* vault state restored restored-* restic-repo restic-out* borg-repo borg-out* rsync-target rsync-inplace-target rclone-target sync-target results.tsv fleet-vault fleet.sqlite* fleet-target agent-a agent-b
 cp -a pristine data
 export FERRY_PASSPHRASE=bench XDG_STATE_HOME="$work/state" RESTIC_PASSWORD=bench BORG_PASSPHRASE=bench
 export BORG_BASE_DIR="$work/borg-base" RESTIC_CACHE_DIR="$work/restic-cache"
@@ -92,9 +95,28 @@ full_restore() {
 for ((r = 1; r <= ${ROUNDS:-3}; r++)); do full_restore "$r"; done
 sync
 
+# Over agents: a coordinator (its own vault and catalog) and two agents on
+# loopback, both rooted at the work directory, each with its own state.
+fleet() { [ "${FLEET:-1}" = 1 ]; }
+if fleet; then
+  "$ferry" vault init fleet-vault >/dev/null
+  "$ferry" coordinator --listen 127.0.0.1:47311 --vault "$work/fleet-vault" --catalog "$work/fleet.sqlite" >/dev/null 2>"$work/coordinator.log" &
+  fleet_pids=($!)
+  trap 'kill "${fleet_pids[@]}" 2>/dev/null || true' EXIT
+  sleep 1
+  for a in a b; do
+    XDG_STATE_HOME="$work/agent-$a" "$ferry" agent --coordinator http://127.0.0.1:47311 --name "$a" --root "$work" >/dev/null 2>"$work/agent-$a.log" &
+    fleet_pids+=($!)
+  done
+  sleep 1
+fi
+fleet_sync=(env FERRY_COORDINATOR=http://127.0.0.1:47311 "$ferry" sync "$work/data" "$work/fleet-target" --from-agent a --to-agent b --delete)
+
 # Pre-sync the final-delta targets (untimed): ferry sync's own (its default
-# vault, under the state directory) and the peers'; then the 1% mutation.
+# vault, under the state directory), the agents' and the peers'; then the 1%
+# mutation.
 "$ferry" sync data sync-target >/dev/null
+if fleet; then "${fleet_sync[@]}" >/dev/null || { echo "ferry sync over agents failed:"; tail -3 agent-*.log; exit 1; }; fi
 has rsync && rsync -a --delete pristine/ rsync-target/
 has rsync && rsync -a --delete pristine/ rsync-inplace-target/
 has rclone && cp -a pristine rclone-target
@@ -114,12 +136,14 @@ restored_ok=$(diff -r --no-dereference data restored-1 >/dev/null && echo equals
 # that rotates (page cache and writeback favour no one), after a new 1%
 # mutation (seed 1 is the one above) and a `sync`.
 final_delta() {
-  local tools=(ferry rsync rsync-inplace rclone) n=${#tools[@]} i tool
+  local tools=(ferry ferry-agents rsync rsync-inplace rclone) n=${#tools[@]} i tool
   for ((i = 0; i < n; i++)); do
     tool=${tools[$(((i + $1) % n))]}
     case $tool in
       ferry) t "final delta" ferry "jq_ bytes_written" -- "$ferry" sync data sync-target --delete --json
              [ "$1" = 1 ] && cp out.txt sync1.json ;;
+      ferry-agents) fleet && t "final delta" "ferry (agents)" "jq_ bytes_written" -- "${fleet_sync[@]}" --json
+                    [ "$1" = 1 ] && fleet && cp out.txt fleet1.json ;;
       rsync) has rsync && t "final delta" rsync "echo 0" -- rsync -a --delete data/ rsync-target/ ;;
       rsync-inplace) has rsync && t "final delta" rsync-inplace "echo 0" -- rsync -a --delete --inplace --no-whole-file data/ rsync-inplace-target/ ;;
       rclone) has rclone && t "final delta" rclone "echo 0" -- rclone sync --links data rclone-target ;;
@@ -198,5 +222,11 @@ for group, label in [("stage", "synthetic input"), ("stage_volume", "the volume'
 PY
 echo "ferry's delta restore $restored_ok the source"
 diff -r --no-dereference data sync-target >/dev/null && echo "ferry's sync target equals the source" || echo "MISMATCH between data and sync-target"
+if fleet; then
+  diff -r --no-dereference data fleet-target >/dev/null && echo "the agents' sync target equals the source" || echo "MISMATCH between data and fleet-target"
+  python3 -c "
+import json; y = json.load(open('fleet1.json'))
+print('final delta over agents (round 1): %.2f s, snapshot job %.2f s (%d catalog calls), restore job %.2f s after waiting %.2f s (%d catalog calls)' % (y['duration_s'], y['snapshot']['duration_s'], y['snapshot']['catalog_rpcs'], y['restore']['duration_s'], y['restore'].get('waited_s', 0), y['restore']['catalog_rpcs']))"
+fi
 # The full restores' outputs (5 GB a round), not left for the next run to delete.
 rm -rf restored-* restic-out-* borg-out-* cp-out-*

@@ -341,11 +341,18 @@ fn a_snapshot_on_one_agent_restores_on_another_and_dedups_across_the_fleet() {
     assert_same_tree(&src, &target);
     for side in ["snapshot", "restore"] {
         let rpcs = again[side]["catalog_rpcs"].as_u64().unwrap();
-        eprintln!("{side}: {rpcs} catalog calls");
+        let calls = &again[side]["catalog_calls"];
         assert!(
             rpcs < 40,
-            "{side}: {rpcs} catalog calls for 300 directories"
+            "{side}: {rpcs} catalog calls for 300 directories: {calls}"
         );
+        let summed: u64 = calls
+            .as_object()
+            .unwrap()
+            .values()
+            .map(|n| n.as_u64().unwrap())
+            .sum();
+        assert_eq!(summed, rpcs, "{calls}");
     }
 
     // The vault holds what the agents wrote: the embedded CLI, with the

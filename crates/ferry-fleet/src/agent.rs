@@ -193,6 +193,7 @@ impl Agent {
         tracing::info!(job = job.id, kind = %job.kind, attempt = job.attempt, "job started");
         let progress = Arc::new(ProgressCounter::default());
         let rpcs_before = catalog.rpcs();
+        let calls_before = catalog.rpcs_by_call();
         let heartbeats = {
             let (client, agent, id, p) = (
                 self.client.clone(),
@@ -233,6 +234,14 @@ impl Agent {
                         "catalog_rpcs".into(),
                         Value::from(catalog.rpcs() - rpcs_before),
                     );
+                    let calls: serde_json::Map<String, Value> = catalog
+                        .rpcs_by_call()
+                        .into_iter()
+                        .map(|(k, n)| (k, n - calls_before.get(k).copied().unwrap_or(0)))
+                        .filter(|(_, n)| *n > 0)
+                        .map(|(k, n)| (k.to_string(), Value::from(n)))
+                        .collect();
+                    m.insert("catalog_calls".into(), Value::Object(calls));
                 }
                 (code, v.to_string(), String::new())
             }

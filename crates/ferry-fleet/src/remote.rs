@@ -28,6 +28,8 @@ pub struct RemoteCatalog {
     /// How long a call keeps retrying while the coordinator is unreachable.
     patience: Duration,
     rpcs: AtomicU64,
+    /// Calls made so far, by name.
+    by_call: std::sync::Mutex<std::collections::BTreeMap<&'static str, u64>>,
 }
 
 impl RemoteCatalog {
@@ -52,6 +54,7 @@ impl RemoteCatalog {
             rt: Some(rt),
             patience,
             rpcs: AtomicU64::new(0),
+            by_call: Default::default(),
         })
     }
 
@@ -69,6 +72,14 @@ impl RemoteCatalog {
         self.rpcs.load(Ordering::Relaxed)
     }
 
+    /// Calls made so far, by name: where a job's round trips went.
+    pub fn rpcs_by_call(&self) -> std::collections::BTreeMap<&'static str, u64> {
+        self.by_call
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
     pub(crate) fn call<T, F, Fut>(&self, name: &'static str, f: F) -> CatalogResult<T>
     where
         T: Send + 'static,
@@ -76,6 +87,12 @@ impl RemoteCatalog {
         Fut: Future<Output = Result<tonic::Response<T>, Status>> + Send,
     {
         self.rpcs.fetch_add(1, Ordering::Relaxed);
+        *self
+            .by_call
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(name)
+            .or_default() += 1;
         let (client, url, patience) = (self.client.clone(), self.url.clone(), self.patience);
         let (tx, rx) = std::sync::mpsc::sync_channel(1);
         let rt = self.rt.as_ref().expect("runtime lives until drop");
