@@ -907,3 +907,72 @@ fn a_cutover_over_agents_restores_only_a_whole_snapshot() {
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     assert_same_tree(&src, &dst);
 }
+
+/// A restore queued after a snapshot whose agent is offline does not wait
+/// for it (and restore whenever it comes back): it fails, and the target is
+/// left as it was.
+#[test]
+fn a_restore_does_not_wait_for_a_snapshot_on_an_offline_agent() {
+    let mut f = Fleet::start();
+    let (src_root, dst_root) = (f.env.path("node1"), f.env.path("node2"));
+    let (src, dst) = (src_root.join("db"), dst_root.join("db"));
+    make_tree(&src);
+    std::fs::create_dir_all(&dst).unwrap();
+    std::fs::write(dst.join("keep"), b"mine").unwrap();
+    f.start_agent("node1", &src_root);
+    f.start_agent("node2", &dst_root);
+    f.agent_mut("node1").kill9();
+    let start = Instant::now();
+    while f.json(&["agents"])["agents"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|a| a["name"] == "node1" && a["online"] == true)
+    {
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "node1 stays online"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // The client follows the snapshot job, which waits for node1.
+    let mut client = Proc(
+        f.cmd(&[
+            "sync",
+            s(&src),
+            s(&dst),
+            "--from-agent",
+            "node1",
+            "--to-agent",
+            "node2",
+            "--delete",
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap(),
+    );
+    let start = Instant::now();
+    let restore = loop {
+        let jobs = f.json(&["jobs"]);
+        let r = jobs["jobs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|j| j["kind"] == "restore" && j["state"] == "failed")
+            .cloned();
+        if let Some(r) = r {
+            break r;
+        }
+        assert!(start.elapsed() < Duration::from_secs(60), "{jobs}");
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    client.kill9();
+    let e = restore["error"].as_str().unwrap();
+    assert!(e.contains("node1") && e.contains("offline"), "{restore}");
+    let names: Vec<_> = std::fs::read_dir(&dst)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(names, ["keep"]);
+}

@@ -270,6 +270,22 @@ impl Agent {
         }
     }
 
+    /// Whether the coordinator has heard from agent `name` lately.
+    async fn online(&self, name: &str) -> Result<bool> {
+        let client = self.client.clone();
+        let agents = with_retry(
+            &self.opts.connect.url,
+            "ListAgents",
+            self.opts.patience,
+            || {
+                let mut c = client.clone();
+                async move { c.list_agents(proto::Empty {}).await }
+            },
+        )
+        .await?;
+        Ok(agents.agents.iter().any(|a| a.name == name && a.online))
+    }
+
     /// Waits for the snapshot job a restore follows; the id of the
     /// snapshot it made.
     async fn snapshot_of(&self, me: u64, after: &crate::spec::After) -> Result<String> {
@@ -295,6 +311,15 @@ impl Agent {
                 "queued" if j.agent == self.opts.name => {
                     return Err(Error::Invalid(format!(
                         "job {me}: the snapshot job {id} is queued behind it on this agent"
+                    )));
+                }
+                // A snapshot waiting for an agent that is gone would hold
+                // this agent, and restore whenever that one came back, long
+                // after whoever asked for the sync gave up.
+                "queued" if !self.online(&j.agent).await? => {
+                    return Err(Error::Invalid(format!(
+                        "job {me}: the snapshot job {id} waits for agent {}, which is offline; the target is left as it was",
+                        j.agent
                     )));
                 }
                 _ => continue,
