@@ -293,7 +293,7 @@ fn a_snapshot_on_one_agent_restores_on_another_and_dedups_across_the_fleet() {
 
     // A change on node1, pre-sync again, and a sync job pair moves only it.
     std::fs::write(src.join("new-file"), noise(200_000, 9)).unwrap();
-    let sync = f.json(&[
+    let sync_args = [
         "sync",
         s(&src),
         s(&target),
@@ -304,7 +304,8 @@ fn a_snapshot_on_one_agent_restores_on_another_and_dedups_across_the_fleet() {
         "--to-agent",
         "node2",
         "--delete",
-    ]);
+    ];
+    let sync = f.json(&sync_args);
     assert_eq!(sync["bytes_written"], 200_000, "{sync}");
     assert_same_tree(&src, &target);
 
@@ -322,18 +323,6 @@ fn a_snapshot_on_one_agent_restores_on_another_and_dedups_across_the_fleet() {
         std::fs::create_dir_all(&dir).unwrap();
         std::fs::write(dir.join("f"), format!("file {d}")).unwrap();
     }
-    let sync_args = [
-        "sync",
-        s(&src),
-        s(&target),
-        "--volume",
-        "db",
-        "--from-agent",
-        "node1",
-        "--to-agent",
-        "node2",
-        "--delete",
-    ];
     f.json(&sync_args);
     std::fs::write(src.join("many/d150/f"), b"changed").unwrap();
     let again = f.json(&sync_args);
@@ -858,8 +847,8 @@ fn a_cutover_over_agents_restores_only_a_whole_snapshot() {
     )
     .unwrap();
     std::fs::write(dst.join("stray"), b"x").unwrap();
-    let out = f
-        .cmd(&[
+    let cutover = || {
+        f.cmd(&[
             "migration",
             "cutover",
             "m",
@@ -868,7 +857,9 @@ fn a_cutover_over_agents_restores_only_a_whole_snapshot() {
             "true",
         ])
         .output()
-        .unwrap();
+        .unwrap()
+    };
+    let out = cutover();
     assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
     let c: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let e = c["pairs"][0]["error"].as_str().unwrap_or_default();
@@ -893,17 +884,7 @@ fn a_cutover_over_agents_restores_only_a_whole_snapshot() {
         std::fs::Permissions::from_mode(0o644),
     )
     .unwrap();
-    let out = f
-        .cmd(&[
-            "migration",
-            "cutover",
-            "m",
-            "--json",
-            "--quiesce-cmd",
-            "true",
-        ])
-        .output()
-        .unwrap();
+    let out = cutover();
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     assert_same_tree(&src, &dst);
 }
