@@ -159,7 +159,7 @@ fn open_reader(path: &Path) -> rusqlite::Result<Connection> {
         path,
         OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
     )?;
-    conn.busy_timeout(Duration::from_secs(60))?;
+    conn.busy_timeout(BUSY_TIMEOUT)?;
     // No memory map here: while a snapshot writes, the file grows with
     // every commit and each reader's map was torn down and faulted in
     // again (more system time than all the catalog's reads).
@@ -185,9 +185,8 @@ pub(crate) fn connect(path: &Path, schema: &str) -> Result<Connection, Error> {
         source,
     };
     let conn = Connection::open(path).map_err(sql)?;
-    conn.busy_timeout(Duration::from_secs(60)).map_err(sql)?;
-    conn.pragma_update(None, "journal_mode", "WAL")
-        .map_err(sql)?;
+    conn.busy_timeout(BUSY_TIMEOUT).map_err(sql)?;
+    use_wal(&conn).map_err(sql)?;
     conn.pragma_update(None, "synchronous", "NORMAL")
         .map_err(sql)?;
     // No memory map: the hot reads (trees, dedup lookups) go through the
@@ -203,6 +202,49 @@ pub(crate) fn connect(path: &Path, schema: &str) -> Result<Connection, Error> {
         .map_err(sql)?;
     conn.execute_batch(schema).map_err(sql)?;
     Ok(conn)
+}
+
+/// How long a statement waits for another process's transaction.
+const BUSY_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Puts the file in WAL mode, once: the mode is the file's, so later opens
+/// find it set and take no lock. SQLite does not run the busy handler for
+/// the switch, so processes opening a new catalog at once (two snapshots
+/// into one vault) would fail with "database is locked": the switch is
+/// retried, and done by another process meanwhile is as good.
+fn use_wal(conn: &Connection) -> rusqlite::Result<()> {
+    let busy = |e: &rusqlite::Error| {
+        matches!(
+            e.sqlite_error_code(),
+            Some(rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked)
+        )
+    };
+    let mode = |sql: &str| conn.query_row(sql, [], |r| r.get::<_, String>(0));
+    let deadline = std::time::Instant::now() + BUSY_TIMEOUT;
+    let mut pause = Duration::from_millis(1);
+    loop {
+        let r = match mode("PRAGMA journal_mode") {
+            Ok(m) if m.eq_ignore_ascii_case("wal") => return Ok(()),
+            Ok(_) => mode("PRAGMA journal_mode = WAL"),
+            Err(e) => Err(e),
+        };
+        match r {
+            Ok(m) if m.eq_ignore_ascii_case("wal") => return Ok(()),
+            // Refused (the old mode is answered) or busy: another process
+            // holds the file.
+            Ok(_) => {}
+            Err(e) if busy(&e) => {}
+            Err(e) => return Err(e),
+        }
+        if std::time::Instant::now() >= deadline {
+            return Err(rusqlite::Error::SqliteFailure(
+                rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_BUSY),
+                Some("could not switch the catalog to WAL mode: another process holds it".into()),
+            ));
+        }
+        std::thread::sleep(pause);
+        pause = (pause * 2).min(Duration::from_millis(50));
+    }
 }
 
 /// Where the embedded catalog of a vault lives by default:
@@ -497,6 +539,37 @@ impl Catalog for SqliteCatalog {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Processes that open a new catalog at once (two snapshots into one
+    /// vault) all get it: the switch to WAL, which SQLite does not queue
+    /// behind its busy timeout, is retried.
+    #[test]
+    fn many_open_a_new_catalog_at_once() {
+        for round in 0..8 {
+            let d = tempfile::tempdir().unwrap();
+            let path = d.path().join("c.sqlite");
+            let start = std::sync::Arc::new(std::sync::Barrier::new(16));
+            let opened: Vec<_> = (0..16)
+                .map(|_| {
+                    let (path, start) = (path.clone(), start.clone());
+                    std::thread::spawn(move || {
+                        start.wait();
+                        SqliteCatalog::open(&path, "vault-1").map(|_| ())
+                    })
+                })
+                .collect();
+            for t in opened {
+                if let Err(e) = t.join().unwrap() {
+                    panic!("round {round}: {e}");
+                }
+            }
+            let conn = Connection::open(&path).unwrap();
+            let mode: String = conn
+                .query_row("PRAGMA journal_mode", [], |r| r.get(0))
+                .unwrap();
+            assert_eq!(mode, "wal");
+        }
+    }
     use ferry_core::manifest::{Name, Node, NodeKind};
 
     fn pack(n: u8) -> PackRecord {
