@@ -455,22 +455,24 @@ fn prefetch_trees(
         let mut stack: Vec<(BlobId, Option<BlobId>, Vec<u8>)> = vec![(root, old_root, Vec::new())];
         // Trees of the directories walked next, fetched together: one
         // catalog call (a round trip, with a coordinator) for many
-        // directories. At most a batch per level is held.
+        // directories, their subdirectories too. At most
+        // `TREES_HELD_MAX` (and a call's worth) are held.
         let mut ahead: HashMap<BlobId, Tree> = HashMap::new();
-        while let Some((tree_id, old_id, rel)) = stack.pop() {
-            if !ahead.contains_key(&tree_id) {
-                let mut ids: Vec<BlobId> = std::iter::once((tree_id, old_id))
-                    .chain(stack.iter().rev().map(|(t, o, _)| (*t, *o)))
-                    .take(TREES_PER_CALL)
-                    .flat_map(|(t, o)| std::iter::once(t).chain(o))
-                    .filter(|id| !ahead.contains_key(id))
-                    .collect();
+        while let Some((next, next_old, _)) = stack.last() {
+            if !ahead.contains_key(next) {
+                let mut ids = match ahead.len() < TREES_HELD_MAX {
+                    true => next_unfetched(&stack, &ahead, &opts),
+                    false => std::iter::once(*next).chain(*next_old).collect(),
+                };
                 ids.sort_unstable();
                 ids.dedup();
                 if let Ok(found) = crate::sync::cached_trees(catalog.as_ref(), &ids) {
                     ahead.extend(found);
                 }
             }
+            let Some((tree_id, old_id, rel)) = stack.pop() else {
+                break;
+            };
             let tree = match ahead.remove(&tree_id) {
                 Some(t) => t,
                 None => match load(tree_id).await {
@@ -513,6 +515,60 @@ fn prefetch_trees(
         }
     });
     (rx, task)
+}
+
+/// Trees fetched ahead of their turn, at most: the prefetch's memory.
+const TREES_HELD_MAX: usize = 256;
+
+/// The trees to ask for next (new and old) in the planner's order, as far as
+/// it is known: below the trees already fetched too, so that one call asks
+/// for grandchildren, not only one directory's children. `stack` ends with
+/// the next directory, whose tree is not fetched.
+fn next_unfetched(
+    stack: &[(BlobId, Option<BlobId>, Vec<u8>)],
+    ahead: &HashMap<BlobId, Tree>,
+    opts: &RestoreOptions,
+) -> Vec<BlobId> {
+    let n = TREES_PER_CALL;
+    // Bounded work per call, whatever the width of a directory.
+    let mut todo: Vec<(BlobId, Option<BlobId>, Vec<u8>)> =
+        stack[stack.len().saturating_sub(4 * n)..].to_vec();
+    let (mut out, mut dirs, mut visited) = (Vec::new(), 0, 0);
+    while let Some((id, old, rel)) = todo.pop() {
+        visited += 1;
+        if dirs >= n || visited > 16 * n {
+            break;
+        }
+        let Some(tree) = ahead.get(&id) else {
+            dirs += 1;
+            out.push(id);
+            out.extend(old.filter(|o| *o != id && !ahead.contains_key(o)));
+            continue;
+        };
+        let old_tree = old.and_then(|o| ahead.get(&o));
+        let mut next = Vec::new();
+        for node in &tree.entries {
+            if let NodeKind::Dir { subtree } = &node.kind {
+                let child_rel = join_rel(&rel, &node.name);
+                if skipped(opts, &child_rel, subtree).is_some() {
+                    continue;
+                }
+                let old_sub = match old_tree.and_then(|o| o.entry(&node.name.0)) {
+                    Some(Node {
+                        kind: NodeKind::Dir { subtree },
+                        ..
+                    }) => Some(*subtree),
+                    _ => None,
+                };
+                next.push((*subtree, old_sub, child_rel));
+                if next.len() >= 4 * n {
+                    break;
+                }
+            }
+        }
+        todo.extend(next.into_iter().rev());
+    }
+    out
 }
 
 /// A subdirectory the restore need not plan: checked ahead and in place
@@ -1754,6 +1810,77 @@ fn apply_meta(path: &Path, node: &Node, is_root: bool, symlink: bool) -> Result<
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The prefetch asks for the next directories in the planner's order,
+    /// reaching below the trees it already holds (new and old side by
+    /// side), a call's worth at most.
+    #[test]
+    fn the_tree_prefetch_reaches_below_the_trees_it_holds() {
+        let id = |n: u8| BlobId([n; 32]);
+        let dir = |name: &str, sub: BlobId| Node {
+            name: Name(name.as_bytes().to_vec()),
+            kind: NodeKind::Dir { subtree: sub },
+            mode: 0o755,
+            uid: 0,
+            gid: 0,
+            mtime_ns: 0,
+            ctime_ns: 0,
+            inode: 0,
+            xattrs: vec![],
+        };
+        // New root 1: a (2: x 4, y 5), b 3. Old root 11: a (12: x 14), b 3.
+        let mut ahead = HashMap::new();
+        ahead.insert(
+            id(1),
+            Tree {
+                entries: vec![dir("a", id(2)), dir("b", id(3))],
+            },
+        );
+        ahead.insert(
+            id(2),
+            Tree {
+                entries: vec![dir("x", id(4)), dir("y", id(5))],
+            },
+        );
+        ahead.insert(
+            id(11),
+            Tree {
+                entries: vec![dir("a", id(12)), dir("b", id(3))],
+            },
+        );
+        ahead.insert(
+            id(12),
+            Tree {
+                entries: vec![dir("x", id(14))],
+            },
+        );
+        // The next directory is c (9, never snapshotted before); 1 after it.
+        let stack = vec![
+            (id(1), Some(id(11)), b"r".to_vec()),
+            (id(9), None, b"c".to_vec()),
+        ];
+        let opts = RestoreOptions::default();
+        // c, then below 1: a's x (new 4, old 14) and y (5), then b (3: the
+        // same tree on both sides, asked once).
+        assert_eq!(
+            next_unfetched(&stack, &ahead, &opts),
+            vec![id(9), id(4), id(14), id(5), id(3)]
+        );
+        // A call's worth of directories at most, whatever is below.
+        let wide = Tree {
+            entries: (0..200u8)
+                .map(|k| dir(&format!("d{k:03}"), id(k)))
+                .collect(),
+        };
+        let ahead = HashMap::from([(id(250), wide)]);
+        let stack = vec![
+            (id(250), None, b"w".to_vec()),
+            (id(251), None, b"v".to_vec()),
+        ];
+        let ids = next_unfetched(&stack, &ahead, &opts);
+        assert_eq!(ids.len(), TREES_PER_CALL);
+        assert_eq!(ids[..3], [id(251), id(0), id(1)]);
+    }
 
     /// A crafted snapshot whose hard link names a path through a symlink
     /// (which the same restore created) must not link a file from outside
