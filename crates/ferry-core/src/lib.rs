@@ -41,6 +41,7 @@ pub mod source;
 pub mod sync;
 pub mod target;
 pub mod telemetry;
+mod tree_ahead;
 pub mod upkeep;
 pub mod vault;
 

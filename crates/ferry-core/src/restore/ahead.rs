@@ -30,6 +30,7 @@ use crate::error::Result;
 use crate::id::BlobId;
 use crate::manifest::{Node, NodeKind, Tree};
 use crate::target::{TargetFile, TargetState, content_id};
+use crate::tree_ahead::{TreeSource, TreesAhead};
 use crate::vault::Vault;
 
 /// Directories of the target that hold exactly what the checked tree says.
@@ -110,12 +111,18 @@ pub fn check_ahead(
         if snap.block {
             return Ok(None);
         }
+        let source = TreeSource {
+            vault: vault.clone(),
+            catalog: catalog.clone(),
+            rt: rt.clone(),
+        };
         let walk = Walk {
             vault: &vault,
             catalog: catalog.as_ref(),
             state: state.as_ref(),
             rt,
             is_root: super::effective_uid() == 0,
+            trees: TreesAhead::start(source, snap.root),
         };
         let mut checked = Checked::default();
         let root = walk.tree(&snap.root)?;
@@ -130,15 +137,20 @@ struct Walk<'a> {
     state: &'a dyn TargetState,
     rt: tokio::runtime::Handle,
     is_root: bool,
+    /// The held snapshot's trees, fetched ahead in this walk's order.
+    trees: TreesAhead,
 }
 
-/// Subdirectories whose trees are asked of the catalog in one call.
-const SUBTREES_AHEAD: usize = 64;
-
 impl Walk<'_> {
+    /// The tree `id`, the next this walk visits; read again directly (to
+    /// name the error) if the prefetch could not read it.
     fn tree(&self, id: &BlobId) -> Result<Tree> {
-        self.rt
-            .block_on(crate::sync::load_tree(self.vault, self.catalog, id))
+        match self.trees.take(id) {
+            Some(t) => Ok(t),
+            None => self
+                .rt
+                .block_on(crate::sync::load_tree(self.vault, self.catalog, id)),
+        }
     }
 
     /// Checks one directory and, after it, its subdirectories; records it
@@ -208,22 +220,8 @@ impl Walk<'_> {
             }
             (ok, listing.into_keys().collect::<Vec<_>>())
         };
-        // Their trees a window at a time, in one catalog call each (a round
-        // trip, with a coordinator).
-        let mut window: HashMap<BlobId, Tree> = HashMap::new();
-        for (k, (subtree, path, child_rel, meta_ok)) in subdirs.iter().cloned().enumerate() {
-            if k % SUBTREES_AHEAD == 0 {
-                let ids: Vec<BlobId> = subdirs[k..]
-                    .iter()
-                    .take(SUBTREES_AHEAD)
-                    .map(|s| s.0)
-                    .collect();
-                window = crate::sync::cached_trees(self.catalog, &ids).unwrap_or_default();
-            }
-            let sub = match window.remove(&subtree) {
-                Some(t) => t,
-                None => self.tree(&subtree)?,
-            };
+        for (subtree, path, child_rel, meta_ok) in subdirs {
+            let sub = self.tree(&subtree)?;
             match self.dir(&subtree, sub, &path, child_rel, meta_ok, checked)? {
                 Some(w) => {
                     whole.files += w.files;
