@@ -1817,16 +1817,8 @@ mod tests {
     #[test]
     fn the_tree_prefetch_reaches_below_the_trees_it_holds() {
         let id = |n: u8| BlobId([n; 32]);
-        let dir = |name: &str, sub: BlobId| Node {
-            name: Name(name.as_bytes().to_vec()),
-            kind: NodeKind::Dir { subtree: sub },
-            mode: 0o755,
-            uid: 0,
-            gid: 0,
-            mtime_ns: 0,
-            ctime_ns: 0,
-            inode: 0,
-            xattrs: vec![],
+        let dir = |name: &str, sub: BlobId| {
+            crate::tree_ahead::tests::node(name, NodeKind::Dir { subtree: sub })
         };
         // New root 1: a (2: x 4, y 5), b 3. Old root 11: a (12: x 14), b 3.
         let mut ahead = HashMap::new();

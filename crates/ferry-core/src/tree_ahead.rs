@@ -182,7 +182,7 @@ fn next_unfetched(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::manifest::{Name, Node, SnapshotRecord};
     use crate::pack::PackRecord;
@@ -249,7 +249,8 @@ mod tests {
         }
     }
 
-    fn node(name: &str, kind: NodeKind) -> Node {
+    /// A node of `kind`, its metadata zero.
+    pub(crate) fn node(name: &str, kind: NodeKind) -> Node {
         Node {
             name: Name(name.as_bytes().to_vec()),
             kind,
