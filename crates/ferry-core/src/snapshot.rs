@@ -4,15 +4,15 @@
 //! volume's size and work is spread per chunk, not per file:
 //!
 //! ```text
-//! reader ──jobs (chunk bytes)──▶ workers ×N ──packs──▶ uploader (async, U puts at once)
-//!    │                              │ hash, dedup, compress, encrypt, pack
-//!    └──items (ordered)──▶ collector ◀── one reply per chunk
+//! reader ──jobs (chunk bytes)──▶ lookups ×L ──batches──▶ workers ×N ──packs──▶ uploader
+//!    │                       hash, dedup      compress, encrypt, pack   (async, U puts at once)
+//!    └──items (ordered)──▶ collector ◀──────── one reply per chunk
 //!                          builds tree blobs, bottom up
 //! ```
 //!
 //! The reader walks the source in name order (a directory's other entries
 //! before its subdirectories), chunks each file and sends
-//! each chunk to the workers; in order, it tells the collector what it saw,
+//! each chunk to be looked up and stored; in order, it tells the collector what it saw,
 //! with a one-shot receiver per chunk for its id. Each worker fills a pack of
 //! its own, so no lock guards the hot path but the dedup claim set. The
 //! uploader records a pack in the catalog only once it is in the vault. The
@@ -196,8 +196,18 @@ impl Stats {
     }
 }
 
-/// Chunks a worker looks up in the catalog at once.
+/// Chunks looked up in the catalog at once, at most.
 const DEDUP_BATCH: usize = 128;
+
+/// Bytes of chunks in one lookup batch, at most: batches wait in a queue
+/// for the workers, and this bounds what the queue holds.
+const DEDUP_BATCH_BYTES: usize = 4 << 20;
+
+/// Lookup threads, at least: a remote catalog answers a batch after a round
+/// trip, and several batches in flight hide the round trips behind each
+/// other and behind the workers' compression (a final delta over a 40 ms
+/// link made one lookup at a time per worker, and waited on them).
+const LOOKUPS: usize = 4;
 
 /// Decides which blobs this run stores: those neither in the catalog nor
 /// already claimed by another worker of this run.
@@ -467,27 +477,32 @@ async fn snapshot_locked(
     ));
 
     let (jobs_tx, jobs_rx) = crossbeam_channel::bounded::<Job>(workers * DEDUP_BATCH / 2);
-    let (items_tx, items_rx) = crossbeam_channel::bounded::<Vec<Item>>(16);
+    let (items_tx, items_rx) = crossbeam_channel::bounded::<Vec<Item>>(64);
 
+    let (batches_tx, batches_rx) = crossbeam_channel::bounded::<Claimed>(workers);
     let mut worker_handles = Vec::new();
-    for _ in 0..workers {
-        let (rx, dedup, tx, stats) = (
+    for _ in 0..workers.max(LOOKUPS) {
+        let (rx, dedup, tx, ids) = (
             jobs_rx.clone(),
             dedup.clone(),
-            packs_tx.clone(),
-            stats.clone(),
-        );
-        let (key, ids, level, size) = (
-            *vault.data_key(),
+            batches_tx.clone(),
             vault.ids().clone(),
+        );
+        worker_handles.push(std::thread::spawn(move || look_up(rx, &dedup, &ids, &tx)));
+    }
+    drop((jobs_rx, batches_tx));
+    for _ in 0..workers {
+        let (rx, tx, stats) = (batches_rx.clone(), packs_tx.clone(), stats.clone());
+        let (key, level, size) = (
+            *vault.data_key(),
             cfg.compression.level,
             cfg.pack_size as usize,
         );
         worker_handles.push(std::thread::spawn(move || {
-            work(rx, &dedup, &key, &ids, level, size, &tx, &stats)
+            work(rx, &key, level, size, &tx, &stats)
         }));
     }
-    drop(jobs_rx);
+    drop(batches_rx);
 
     // Chunkers for large files: FastCDC of several big files at once.
     let (pool_tx, pool_rx) = crossbeam_channel::bounded::<LargeFile>(1);
@@ -573,16 +588,19 @@ async fn snapshot_locked(
         let on_trees = opts.on_trees.clone();
         let stats = stats.clone();
         std::thread::spawn(move || {
-            let c = collect(
-                items_rx,
-                &dedup,
-                &key,
-                &ids,
-                level,
-                size,
-                &tx,
-                catalog.as_ref(),
-            );
+            let (trees_tx, trees_rx) = crossbeam_channel::bounded::<NewTrees>(2);
+            let c = std::thread::scope(|s| {
+                let store = s.spawn(|| {
+                    store_trees(trees_rx, &dedup, &key, level, size, &tx, catalog.as_ref())
+                });
+                let c = collect(items_rx, &ids, &trees_tx);
+                drop(trees_tx);
+                let stored = store
+                    .join()
+                    .unwrap_or_else(|_| Err(Error::Internal("tree store panicked".into())));
+                // A failed store stops the collector: its error is the cause.
+                stored.and(c)
+            });
             // Every reader and worker is done with its items, so with
             // its warnings too.
             if let (Ok(c), Some(f)) = (&c, on_trees) {
@@ -1591,32 +1609,59 @@ fn chunk_reader(
     Ok(error)
 }
 
-/// A worker: hash, dedup, compress, encrypt into its own pack.
-#[allow(clippy::too_many_arguments)]
-fn work(
+/// Chunks with their ids and, for each, whether this run stores it.
+struct Claimed {
+    jobs: Vec<Job>,
+    ids: Vec<BlobId>,
+    claims: Vec<bool>,
+}
+
+/// A lookup thread: hashes chunks and asks the catalog which of them this
+/// run stores, a batch (what is queued, up to a bound) per call.
+fn look_up(
     jobs: crossbeam_channel::Receiver<Job>,
     dedup: &Dedup,
-    key: &[u8; 32],
     ids: &IdHasher,
+    batches: &crossbeam_channel::Sender<Claimed>,
+) -> Result<()> {
+    while let Ok(first) = jobs.recv() {
+        let mut bytes = first.data.len();
+        let mut batch = vec![first];
+        while batch.len() < DEDUP_BATCH && bytes < DEDUP_BATCH_BYTES {
+            match jobs.try_recv() {
+                Ok(j) => {
+                    bytes += j.data.len();
+                    batch.push(j);
+                }
+                Err(_) => break,
+            }
+        }
+        let ids_: Vec<BlobId> = batch.iter().map(|j| ids.id(&j.data)).collect();
+        let claims = dedup.claim_batch(&ids_)?;
+        batches
+            .send(Claimed {
+                jobs: batch,
+                ids: ids_,
+                claims,
+            })
+            .map_err(|_| stopped())?;
+    }
+    Ok(())
+}
+
+/// A worker: compresses and encrypts the chunks this run stores into a pack
+/// of its own, and answers each chunk's reply.
+fn work(
+    batches: crossbeam_channel::Receiver<Claimed>,
+    key: &[u8; 32],
     level: i32,
     pack_size: usize,
     packs: &mpsc::Sender<FinishedPack>,
     stats: &Stats,
 ) -> Result<()> {
     let mut pack = PackWriter::new(key, pack_size);
-    let mut batch = Vec::with_capacity(DEDUP_BATCH);
-    while let Ok(first) = jobs.recv() {
-        // Take what is already queued, so the catalog sees batches.
-        batch.push(first);
-        while batch.len() < DEDUP_BATCH {
-            match jobs.try_recv() {
-                Ok(j) => batch.push(j),
-                Err(_) => break,
-            }
-        }
-        let ids_: Vec<BlobId> = batch.iter().map(|j| ids.id(&j.data)).collect();
-        let claims = dedup.claim_batch(&ids_)?;
-        for ((job, id), claim) in batch.drain(..).zip(ids_).zip(claims) {
+    for batch in batches {
+        for ((job, id), claim) in batch.jobs.into_iter().zip(batch.ids).zip(batch.claims) {
             let len = job.data.len();
             stats.chunks.fetch_add(1, Ordering::Relaxed);
             if claim {
@@ -1708,53 +1753,62 @@ fn end_file(
 /// Trees cached per catalog commit: a few hundred KiB at a time.
 const TREE_BATCH: usize = 128;
 
-/// Builds tree blobs bottom up from the reader's ordered items.
-#[allow(clippy::too_many_arguments)]
-fn collect(
-    items: crossbeam_channel::Receiver<Vec<Item>>,
+/// Trees the parent lacks at their place, with their encoded blobs: one
+/// dedup lookup per batch.
+type NewTrees = Vec<(BlobId, Vec<u8>, Tree)>;
+
+/// Stores the trees the vault lacks, and caches them in the catalog, on a
+/// thread of its own: with a coordinator each batch costs two round trips,
+/// which the collector (and the walk behind it) would otherwise wait for.
+fn store_trees(
+    batches: crossbeam_channel::Receiver<NewTrees>,
     dedup: &Dedup,
     key: &[u8; 32],
-    ids: &IdHasher,
     level: i32,
     pack_size: usize,
     packs: &mpsc::Sender<FinishedPack>,
     catalog: &dyn Catalog,
-) -> Result<Collected> {
+) -> Result<()> {
     let mut pack = PackWriter::new(key, pack_size);
-    let mut stack: Vec<OpenDir> = Vec::new();
-    let mut file: Option<OpenFile> = None;
-    let (mut files, mut dirs, mut bytes) = (0u64, 0u64, 0u64);
-    let mut root = None;
     // Trees to cache, written to the catalog in batches (one commit each).
     let mut trees: Vec<(BlobId, Vec<u8>)> = Vec::new();
-    // Trees not known from the parent, waiting for one dedup lookup.
-    let mut new_trees: Vec<(BlobId, Vec<u8>, Tree)> = Vec::new();
-    // Those the vault lacks go into the pack and the cache.
-    let store_trees = |new: &mut Vec<(BlobId, Vec<u8>, Tree)>,
-                       pack: &mut PackWriter,
-                       trees: &mut Vec<(BlobId, Vec<u8>)>|
-     -> Result<()> {
-        if new.is_empty() {
-            return Ok(());
-        }
-        let ids_: Vec<BlobId> = new.iter().map(|t| t.0).collect();
-        let claims = dedup.claim_batch(&ids_)?;
-        for ((id, blob, tree), claim) in new.drain(..).zip(claims) {
+    for new in batches {
+        let ids: Vec<BlobId> = new.iter().map(|t| t.0).collect();
+        let claims = dedup.claim_batch(&ids)?;
+        for ((id, blob, tree), claim) in new.into_iter().zip(claims) {
             if !claim {
                 continue;
             }
             pack.add(BlobKind::Tree, id, &blob, level);
             if pack.is_full() {
-                let full = std::mem::replace(pack, PackWriter::new(key, pack_size));
+                let full = std::mem::replace(&mut pack, PackWriter::new(key, pack_size));
                 packs.blocking_send(full.finish()).map_err(|_| stopped())?;
             }
             trees.push((id, tree.encode_cached()));
             if trees.len() >= TREE_BATCH {
-                catalog.put_trees(&std::mem::take(trees))?;
+                catalog.put_trees(&std::mem::take(&mut trees))?;
             }
         }
-        Ok(())
-    };
+    }
+    if !pack.is_empty() {
+        packs.blocking_send(pack.finish()).map_err(|_| stopped())?;
+    }
+    catalog.put_trees(&trees)?;
+    Ok(())
+}
+
+/// Builds tree blobs bottom up from the reader's ordered items; those the
+/// parent lacks go to [`store_trees`].
+fn collect(
+    items: crossbeam_channel::Receiver<Vec<Item>>,
+    ids: &IdHasher,
+    trees_tx: &crossbeam_channel::Sender<NewTrees>,
+) -> Result<Collected> {
+    let mut stack: Vec<OpenDir> = Vec::new();
+    let mut file: Option<OpenFile> = None;
+    let (mut files, mut dirs, mut bytes) = (0u64, 0u64, 0u64);
+    let mut root = None;
+    let mut new_trees: NewTrees = Vec::new();
     for item in items.into_iter().flatten() {
         match item {
             Item::EnterDir {
@@ -1788,7 +1842,9 @@ fn collect(
                 if d.parent_tree != Some(id) {
                     new_trees.push((id, blob, tree));
                     if new_trees.len() >= TREE_BATCH {
-                        store_trees(&mut new_trees, &mut pack, &mut trees)?;
+                        trees_tx
+                            .send(std::mem::take(&mut new_trees))
+                            .map_err(|_| stopped())?;
                     }
                 }
                 match stack.last_mut() {
@@ -1854,11 +1910,9 @@ fn collect(
             }
         }
     }
-    store_trees(&mut new_trees, &mut pack, &mut trees)?;
-    if !pack.is_empty() {
-        packs.blocking_send(pack.finish()).map_err(|_| stopped())?;
+    if !new_trees.is_empty() {
+        trees_tx.send(new_trees).map_err(|_| stopped())?;
     }
-    catalog.put_trees(&trees)?;
     let root = root.ok_or_else(stopped)?;
     Ok(Collected {
         root,
