@@ -104,35 +104,130 @@ impl Drop for TreesAhead {
 
 /// Trees fetched ahead of their turn, at most (besides the queue): the
 /// prefetch's memory.
-const TREES_FETCHED_MAX: usize = 256;
+const TREES_FETCHED_MAX: usize = 512;
+
+/// Calls in flight at once, at most: over a link with real latency the
+/// walk would otherwise wait a round trip per [`PER_CALL`] trees.
+const CALLS_IN_FLIGHT: usize = 4;
 
 /// Sends the trees below `root` in the walk's order.
 fn prefetch(p: &TreeSource, root: BlobId, tx: &crossbeam_channel::Sender<(BlobId, Option<Tree>)>) {
-    // Directories still to send, the next one last.
-    let mut todo: Vec<BlobId> = vec![root];
-    // Asked for ahead of their turn: the tree, or `None` where the catalog
-    // has not cached it (read from the vault in its turn).
-    let mut fetched: HashMap<BlobId, Option<Tree>> = HashMap::new();
-    while let Some(id) = todo.pop() {
-        if !fetched.contains_key(&id) {
-            todo.push(id);
-            let ids = match fetched.len() < TREES_FETCHED_MAX {
-                true => next_unfetched(&todo, &fetched, PER_CALL),
-                false => vec![id],
-            };
-            todo.pop();
-            let mut got = p.cached(&ids);
-            for i in &ids {
-                fetched.insert(*i, got.remove(i));
+    type Answer = (Vec<BlobId>, HashMap<BlobId, Tree>);
+    let (ask_tx, ask_rx) = crossbeam_channel::bounded::<Vec<BlobId>>(CALLS_IN_FLIGHT);
+    let (got_tx, got_rx) = crossbeam_channel::bounded::<Answer>(CALLS_IN_FLIGHT);
+    std::thread::scope(|s| {
+        for _ in 0..CALLS_IN_FLIGHT {
+            let (ask_rx, got_tx) = (ask_rx.clone(), got_tx.clone());
+            s.spawn(move || {
+                for ids in ask_rx {
+                    let got = p.cached(&ids);
+                    if got_tx.send((ids, got)).is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+        drop(got_tx);
+        let mut calls = Calls {
+            ask: ask_tx,
+            answers: got_rx,
+            in_flight: HashSet::new(),
+            outstanding: 0,
+            fetched: HashMap::new(),
+        };
+        walk(p, root, tx, &mut calls);
+        // Dropping `calls` hangs up: the callers end after their call.
+    });
+}
+
+/// The prefetch's catalog calls: those in flight and what they fetched.
+struct Calls {
+    ask: crossbeam_channel::Sender<Vec<BlobId>>,
+    answers: crossbeam_channel::Receiver<(Vec<BlobId>, HashMap<BlobId, Tree>)>,
+    /// Asked for and not answered yet.
+    in_flight: HashSet<BlobId>,
+    outstanding: usize,
+    /// Asked for ahead of their turn: the tree, or `None` where the catalog
+    /// has not cached it (read from the vault in its turn).
+    fetched: HashMap<BlobId, Option<Tree>>,
+}
+
+impl Calls {
+    fn ask(&mut self, ids: Vec<BlobId>) -> bool {
+        self.in_flight.extend(ids.iter().copied());
+        self.outstanding += 1;
+        self.ask.send(ids).is_ok()
+    }
+
+    fn answer(&mut self, (ids, mut got): (Vec<BlobId>, HashMap<BlobId, Tree>)) {
+        self.outstanding -= 1;
+        for i in ids {
+            self.in_flight.remove(&i);
+            self.fetched.insert(i, got.remove(&i));
+        }
+    }
+
+    /// Asks for more of the walk's next trees while calls are free and the
+    /// bound allows: full calls only, so that a fast catalog still gets its
+    /// trees in a few large calls, not many small ones.
+    fn top_up(&mut self, todo: &[BlobId]) {
+        while let Ok(a) = self.answers.try_recv() {
+            self.answer(a);
+        }
+        while self.outstanding < CALLS_IN_FLIGHT
+            && self.fetched.len() + self.in_flight.len() + PER_CALL <= TREES_FETCHED_MAX
+        {
+            let ids = next_unfetched(todo, &self.fetched, &self.in_flight, PER_CALL);
+            let worth =
+                ids.len() == PER_CALL || (self.outstanding == 0 && ids.len() >= PER_CALL / 4);
+            if !worth || !self.ask(ids) {
+                break;
             }
         }
-        let tree = match fetched.remove(&id) {
+    }
+
+    /// Waits until tree `id` is fetched, asking for it (and what follows it
+    /// in the walk) if no call has.
+    fn fetch(&mut self, todo: &[BlobId], id: BlobId) -> Option<()> {
+        while !self.fetched.contains_key(&id) {
+            if !self.in_flight.contains(&id) {
+                let ids = match self.fetched.len() + self.in_flight.len() < TREES_FETCHED_MAX {
+                    true => next_unfetched(todo, &self.fetched, &self.in_flight, PER_CALL),
+                    false => vec![id],
+                };
+                if !self.ask(ids) {
+                    return None;
+                }
+            }
+            let a = self.answers.recv().ok()?;
+            self.answer(a);
+        }
+        Some(())
+    }
+}
+
+/// The walk's order: sends each tree in its turn, fetched ahead by `calls`.
+fn walk(
+    p: &TreeSource,
+    root: BlobId,
+    tx: &crossbeam_channel::Sender<(BlobId, Option<Tree>)>,
+    calls: &mut Calls,
+) {
+    // Directories still to send, the next one last.
+    let mut todo: Vec<BlobId> = vec![root];
+    while let Some(&id) = todo.last() {
+        if calls.fetch(&todo, id).is_none() {
+            return;
+        }
+        todo.pop();
+        let tree = match calls.fetched.remove(&id) {
             Some(Some(t)) => Some(t),
             _ => p.tree(&id),
         };
         let at = todo.len();
         todo.extend(tree.iter().flat_map(subdirs));
         todo[at..].reverse();
+        calls.top_up(&todo);
         if tx.send((id, tree)).is_err() {
             return;
         }
@@ -153,6 +248,7 @@ fn subdirs(tree: &Tree) -> impl Iterator<Item = BlobId> + '_ {
 fn next_unfetched(
     todo: &[BlobId],
     fetched: &HashMap<BlobId, Option<Tree>>,
+    in_flight: &HashSet<BlobId>,
     n: usize,
 ) -> Vec<BlobId> {
     // Only the next few places matter: bounded work per call, whatever the
@@ -171,6 +267,8 @@ fn next_unfetched(
             }
             // Read from the vault in its turn: what lies below is unknown.
             Some(None) => {}
+            // Asked for: what lies below is not known yet.
+            None if in_flight.contains(&id) => {}
             None => {
                 if seen.insert(id) {
                     out.push(id);
@@ -186,17 +284,28 @@ pub(crate) mod tests {
     use super::*;
     use crate::manifest::{Name, Node, SnapshotRecord};
     use crate::pack::PackRecord;
+    use std::path::Path;
     use std::sync::atomic::{AtomicU64, Ordering};
 
-    /// Trees only, as a catalog caches them; counts the calls for them.
-    struct TreeCatalog {
-        trees: HashMap<BlobId, Vec<u8>>,
-        calls: AtomicU64,
+    /// Trees only, as a catalog caches them; counts the calls for them,
+    /// answers each after `delay` (a round trip), and records how many
+    /// were in flight at once.
+    #[derive(Default)]
+    pub(crate) struct TreeCatalog {
+        pub(crate) trees: HashMap<BlobId, Vec<u8>>,
+        pub(crate) calls: AtomicU64,
+        pub(crate) delay: std::time::Duration,
+        pub(crate) in_flight: AtomicU64,
+        pub(crate) most_in_flight: AtomicU64,
     }
 
     impl Catalog for TreeCatalog {
         fn trees(&self, ids: &[BlobId]) -> crate::catalog::CatalogResult<Vec<Option<Vec<u8>>>> {
             self.calls.fetch_add(1, Ordering::Relaxed);
+            let now = self.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+            self.most_in_flight.fetch_max(now, Ordering::SeqCst);
+            std::thread::sleep(self.delay);
+            self.in_flight.fetch_sub(1, Ordering::SeqCst);
             Ok(ids.iter().map(|i| self.trees.get(i).cloned()).collect())
         }
         fn tree(&self, id: &BlobId) -> crate::catalog::CatalogResult<Option<Vec<u8>>> {
@@ -268,7 +377,7 @@ pub(crate) mod tests {
     /// a file named after its path (so trees differ) except the leaves
     /// under `same`, which are equal: the same id at several places.
     /// Pushes (path, id) in the walk's order.
-    fn build(
+    pub(crate) fn build(
         path: &str,
         width: usize,
         depth: usize,
@@ -327,16 +436,10 @@ pub(crate) mod tests {
 
         let rt = tokio::runtime::Runtime::new().unwrap();
         let d = tempfile::tempdir().unwrap();
-        let loc = crate::vault::Location::Local(d.path().join("v"));
-        let mut opts = crate::config::VaultOptions::default();
-        (opts.kdf.m_kib, opts.kdf.t) = (64, 1);
-        let vault = rt.block_on(async {
-            Vault::init(&loc, b"pw", &opts).await.unwrap();
-            Arc::new(Vault::open(&loc, b"pw").await.unwrap())
-        });
+        let vault = test_vault(&rt, d.path());
         let catalog = Arc::new(TreeCatalog {
             trees,
-            calls: AtomicU64::new(0),
+            ..Default::default()
         });
         let source = TreeSource {
             vault,
@@ -374,5 +477,59 @@ pub(crate) mod tests {
         assert_eq!(ahead.take(&last), Some(tree_of(&last)));
         assert_eq!(ahead.take(&first), Some(tree_of(&first)));
         assert_eq!(ahead.take(&root_id), Some(tree_of(&root_id)));
+    }
+
+    /// A vault for tests, with a cheap key derivation.
+    pub(crate) fn test_vault(rt: &tokio::runtime::Runtime, dir: &Path) -> Arc<Vault> {
+        let loc = crate::vault::Location::Local(dir.join("v"));
+        let mut opts = crate::config::VaultOptions::default();
+        (opts.kdf.m_kib, opts.kdf.t) = (64, 1);
+        rt.block_on(async {
+            Vault::init(&loc, b"pw", &opts).await.unwrap();
+            Arc::new(Vault::open(&loc, b"pw").await.unwrap())
+        })
+    }
+
+    /// Over a catalog a round trip away, calls overlap: the prefetch keeps
+    /// several in flight where the walk's next trees are known, instead of
+    /// one round trip per call's worth of trees.
+    #[test]
+    fn over_a_slow_catalog_calls_overlap() {
+        let (mut trees, mut order) = (HashMap::new(), vec![]);
+        let mut root = Tree::default();
+        for name in ["a", "b"] {
+            let sub = build(&format!("/{name}"), 7, 3, &mut trees, &mut order);
+            root.entries
+                .push(node(name, NodeKind::Dir { subtree: sub }));
+        }
+        let bytes = root.encode_cached();
+        let root_id = BlobId(*blake3::hash(&bytes).as_bytes());
+        trees.insert(root_id, bytes);
+        order.insert(0, ("/".into(), root_id));
+        assert_eq!(order.len(), 1 + 2 * (1 + 7 + 49 + 343));
+
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        let d = tempfile::tempdir().unwrap();
+        let catalog = Arc::new(TreeCatalog {
+            trees,
+            delay: std::time::Duration::from_millis(20),
+            ..Default::default()
+        });
+        let source = TreeSource {
+            vault: test_vault(&rt, d.path()),
+            catalog: catalog.clone(),
+            rt: rt.handle().clone(),
+        };
+        let ahead = TreesAhead::start(source, root_id);
+        for (path, id) in &order {
+            let want = Tree::decode_cached(&catalog.trees[id]).unwrap();
+            assert_eq!(ahead.take(id), Some(want), "{path}");
+        }
+        drop(ahead);
+        let most = catalog.most_in_flight.load(Ordering::SeqCst);
+        let calls = catalog.calls.load(Ordering::SeqCst);
+        assert!(most >= 2, "at most {most} call in flight");
+        assert!(most <= CALLS_IN_FLIGHT as u64, "{most} calls in flight");
+        assert!(calls <= 24, "{calls} calls for {} directories", order.len());
     }
 }
