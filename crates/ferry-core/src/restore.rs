@@ -455,25 +455,38 @@ fn prefetch_trees(
         let mut stack: Vec<(BlobId, Option<BlobId>, Vec<u8>)> = vec![(root, old_root, Vec::new())];
         // Trees of the directories walked next, fetched together: one
         // catalog call (a round trip, with a coordinator) for many
-        // directories, their subdirectories too. At most
-        // `TREES_HELD_MAX` (and a call's worth) are held.
-        let mut ahead: HashMap<BlobId, Tree> = HashMap::new();
+        // directories, their subdirectories too, a few calls at once. At
+        // most `TREES_HELD_MAX` (and a call's worth) are held.
+        let mut ahead = Ahead {
+            trees: HashMap::new(),
+            asked: HashSet::new(),
+            in_flight: HashSet::new(),
+            calls: tokio::task::JoinSet::new(),
+            catalog: catalog.clone(),
+        };
         while let Some((next, next_old, _)) = stack.last() {
-            if !ahead.contains_key(next) {
-                let mut ids = match ahead.len() < TREES_HELD_MAX {
-                    true => next_unfetched(&stack, &ahead, &opts),
-                    false => std::iter::once(*next).chain(*next_old).collect(),
-                };
-                ids.sort_unstable();
-                ids.dedup();
-                if let Ok(found) = crate::sync::cached_trees(catalog.as_ref(), &ids) {
-                    ahead.extend(found);
+            let (next, next_old) = (*next, *next_old);
+            loop {
+                let unasked: Vec<BlobId> = std::iter::once(next)
+                    .chain(next_old)
+                    .filter(|i| !ahead.trees.contains_key(i) && !ahead.asked.contains(i))
+                    .collect();
+                if !unasked.is_empty() {
+                    let mut ids = unasked;
+                    if ahead.asked.len() < TREES_HELD_MAX {
+                        ids.extend(next_unfetched(&stack, &ahead.trees, &ahead.asked, &opts).0);
+                    }
+                    ahead.ask(ids);
                 }
+                if ahead.answered(&next) && next_old.is_none_or(|o| ahead.answered(&o)) {
+                    break;
+                }
+                ahead.wait().await;
             }
             let Some((tree_id, old_id, rel)) = stack.pop() else {
                 break;
             };
-            let tree = match ahead.remove(&tree_id) {
+            let tree = match ahead.take(&tree_id) {
                 Some(t) => t,
                 None => match load(tree_id).await {
                     Ok(t) => t,
@@ -486,7 +499,7 @@ fn prefetch_trees(
             let old = match old_id {
                 // Unchanged directory: the same listing, parsed once.
                 Some(id) if id == tree_id => Some((id, tree.clone())),
-                Some(id) => match ahead.remove(&id) {
+                Some(id) => match ahead.take(&id) {
                     Some(t) => Some((id, t)),
                     None => load(id).await.ok().map(|t| (id, t)),
                 },
@@ -509,6 +522,7 @@ fn prefetch_trees(
                     stack.push((*subtree, old_sub, child_rel));
                 }
             }
+            ahead.top_up(&stack, &opts);
             if tx.send(Ok((tree_id, tree, old))).await.is_err() {
                 return;
             }
@@ -518,7 +532,89 @@ fn prefetch_trees(
 }
 
 /// Trees fetched ahead of their turn, at most: the prefetch's memory.
-const TREES_HELD_MAX: usize = 256;
+const TREES_HELD_MAX: usize = 512;
+
+/// Catalog calls for trees in flight at once, at most: over a link with
+/// real latency the planner would otherwise wait a round trip per
+/// [`TREES_PER_CALL`] directories.
+const TREE_CALLS_IN_FLIGHT: usize = 4;
+
+/// The restore prefetch's trees: fetched, and asked for.
+struct Ahead {
+    trees: HashMap<BlobId, Tree>,
+    /// Asked for and not taken yet: in flight, fetched, or answered as not
+    /// cached (then read from the vault in their turn).
+    asked: HashSet<BlobId>,
+    /// Asked for by a call still in flight.
+    in_flight: HashSet<BlobId>,
+    calls: tokio::task::JoinSet<(Vec<BlobId>, HashMap<BlobId, Tree>)>,
+    catalog: Arc<dyn Catalog>,
+}
+
+impl Ahead {
+    fn answered(&self, id: &BlobId) -> bool {
+        self.trees.contains_key(id) || (self.asked.contains(id) && !self.in_flight.contains(id))
+    }
+
+    fn ask(&mut self, mut ids: Vec<BlobId>) {
+        ids.sort_unstable();
+        ids.dedup();
+        self.asked.extend(ids.iter().copied());
+        self.in_flight.extend(ids.iter().copied());
+        let catalog = self.catalog.clone();
+        self.calls.spawn_blocking(move || {
+            // Not cached (or not answered): read from the vault in its turn.
+            let found = crate::sync::cached_trees(catalog.as_ref(), &ids).unwrap_or_default();
+            (ids, found)
+        });
+    }
+
+    fn answer(&mut self, r: Result<(Vec<BlobId>, HashMap<BlobId, Tree>), tokio::task::JoinError>) {
+        if let Ok((ids, found)) = r {
+            for i in &ids {
+                self.in_flight.remove(i);
+            }
+            self.trees.extend(found);
+        }
+        if self.calls.is_empty() {
+            // A call that died took its ids with it.
+            self.in_flight.clear();
+        }
+    }
+
+    /// Waits for a call in flight to answer.
+    async fn wait(&mut self) {
+        match self.calls.join_next().await {
+            Some(r) => self.answer(r),
+            None => self.in_flight.clear(),
+        }
+    }
+
+    fn take(&mut self, id: &BlobId) -> Option<Tree> {
+        self.asked.remove(id);
+        self.trees.remove(id)
+    }
+
+    /// Asks for more of the planner's next trees while calls are free and
+    /// the bound allows: full calls, or a smaller one when none is in
+    /// flight, so that a fast catalog still gets few large calls.
+    fn top_up(&mut self, stack: &[(BlobId, Option<BlobId>, Vec<u8>)], opts: &RestoreOptions) {
+        while let Some(r) = self.calls.try_join_next() {
+            self.answer(r);
+        }
+        while self.calls.len() < TREE_CALLS_IN_FLIGHT
+            && self.asked.len() + 2 * TREES_PER_CALL <= TREES_HELD_MAX
+        {
+            let (ids, dirs) = next_unfetched(stack, &self.trees, &self.asked, opts);
+            let worth =
+                dirs == TREES_PER_CALL || (self.calls.is_empty() && dirs >= TREES_PER_CALL / 4);
+            if !worth {
+                break;
+            }
+            self.ask(ids);
+        }
+    }
+}
 
 /// The trees to ask for next (new and old) in the planner's order, as far as
 /// it is known: below the trees already fetched too, so that one call asks
@@ -527,8 +623,9 @@ const TREES_HELD_MAX: usize = 256;
 fn next_unfetched(
     stack: &[(BlobId, Option<BlobId>, Vec<u8>)],
     ahead: &HashMap<BlobId, Tree>,
+    asked: &HashSet<BlobId>,
     opts: &RestoreOptions,
-) -> Vec<BlobId> {
+) -> (Vec<BlobId>, usize) {
     let n = TREES_PER_CALL;
     // Bounded work per call, whatever the width of a directory.
     let mut todo: Vec<(BlobId, Option<BlobId>, Vec<u8>)> =
@@ -540,9 +637,13 @@ fn next_unfetched(
             break;
         }
         let Some(tree) = ahead.get(&id) else {
+            // Asked for already: what lies below is not known yet.
+            if asked.contains(&id) {
+                continue;
+            }
             dirs += 1;
             out.push(id);
-            out.extend(old.filter(|o| *o != id && !ahead.contains_key(o)));
+            out.extend(old.filter(|o| *o != id && !ahead.contains_key(o) && !asked.contains(o)));
             continue;
         };
         let old_tree = old.and_then(|o| ahead.get(&o));
@@ -568,7 +669,7 @@ fn next_unfetched(
         }
         todo.extend(next.into_iter().rev());
     }
-    out
+    (out, dirs)
 }
 
 /// A subdirectory the restore need not plan: checked ahead and in place
@@ -1855,7 +1956,7 @@ mod tests {
         // c, then below 1: a's x (new 4, old 14) and y (5), then b (3: the
         // same tree on both sides, asked once).
         assert_eq!(
-            next_unfetched(&stack, &ahead, &opts),
+            next_unfetched(&stack, &ahead, &HashSet::new(), &opts).0,
             vec![id(9), id(4), id(14), id(5), id(3)]
         );
         // A call's worth of directories at most, whatever is below.
@@ -1869,9 +1970,63 @@ mod tests {
             (id(250), None, b"w".to_vec()),
             (id(251), None, b"v".to_vec()),
         ];
-        let ids = next_unfetched(&stack, &ahead, &opts);
+        let (ids, dirs) = next_unfetched(&stack, &ahead, &HashSet::new(), &opts);
+        assert_eq!(dirs, TREES_PER_CALL);
         assert_eq!(ids.len(), TREES_PER_CALL);
         assert_eq!(ids[..3], [id(251), id(0), id(1)]);
+    }
+
+    /// Over a catalog a round trip away, the planner's tree prefetch keeps
+    /// several calls in flight, and still yields the trees in the planner's
+    /// order.
+    #[test]
+    fn the_planners_tree_calls_overlap_over_a_slow_catalog() {
+        use crate::tree_ahead::tests::{TreeCatalog, build, node, test_vault};
+        let (mut trees, mut order) = (HashMap::new(), vec![]);
+        let mut root = Tree::default();
+        for name in ["a", "b"] {
+            let sub = build(&format!("/{name}"), 7, 3, &mut trees, &mut order);
+            root.entries
+                .push(node(name, NodeKind::Dir { subtree: sub }));
+        }
+        let bytes = root.encode_cached();
+        let root_id = BlobId(*blake3::hash(&bytes).as_bytes());
+        trees.insert(root_id, bytes);
+        order.insert(0, ("/".into(), root_id));
+
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        let d = tempfile::tempdir().unwrap();
+        let vault = test_vault(&rt, d.path());
+        let catalog = Arc::new(TreeCatalog {
+            trees,
+            delay: std::time::Duration::from_millis(20),
+            ..Default::default()
+        });
+        let got: Vec<BlobId> = rt.block_on(async {
+            let opts = RestoreOptions::default();
+            let (mut rx, task) = prefetch_trees(vault, catalog.clone(), root_id, None, opts);
+            let mut got = vec![];
+            while let Some(pair) = rx.recv().await {
+                let (id, tree, old) = pair.unwrap();
+                assert_eq!(tree, Tree::decode_cached(&catalog.trees[&id]).unwrap());
+                assert!(old.is_none());
+                got.push(id);
+            }
+            task.await.unwrap();
+            got
+        });
+        let want: Vec<BlobId> = order.iter().map(|o| o.1).collect();
+        assert_eq!(got, want);
+        let most = catalog
+            .most_in_flight
+            .load(std::sync::atomic::Ordering::SeqCst);
+        let calls = catalog.calls.load(std::sync::atomic::Ordering::SeqCst);
+        assert!(most >= 2, "at most {most} call in flight");
+        assert!(
+            most <= TREE_CALLS_IN_FLIGHT as u64,
+            "{most} calls in flight"
+        );
+        assert!(calls <= 30, "{calls} calls for {} directories", want.len());
     }
 
     /// A crafted snapshot whose hard link names a path through a symlink
