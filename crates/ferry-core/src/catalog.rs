@@ -35,6 +35,12 @@ pub struct BlobLocation {
 }
 
 pub trait Catalog: Send + Sync {
+    /// Whether each call is a round trip over a network (a coordinator):
+    /// callers then keep several calls in flight instead of one at a time.
+    fn is_remote(&self) -> bool {
+        false
+    }
+
     /// For each id, whether some recorded pack holds it.
     fn contains(&self, ids: &[BlobId]) -> CatalogResult<Vec<bool>>;
 

@@ -201,13 +201,14 @@ const DEDUP_BATCH: usize = 128;
 
 /// Bytes of chunks in one lookup batch, at most: batches wait in a queue
 /// for the workers, and this bounds what the queue holds.
-const DEDUP_BATCH_BYTES: usize = 4 << 20;
+const DEDUP_BATCH_BYTES: usize = 2 << 20;
 
-/// Lookup threads, at least: a remote catalog answers a batch after a round
-/// trip, and several batches in flight hide the round trips behind each
-/// other and behind the workers' compression (a final delta over a 40 ms
-/// link made one lookup at a time per worker, and waited on them).
-const LOOKUPS: usize = 4;
+/// Lookup threads with a remote catalog, at least: it answers a batch after
+/// a round trip, and several batches in flight hide the round trips behind
+/// each other and behind the workers' compression (a final delta over a
+/// 40 ms link made one lookup at a time per worker, and waited on them).
+/// A local catalog gets one per worker: more threads only held more chunks.
+const REMOTE_LOOKUPS: usize = 4;
 
 /// Decides which blobs this run stores: those neither in the catalog nor
 /// already claimed by another worker of this run.
@@ -481,7 +482,11 @@ async fn snapshot_locked(
 
     let (batches_tx, batches_rx) = crossbeam_channel::bounded::<Claimed>(workers);
     let mut worker_handles = Vec::new();
-    for _ in 0..workers.max(LOOKUPS) {
+    let lookups = match catalog.is_remote() {
+        true => workers.max(REMOTE_LOOKUPS),
+        false => workers,
+    };
+    for _ in 0..lookups {
         let (rx, dedup, tx, ids) = (
             jobs_rx.clone(),
             dedup.clone(),
@@ -1933,6 +1938,10 @@ async fn upload(
     stats: Arc<Stats>,
 ) -> Result<Uploaded> {
     let mut running = tokio::task::JoinSet::new();
+    // Catalog calls recording uploaded packs, a few at once: with a
+    // coordinator each is a round trip, and the last packs of a snapshot
+    // (each worker's, the trees') finish one after another.
+    let mut recording: tokio::task::JoinSet<Result<Vec<PackRecord>>> = tokio::task::JoinSet::new();
     let mut records: Vec<PackRecord> = Vec::new();
     let mut indexes = Vec::new();
     // Every upload finished by then is recorded in one catalog transaction:
@@ -1941,7 +1950,7 @@ async fn upload(
     type Joined = Result<Result<PackRecord>, tokio::task::JoinError>;
     let done = |first: Joined,
                 running: &mut tokio::task::JoinSet<Result<PackRecord>>,
-                records: &mut Vec<PackRecord>|
+                recording: &mut tokio::task::JoinSet<Result<Vec<PackRecord>>>|
      -> Result<()> {
         let mut batch = vec![first];
         while let Some(r) = running.try_join_next() {
@@ -1951,8 +1960,16 @@ async fn upload(
             .into_iter()
             .map(|r| r.map_err(|e| Error::Internal(e.to_string()))?)
             .collect::<Result<Vec<PackRecord>>>()?;
-        catalog.add_packs(&recs)?;
-        for rec in recs {
+        let catalog = catalog.clone();
+        recording.spawn_blocking(move || {
+            catalog.add_packs(&recs)?;
+            Ok(recs)
+        });
+        Ok(())
+    };
+    type Recorded = Result<Result<Vec<PackRecord>>, tokio::task::JoinError>;
+    let recorded = |r: Recorded, records: &mut Vec<PackRecord>| -> Result<()> {
+        for rec in r.map_err(|e| Error::Internal(e.to_string()))?? {
             dedup.release(&rec);
             stats.bytes_uploaded.fetch_add(rec.size, Ordering::Relaxed);
             stats.packs.fetch_add(1, Ordering::Relaxed);
@@ -1966,7 +1983,11 @@ async fn upload(
     loop {
         while running.len() >= concurrency {
             let r = running.join_next().await.expect("not empty");
-            done(r, &mut running, &mut records)?;
+            done(r, &mut running, &mut recording)?;
+        }
+        while recording.len() >= RECORDING_CALLS {
+            let r = recording.join_next().await.expect("not empty");
+            recorded(r, &mut records)?;
         }
         if records.iter().map(|r| r.blobs.len()).sum::<usize>() >= INDEX_BLOBS {
             // Index objects as the packs come, not one at the end: the
@@ -1989,15 +2010,24 @@ async fn upload(
                 None => break,
             },
             Some(r) = running.join_next(), if !running.is_empty() => {
-                done(r, &mut running, &mut records)?
+                done(r, &mut running, &mut recording)?
+            }
+            Some(r) = recording.join_next(), if !recording.is_empty() => {
+                recorded(r, &mut records)?
             }
         }
     }
     while let Some(r) = running.join_next().await {
-        done(r, &mut running, &mut records)?;
+        done(r, &mut running, &mut recording)?;
+    }
+    while let Some(r) = recording.join_next().await {
+        recorded(r, &mut records)?;
     }
     Ok(Uploaded { records, indexes })
 }
+
+/// Catalog calls recording packs in flight at once, at most.
+const RECORDING_CALLS: usize = 4;
 
 /// Blob entries an index object lists (about 1 MB of it in memory).
 const INDEX_BLOBS: usize = 16_384;

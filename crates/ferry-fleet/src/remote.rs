@@ -124,6 +124,10 @@ fn bad(what: &str, e: String) -> CatalogError {
 }
 
 impl Catalog for RemoteCatalog {
+    fn is_remote(&self) -> bool {
+        true
+    }
+
     fn contains(&self, ids: &[BlobId]) -> CatalogResult<Vec<bool>> {
         let req = proto::BlobIds {
             ids: convert::ids_to_bytes(ids),
