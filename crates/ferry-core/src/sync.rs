@@ -10,7 +10,7 @@
 
 use std::collections::{HashMap, HashSet};
 
-use crate::catalog::Catalog;
+use crate::catalog::{Catalog, CatalogError};
 use crate::error::{Error, Result};
 use crate::id::{BlobId, PackId};
 use crate::manifest::{IndexObject, SnapshotRecord, Tree};
@@ -33,7 +33,22 @@ pub async fn sync_catalog(
     scan_packs: bool,
 ) -> Result<SyncSummary> {
     let mut summary = SyncSummary::default();
-    let seen = catalog.seen_objects()?;
+    // Both asked at once: with a coordinator each is a round trip, and every
+    // job starts here. The snapshots are what the catalog knew before the
+    // listing: only those can have been forgotten elsewhere. A snapshot
+    // committed while the vault is being listed (a restore that starts
+    // before its snapshot commits syncs here) is in the catalog but not in
+    // the listing, and must stay.
+    let (seen, known) = std::thread::scope(|s| {
+        let known = s.spawn(|| catalog.snapshots());
+        let seen = catalog.seen_objects();
+        let known = known
+            .join()
+            .unwrap_or_else(|_| Err(CatalogError::msg("listing snapshots panicked")));
+        (seen, known)
+    });
+    let (seen, known) = (seen?, known?);
+    let known: Vec<String> = known.into_iter().map(|s| s.id).collect();
     let mut new_seen = Vec::new();
 
     let index: Vec<String> = vault
@@ -97,11 +112,6 @@ pub async fn sync_catalog(
             }
         }
     }
-    // What the catalog knew before the listing: only those can have been
-    // forgotten elsewhere. A snapshot committed while the vault is being
-    // listed (a restore that starts before its snapshot commits syncs
-    // here) is in the catalog but not in the listing, and must stay.
-    let known: Vec<String> = catalog.snapshots()?.into_iter().map(|s| s.id).collect();
     let mut present = HashSet::new();
     for obj in vault.list("snapshots/").await? {
         let name = obj.location.to_string();
@@ -123,7 +133,9 @@ pub async fn sync_catalog(
         catalog.remove_snapshots(&gone)?;
         summary.snapshots_forgotten = gone.len() as u64;
     }
-    catalog.mark_seen(&new_seen)?;
+    if !new_seen.is_empty() {
+        catalog.mark_seen(&new_seen)?;
+    }
     Ok(summary)
 }
 
