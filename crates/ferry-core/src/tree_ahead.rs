@@ -191,7 +191,10 @@ impl Calls {
     fn fetch(&mut self, todo: &[BlobId], id: BlobId) -> Option<()> {
         while !self.fetched.contains_key(&id) {
             if !self.in_flight.contains(&id) {
-                let ids = match self.fetched.len() + self.in_flight.len() < TREES_FETCHED_MAX {
+                // The walk waits: what it needs next comes first, up to
+                // twice the bound (calls that went past a directory in
+                // flight may have filled it with later trees).
+                let ids = match self.fetched.len() + self.in_flight.len() < 2 * TREES_FETCHED_MAX {
                     true => next_unfetched(todo, &self.fetched, &self.in_flight, PER_CALL),
                     false => vec![id],
                 };
