@@ -2016,39 +2016,14 @@ mod tests {
     /// order.
     #[test]
     fn the_planners_tree_calls_overlap_over_a_slow_catalog() {
-        use crate::tree_ahead::tests::{TreeCatalog, build, node, test_vault};
-        let (mut trees, mut order) = (HashMap::new(), vec![]);
-        let mut root = Tree::default();
-        // Wider than the prefetch's bound: calls that go past a directory
-        // in flight fill it with later trees, and the planner's next ones
-        // must still come in full calls, not one by one.
-        // The target holds an older snapshot of the same shape in which
-        // every directory differs: each place has a new and an old tree.
-        let (mut old_root, mut old_order) = (Tree::default(), vec![]);
-        for (name, width, depth) in [("a", 6, 4), ("b", 7, 3)] {
-            let sub = build(&format!("/{name}"), width, depth, &mut trees, &mut order);
-            root.entries
-                .push(node(name, NodeKind::Dir { subtree: sub }));
-            let sub = build(
-                &format!("/{name}~"),
-                width,
-                depth,
-                &mut trees,
-                &mut old_order,
-            );
-            old_root
-                .entries
-                .push(node(name, NodeKind::Dir { subtree: sub }));
-        }
-        let mut ids = vec![];
-        for (t, o) in [(root, &mut order), (old_root, &mut old_order)] {
-            let bytes = t.encode_cached();
-            let id = BlobId(*blake3::hash(&bytes).as_bytes());
-            trees.insert(id, bytes);
-            o.insert(0, ("/".into(), id));
-            ids.push(id);
-        }
-        let (root_id, old_root_id) = (ids[0], ids[1]);
+        use crate::tree_ahead::tests::{TreeCatalog, build_root, test_vault};
+        let (mut trees, mut order, mut old_order) = (HashMap::new(), vec![], vec![]);
+        // More directories than the prefetch holds at once (512), each with
+        // a new and an old tree: the target holds an older snapshot of the
+        // same shape in which every directory differs.
+        let dirs = [("a", 6, 4), ("b", 7, 3)];
+        let root_id = build_root(&dirs, "", &mut trees, &mut order);
+        let old_root_id = build_root(&dirs, "~", &mut trees, &mut old_order);
         assert_eq!(order.len(), 1 + 1555 + 400);
 
         let rt = tokio::runtime::Runtime::new().unwrap();

@@ -412,22 +412,38 @@ pub(crate) mod tests {
         id
     }
 
-    /// The walk takes the parent's trees from the prefetch in its order,
-    /// with directories gone from the source skipped, in a few batched
-    /// calls; asked out of order, it still gets the right trees.
-    #[test]
-    fn parent_trees_come_ahead_of_the_walk_in_its_order() {
-        let (mut trees, mut order) = (HashMap::new(), vec![]);
+    /// A root holding one [`build`] directory per `(name, width, depth)`,
+    /// its paths suffixed with `suffix` (another suffix, other trees of
+    /// the same shape). Pushes (path, id) in the walk's order, the root
+    /// first; returns the root's id.
+    pub(crate) fn build_root(
+        dirs: &[(&str, usize, usize)],
+        suffix: &str,
+        trees: &mut HashMap<BlobId, Vec<u8>>,
+        order: &mut Vec<(String, BlobId)>,
+    ) -> BlobId {
+        let at = order.len();
         let mut root = Tree::default();
-        for (name, width, depth) in [("a", 6, 3), ("same", 3, 1), ("z", 2, 2)] {
-            let sub = build(&format!("/{name}"), width, depth, &mut trees, &mut order);
+        for (name, width, depth) in dirs {
+            let sub = build(&format!("/{name}{suffix}"), *width, *depth, trees, order);
             root.entries
                 .push(node(name, NodeKind::Dir { subtree: sub }));
         }
         let bytes = root.encode_cached();
         let root_id = BlobId(*blake3::hash(&bytes).as_bytes());
         trees.insert(root_id, bytes);
-        order.insert(0, ("/".into(), root_id));
+        order.insert(at, ("/".into(), root_id));
+        root_id
+    }
+
+    /// The walk takes the parent's trees from the prefetch in its order,
+    /// with directories gone from the source skipped, in a few batched
+    /// calls; asked out of order, it still gets the right trees.
+    #[test]
+    fn parent_trees_come_ahead_of_the_walk_in_its_order() {
+        let (mut trees, mut order) = (HashMap::new(), vec![]);
+        let dirs = [("a", 6, 3), ("same", 3, 1), ("z", 2, 2)];
+        let root_id = build_root(&dirs, "", &mut trees, &mut order);
         let dirs = order.len();
         assert_eq!(dirs, 1 + 259 + 4 + 7);
         let distinct: HashSet<BlobId> = order.iter().map(|o| o.1).collect();
@@ -499,16 +515,7 @@ pub(crate) mod tests {
     #[test]
     fn over_a_slow_catalog_calls_overlap() {
         let (mut trees, mut order) = (HashMap::new(), vec![]);
-        let mut root = Tree::default();
-        for name in ["a", "b"] {
-            let sub = build(&format!("/{name}"), 7, 3, &mut trees, &mut order);
-            root.entries
-                .push(node(name, NodeKind::Dir { subtree: sub }));
-        }
-        let bytes = root.encode_cached();
-        let root_id = BlobId(*blake3::hash(&bytes).as_bytes());
-        trees.insert(root_id, bytes);
-        order.insert(0, ("/".into(), root_id));
+        let root_id = build_root(&[("a", 7, 3), ("b", 7, 3)], "", &mut trees, &mut order);
         assert_eq!(order.len(), 1 + 2 * (1 + 7 + 49 + 343));
 
         let rt = tokio::runtime::Runtime::new().unwrap();
