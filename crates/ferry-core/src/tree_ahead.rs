@@ -4,9 +4,10 @@
 //! of its target (against the trees the target holds) both visit trees in
 //! that order, less the directories their side lacks. With a coordinator
 //! each catalog call is a round trip that a busy machine stretches to a
-//! millisecond or more: a thread of their own fetches the trees up to
-//! [`PER_CALL`] per call, grandchildren too (not one directory's children
-//! per call), so that the walk does not wait for them.
+//! millisecond or more, and a link between networks tens: a thread of their
+//! own fetches the trees up to [`PER_CALL`] per call, grandchildren too (not
+//! one directory's children per call), up to [`CALLS_IN_FLIGHT`] calls at
+//! once, so that the walk does not wait for them.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
