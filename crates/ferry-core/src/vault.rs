@@ -96,11 +96,14 @@ impl Location {
                         vault: self.to_string(),
                     });
                 }
-                let fs =
-                    LocalFileSystem::new_with_prefix(path).map_err(|e| Error::BadLocation {
+                // Synced before they are linked in, and their directories
+                // after: an object the catalog lists survives a power cut.
+                let fs = LocalFileSystem::new_with_prefix(path)
+                    .map_err(|e| Error::BadLocation {
                         location: self.to_string(),
                         reason: e.to_string(),
-                    })?;
+                    })?
+                    .with_fsync(true);
                 Ok(Arc::new(fs))
             }
             Location::S3 { bucket, prefix } => {
