@@ -35,6 +35,8 @@ use crate::id::{IdHasher, PackId};
 use crate::keys::{self, MasterKeys};
 use crate::pack::{FinishedPack, PackEntry, PackRecord};
 
+mod file;
+
 const META_MAGIC: &[u8; 8] = b"FERRYMD1";
 
 /// Where a vault lives, parsed from what the user typed.
@@ -84,6 +86,16 @@ impl Location {
             )));
         }
         Ok(Location::Local(s.into()))
+    }
+
+    /// A local vault's directory, as its object store resolves it.
+    fn local_dir(&self) -> Option<std::path::PathBuf> {
+        match self {
+            Location::Local(path) => {
+                Some(std::fs::canonicalize(path).unwrap_or_else(|_| path.clone()))
+            }
+            Location::S3 { .. } => None,
+        }
     }
 
     fn store(&self, create: bool) -> Result<Arc<dyn ObjectStore>> {
@@ -152,8 +164,9 @@ impl std::fmt::Display for Location {
 pub struct Vault {
     store: Arc<dyn ObjectStore>,
     name: String,
-    /// A directory on this machine (its puts are file writes).
-    local: bool,
+    /// A directory on this machine (its puts are file writes): where it
+    /// is, for the packs written past the page cache (`file`).
+    local: Option<std::path::PathBuf>,
     config: VaultConfig,
     keys: MasterKeys,
     ids: IdHasher,
@@ -260,7 +273,7 @@ impl Vault {
     pub async fn open(location: &Location, passphrase: &[u8]) -> Result<Vault> {
         let store = location.store(false)?;
         let mut vault = Self::open_in(store, &location.to_string(), passphrase).await?;
-        vault.local = matches!(location, Location::Local(_));
+        vault.local = location.local_dir();
         Ok(vault)
     }
 
@@ -280,7 +293,7 @@ impl Vault {
             ids: IdHasher::new(keys.id),
             store,
             name: name.into(),
-            local: false,
+            local: None,
             config,
             keys,
         })
@@ -310,7 +323,7 @@ impl Vault {
         Ok(Vault {
             ids: IdHasher::new(keys.id),
             store,
-            local: matches!(location, Location::Local(_)),
+            local: location.local_dir(),
             name,
             config,
             keys,
@@ -328,7 +341,7 @@ impl Vault {
 
     /// A directory on this machine rather than an object store.
     pub fn is_local(&self) -> bool {
-        self.local
+        self.local.is_some()
     }
 
     pub fn config(&self) -> &VaultConfig {
@@ -357,6 +370,17 @@ impl Vault {
     pub async fn put_pack(&self, pack: &FinishedPack) -> Result<()> {
         let path = pack_path(&pack.record.id);
         let started = std::time::Instant::now();
+        if let Some(dir) = &self.local {
+            let file = dir.join(path.as_ref());
+            let bytes = pack.bytes.clone();
+            let r = tokio::task::spawn_blocking(move || file::put_new(&file, &bytes))
+                .await
+                .unwrap_or_else(|e| Err(std::io::Error::other(e)));
+            crate::telemetry::vault_request("put", started, r.is_ok());
+            return r
+                .map(drop)
+                .map_err(|e| Error::io(dir.join(path.as_ref()), e));
+        }
         let r = self
             .store
             .put_opts(
