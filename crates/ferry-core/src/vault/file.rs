@@ -44,7 +44,12 @@ pub(super) enum Put {
 
 /// Writes `bytes` to `path`, create-only and durable (see the module doc).
 pub(super) fn put_new(path: &Path, bytes: &[u8]) -> io::Result<Put> {
-    let (file, staging, direct) = open_staging(path)?;
+    put(path, bytes, cfg!(target_os = "linux"))
+}
+
+/// `put_new`, trying `O_DIRECT` only if `direct`.
+fn put(path: &Path, bytes: &[u8], direct: bool) -> io::Result<Put> {
+    let (file, staging, direct) = open_staging(path, direct)?;
     let written = write(&file, &staging, bytes, direct).and_then(|()| file.sync_all());
     drop(file);
     if let Err(e) = written {
@@ -67,9 +72,8 @@ pub(super) fn put_new(path: &Path, bytes: &[u8]) -> io::Result<Put> {
 
 /// A new staging file beside `path` (its directory made if missing), opened
 /// with `O_DIRECT` when the filesystem allows it; the flag says which.
-fn open_staging(path: &Path) -> io::Result<(File, PathBuf, bool)> {
+fn open_staging(path: &Path, mut direct: bool) -> io::Result<(File, PathBuf, bool)> {
     let mut n = 1u64;
-    let mut direct = cfg!(target_os = "linux");
     loop {
         let mut staging = path.as_os_str().to_owned();
         staging.push(format!("#{n}"));
@@ -80,10 +84,16 @@ fn open_staging(path: &Path) -> io::Result<(File, PathBuf, bool)> {
             Err(e) if e.kind() == ErrorKind::NotFound => create_dirs(path)?,
             // Filesystems without O_DIRECT (tmpfs before Linux 6.6, some
             // FUSE and network filesystems) refuse the open.
-            Err(e) if direct && e.raw_os_error() == Some(libc::EINVAL) => direct = false,
+            Err(e) if direct && refused(&e) => direct = false,
             Err(e) => return Err(e),
         }
     }
+}
+
+/// How filesystems say no to `O_DIRECT` (EINVAL on Linux's own, EOPNOTSUPP
+/// on some others).
+fn refused(e: &io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::EINVAL | libc::EOPNOTSUPP))
 }
 
 fn open_new(path: &Path, direct: bool) -> io::Result<File> {
@@ -130,7 +140,7 @@ fn write(file: &File, staging: &Path, bytes: &[u8], direct: bool) -> io::Result<
                 buf[..n].copy_from_slice(&bytes[done..done + n]);
                 match file.write_all_at(&buf[..n], done as u64) {
                     Ok(()) => done += n,
-                    Err(e) if done == 0 && e.raw_os_error() == Some(libc::EINVAL) => break,
+                    Err(e) if done == 0 && refused(&e) => break,
                     Err(e) => return Err(e),
                 }
             }
@@ -163,7 +173,7 @@ mod tests {
             .collect()
     }
 
-    fn puts_every_length_whole(root: &Path) {
+    fn puts_every_length_whole(root: &Path, direct: bool) {
         let dir = root.join("packs").join("ab");
         for len in [
             0,
@@ -178,7 +188,7 @@ mod tests {
         ] {
             let path = dir.join(format!("object-{len}"));
             let bytes = pattern(len);
-            assert_eq!(put_new(&path, &bytes).unwrap(), Put::Created, "{len}");
+            assert_eq!(put(&path, &bytes, direct).unwrap(), Put::Created, "{len}");
             assert_eq!(std::fs::read(&path).unwrap(), bytes, "{len} bytes");
         }
         assert_eq!(staging_left(&dir), Vec::<String>::new());
@@ -187,7 +197,14 @@ mod tests {
     #[test]
     fn every_length_arrives_whole_and_no_staging_file_stays() {
         let root = tempfile::tempdir().unwrap();
-        puts_every_length_whole(root.path());
+        puts_every_length_whole(root.path(), true);
+    }
+
+    /// The path a filesystem that refuses O_DIRECT takes.
+    #[test]
+    fn through_the_page_cache_every_length_arrives_whole() {
+        let root = tempfile::tempdir().unwrap();
+        puts_every_length_whole(root.path(), false);
     }
 
     /// tmpfs: with O_DIRECT since Linux 6.6, refused before; either way the
@@ -195,7 +212,7 @@ mod tests {
     #[test]
     fn a_filesystem_in_memory_gets_the_same_bytes() {
         let root = tempfile::tempdir_in("/dev/shm").unwrap();
-        puts_every_length_whole(root.path());
+        puts_every_length_whole(root.path(), true);
     }
 
     #[test]
