@@ -218,9 +218,10 @@ fn write(file: &File, staging: &Path, bytes: &[u8], direct: bool) -> io::Result<
         })?;
     }
     if done < bytes.len() {
+        // Synced with the rest by the caller: fsync flushes the file, not
+        // the handle.
         let tail = OpenOptions::new().write(true).open(staging)?;
         tail.write_all_at(&bytes[done..], done as u64)?;
-        tail.sync_all()?;
     }
     Ok(())
 }
