@@ -376,15 +376,11 @@ impl Vault {
         let path = pack_path(&pack.record.id);
         let started = std::time::Instant::now();
         if let Some(dir) = &self.local {
-            let file = dir.join(path.as_ref());
-            let bytes = pack.bytes.clone();
-            let r = tokio::task::spawn_blocking(move || file::put_new(&file, &bytes))
-                .await
-                .unwrap_or_else(|e| Err(std::io::Error::other(e)));
+            let target = dir.join(path.as_ref());
+            let (at, bytes) = (target.clone(), pack.bytes.clone());
+            let r = blocking(move || file::put_new(&at, &bytes)).await;
             crate::telemetry::vault_request("put", started, r.is_ok());
-            return r
-                .map(drop)
-                .map_err(|e| Error::io(dir.join(path.as_ref()), e));
+            return r.map(drop).map_err(|e| Error::io(target, e));
         }
         let r = self
             .store
@@ -412,9 +408,7 @@ impl Vault {
                 && path.as_ref().starts_with("packs/")
         }) {
             let file = dir.join(path.as_ref());
-            let r = tokio::task::spawn_blocking(move || file::read_range(&file, range))
-                .await
-                .unwrap_or_else(|e| Err(std::io::Error::other(e)));
+            let r = blocking(move || file::read_range(&file, range)).await;
             crate::telemetry::vault_request("get", started, r.is_ok());
             return r.map_err(|e| {
                 let e = match e.kind() {
@@ -589,6 +583,15 @@ fn meta_aad(name: &str) -> Vec<u8> {
 }
 
 /// Maps a store error once, so that the common failures read plainly.
+/// Runs file I/O on tokio's blocking pool; a panic there is an I/O error.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> std::io::Result<T> + Send + 'static,
+) -> std::io::Result<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .unwrap_or_else(|e| Err(std::io::Error::other(e)))
+}
+
 fn store_error(vault: &str, op: &'static str, object: &str, e: object_store::Error) -> Error {
     let text = e.to_string();
     if text.contains("NoSuchBucket") {

@@ -113,16 +113,7 @@ fn read(path: &Path, range: Range<u64>, direct: bool) -> io::Result<bytes::Bytes
 }
 
 fn open_read(path: &Path, direct: bool) -> io::Result<File> {
-    let mut o = OpenOptions::new();
-    o.read(true);
-    #[cfg(target_os = "linux")]
-    if direct {
-        use std::os::unix::fs::OpenOptionsExt;
-        o.custom_flags(libc::O_DIRECT);
-    }
-    #[cfg(not(target_os = "linux"))]
-    let _ = direct;
-    o.open(path)
+    open(OpenOptions::new().read(true), path, direct)
 }
 
 /// Reads into `buf` from `offset` until it is full or the file ends;
@@ -167,8 +158,15 @@ fn refused(e: &io::Error) -> bool {
 }
 
 fn open_new(path: &Path, direct: bool) -> io::Result<File> {
-    let mut o = OpenOptions::new();
-    o.write(true).create_new(true);
+    open(
+        OpenOptions::new().write(true).create_new(true),
+        path,
+        direct,
+    )
+}
+
+/// Opens `path` with `o`, and `O_DIRECT` if `direct` (Linux only).
+fn open(o: &mut OpenOptions, path: &Path, direct: bool) -> io::Result<File> {
     #[cfg(target_os = "linux")]
     if direct {
         use std::os::unix::fs::OpenOptionsExt;
