@@ -150,6 +150,57 @@ fn forget_and_prune_reclaim_what_nothing_references_and_every_catalog_learns_it(
     }
 }
 
+/// A write killed midway leaves its staging file (`<name>#<n>`) beside the
+/// object's name in a local vault; prune removes it once it is an hour old,
+/// and never a young one (a write in progress); a dry run only counts.
+#[test]
+fn prune_sweeps_the_staging_files_of_killed_writes() {
+    let env = local_env("1M");
+    let src = env.path("src");
+    std::fs::create_dir_all(&src).unwrap();
+    std::fs::write(src.join("a"), noise(200_000, 1)).unwrap();
+    env.json(&["snapshot", s(&src), "--volume", "v"]);
+    let pack = files_under(&env.path("vault/packs"))
+        .into_iter()
+        .next()
+        .expect("a pack");
+    let staging = |n: u32| {
+        let mut name = pack.file_name().unwrap().to_owned();
+        name.push(format!("#{n}"));
+        pack.with_file_name(name)
+    };
+    let two_hours_ago = std::time::SystemTime::now() - Duration::from_secs(7200);
+    let (old, young) = (staging(1), staging(2));
+    let bytes = std::fs::read(&pack).unwrap();
+    for p in [&old, &young] {
+        std::fs::write(p, &bytes[..bytes.len() / 2]).unwrap();
+    }
+    std::fs::File::options()
+        .write(true)
+        .open(&old)
+        .unwrap()
+        .set_modified(two_hours_ago)
+        .unwrap();
+
+    let dry = env.json(&["prune", "--dry-run"]);
+    assert_eq!(dry["staging_removed"], 1, "{dry}");
+    assert!(old.exists(), "a dry run removes nothing");
+    let out = env.run(&["prune"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("removed 1 staging files of killed writes"),
+        "{text}"
+    );
+    assert!(!old.exists());
+    assert!(young.exists(), "a young staging file may be a live write's");
+    assert_eq!(env.json(&["prune"])["staging_removed"], 0);
+    assert_eq!(env.json(&["vault", "check", "--read-data"])["ok"], true);
+    let d = env.path("back");
+    env.json(&["restore", "v", s(&d), "--verify"]);
+    assert_same_tree(&src, &d);
+}
+
 #[test]
 fn prune_and_snapshots_exclude_each_other_through_the_vault_lock() {
     use std::sync::atomic::Ordering::Relaxed;

@@ -482,7 +482,13 @@ pub async fn run(cli: Cli) -> Result<u8> {
                     human_bytes(s.bytes_reclaimed),
                     human_bytes(s.unreferenced_bytes),
                     s.duration_s
-                )
+                ) + &match s.staging_removed {
+                    0 => String::new(),
+                    n => format!(
+                        "; {} {n} staging files of killed writes",
+                        if dry_run { "would remove" } else { "removed" }
+                    ),
+                }
             })?;
             Ok(0)
         }

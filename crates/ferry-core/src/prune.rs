@@ -12,6 +12,9 @@
 //!    brings those packs back;
 //! 4. the packs are deleted and the catalog forgets them.
 //!
+//! In a local vault, the staging files of writes killed midway (an hour old
+//! or more) are removed as well.
+//!
 //! A crash before 3 leaves extra packs (duplicates) that the next prune
 //! deletes; a crash after 3 leaves packs the record already condemned, which
 //! the next prune deletes as unknown. Either way every snapshot stays whole.
@@ -68,6 +71,9 @@ pub struct PruneSummary {
     pub bytes_written: u64,
     /// `bytes_deleted - bytes_written`: what the vault shrank by.
     pub bytes_reclaimed: u64,
+    /// Staging files of killed writes removed from a local vault (counted
+    /// only, in a dry run).
+    pub staging_removed: u64,
     pub duration_s: f64,
 }
 
@@ -130,6 +136,7 @@ async fn run(
     };
     let live = live_blobs(vault, catalog).await?;
     s.live_blobs = live.len() as u64;
+    s.staging_removed = vault.sweep_staging(opts.dry_run).await?;
 
     let mut packs: HashMap<PackId, PackUse> = catalog
         .packs()?

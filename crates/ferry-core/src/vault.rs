@@ -401,6 +401,19 @@ impl Vault {
         }
     }
 
+    /// Staging files that puts killed midway left in a local vault (see
+    /// [`file`]), older than [`STAGING_AGE`]: removed, or only counted when
+    /// `dry_run`. Object stores keep no such files (a pack is one PUT).
+    pub async fn sweep_staging(&self, dry_run: bool) -> Result<u64> {
+        let Some(dir) = self.local.clone() else {
+            return Ok(0);
+        };
+        let at = dir.clone();
+        blocking(move || file::sweep_staging(&at, STAGING_AGE, dry_run))
+            .await
+            .map_err(|e| Error::io(dir, e))
+    }
+
     pub async fn get_range(&self, path: &Path, range: Range<u64>) -> Result<Bytes> {
         let started = std::time::Instant::now();
         if let Some(dir) = self.local.as_ref().filter(|_| {
@@ -582,7 +595,10 @@ fn meta_aad(name: &str) -> Vec<u8> {
     aad
 }
 
-/// Maps a store error once, so that the common failures read plainly.
+/// A staging file this old is no live put's: a put takes seconds, and the
+/// sweep runs under the exclusive lock.
+pub const STAGING_AGE: Duration = Duration::from_secs(3600);
+
 /// Runs file I/O on tokio's blocking pool; a panic there is an I/O error.
 async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> std::io::Result<T> + Send + 'static,
@@ -592,6 +608,7 @@ async fn blocking<T: Send + 'static>(
         .unwrap_or_else(|e| Err(std::io::Error::other(e)))
 }
 
+/// Maps a store error once, so that the common failures read plainly.
 fn store_error(vault: &str, op: &'static str, object: &str, e: object_store::Error) -> Error {
     let text = e.to_string();
     if text.contains("NoSuchBucket") {

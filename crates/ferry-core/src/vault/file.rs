@@ -75,6 +75,45 @@ fn put(path: &Path, bytes: &[u8], direct: bool) -> io::Result<Put> {
     }
 }
 
+/// Staging files (`<name>#<n>`) under `root` last written more than `age`
+/// ago: what puts killed midway left. Removes them unless `dry_run`;
+/// returns how many there were. Symlinks are not followed.
+pub(super) fn sweep_staging(
+    root: &Path,
+    age: std::time::Duration,
+    dry_run: bool,
+) -> io::Result<u64> {
+    let cutoff = std::time::SystemTime::now() - age;
+    let mut found = 0;
+    let mut dirs = vec![root.to_path_buf()];
+    while let Some(dir) = dirs.pop() {
+        for entry in std::fs::read_dir(&dir)? {
+            let entry = entry?;
+            let kind = entry.file_type()?;
+            if kind.is_dir() {
+                dirs.push(entry.path());
+                continue;
+            }
+            let name = entry.file_name();
+            let is_staging = name
+                .to_str()
+                .and_then(|n| n.rsplit_once('#'))
+                .is_some_and(|(_, n)| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()));
+            if !kind.is_file() || !is_staging || entry.metadata()?.modified()? > cutoff {
+                continue;
+            }
+            found += 1;
+            if !dry_run {
+                match std::fs::remove_file(entry.path()) {
+                    Err(e) if e.kind() != ErrorKind::NotFound => return Err(e),
+                    _ => {}
+                }
+            }
+        }
+    }
+    Ok(found)
+}
+
 /// Reads `range` of the file at `path`, with `O_DIRECT` where the
 /// filesystem takes it: an aligned read around the range, sliced. Fewer
 /// bytes than asked (the file is shorter) is `UnexpectedEof`.
@@ -316,6 +355,46 @@ mod tests {
             let missing = read(&root.path().join("none"), 0..10, direct).unwrap_err();
             assert_eq!(missing.kind(), ErrorKind::NotFound);
         }
+    }
+
+    /// Old staging files go, wherever they are; young ones (a live put's),
+    /// objects, and names that only look alike stay; a dry run only counts.
+    #[test]
+    fn old_staging_files_are_swept() {
+        let root = tempfile::tempdir().unwrap();
+        let dir = root.path().join("packs").join("ab");
+        std::fs::create_dir_all(&dir).unwrap();
+        let hour_ago = std::time::SystemTime::now() - std::time::Duration::from_secs(7200);
+        let make = |name: &str, old: bool| {
+            let f = File::create(dir.join(name)).unwrap();
+            if old {
+                f.set_modified(hour_ago).unwrap();
+            }
+        };
+        make("abcd#1", true);
+        make("abcd#12", true);
+        make("abcd#2", false);
+        make("abcd", true);
+        make("note#x", true);
+        make("trailing#", true);
+        let other = root.path().join("index");
+        std::fs::create_dir_all(&other).unwrap();
+        File::create(other.join("i#3"))
+            .unwrap()
+            .set_modified(hour_ago)
+            .unwrap();
+        let age = std::time::Duration::from_secs(3600);
+        assert_eq!(sweep_staging(root.path(), age, true).unwrap(), 3);
+        assert!(dir.join("abcd#1").exists(), "a dry run removes nothing");
+        assert_eq!(sweep_staging(root.path(), age, false).unwrap(), 3);
+        let mut left: Vec<String> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        left.sort();
+        assert_eq!(left, ["abcd", "abcd#2", "note#x", "trailing#"]);
+        assert!(!other.join("i#3").exists());
+        assert_eq!(sweep_staging(root.path(), age, false).unwrap(), 0);
     }
 
     #[test]
