@@ -916,7 +916,8 @@ fn a_restore_does_not_wait_for_a_snapshot_on_an_offline_agent() {
         );
         std::thread::sleep(Duration::from_millis(200));
     }
-    // The client follows the snapshot job, which waits for node1.
+    // The client follows the snapshot job, which waits for node1, and
+    // says so.
     let mut client = Proc(
         f.cmd(&[
             "sync",
@@ -929,10 +930,21 @@ fn a_restore_does_not_wait_for_a_snapshot_on_an_offline_agent() {
             "--delete",
         ])
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .stderr(Stdio::piped())
         .spawn()
         .unwrap(),
     );
+    let said = {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let err = client.0.stderr.take().unwrap();
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            for line in std::io::BufReader::new(err).lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+        rx
+    };
     let start = Instant::now();
     let restore = loop {
         let jobs = f.json(&["jobs"]);
@@ -948,6 +960,16 @@ fn a_restore_does_not_wait_for_a_snapshot_on_an_offline_agent() {
         assert!(start.elapsed() < Duration::from_secs(60), "{jobs}");
         std::thread::sleep(Duration::from_millis(200));
     };
+    let mut lines = Vec::new();
+    while !lines
+        .iter()
+        .any(|l: &String| l.contains("waits: agent node1 is offline"))
+    {
+        match said.recv_timeout(Duration::from_secs(30)) {
+            Ok(l) => lines.push(l),
+            Err(e) => panic!("the client did not say why it waits ({e}): {lines:?}"),
+        }
+    }
     client.kill9();
     let e = restore["error"].as_str().unwrap();
     assert!(e.contains("node1") && e.contains("offline"), "{restore}");
@@ -956,4 +978,12 @@ fn a_restore_does_not_wait_for_a_snapshot_on_an_offline_agent() {
         .map(|e| e.unwrap().file_name())
         .collect();
     assert_eq!(names, ["keep"]);
+    // A job submitted without --wait says as much.
+    let out = f.run(&["snapshot", s(&src), "--volume", "db", "--agent", "node1"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("queued on agent node1: agent node1 is offline"),
+        "{text}"
+    );
 }

@@ -113,6 +113,7 @@ pub async fn run_job(
     let agent = remote.agent.as_deref().expect("checked by client()");
     let job = client.submit(agent, &spec).await?;
     if !remote.wait {
+        let why = why_queued(client, job.id).await;
         #[derive(Serialize)]
         struct Out<'a> {
             job: u64,
@@ -128,7 +129,10 @@ pub async fn run_job(
                 kind: &job.kind,
                 state: &job.state,
             },
-            || format!("job {} ({}) queued on agent {agent}", job.id, job.kind),
+            || match &why {
+                Some(w) => format!("job {} ({}) queued on agent {agent}: {w}", job.id, job.kind),
+                None => format!("job {} ({}) queued on agent {agent}", job.id, job.kind),
+            },
         )?;
         return Ok(0);
     }
@@ -138,14 +142,63 @@ pub async fn run_job(
     Ok(code)
 }
 
-/// Waits for a job with a progress bar.
+/// Waits for a job with a progress bar, saying why when it stays queued
+/// (its agent offline or busy): a wait that says nothing looks like a hang.
 pub async fn follow(client: &FleetClient, job: &JobInfo) -> Result<JobInfo> {
     let bar = Bar::new(&format!("{} on {}", job.kind, job.agent));
-    let r = client
-        .wait(job.id, |p| bar.set(p.bytes, p.total_bytes))
-        .await;
+    let waiting = client.wait(job.id, |p| bar.set(p.bytes, p.total_bytes));
+    tokio::pin!(waiting);
+    let mut ask =
+        tokio::time::interval_at(tokio::time::Instant::now() + QUEUED_FIRST, QUEUED_EVERY);
+    let mut told = None;
+    let r = loop {
+        tokio::select! {
+            r = &mut waiting => break r,
+            _ = ask.tick() => {
+                let why = why_queued(client, job.id).await;
+                if let Some(w) = why.as_ref().filter(|w| told.as_ref() != Some(*w)) {
+                    bar.note(&format!(
+                        "job {} waits: {w} (Ctrl-C stops waiting; the job stays queued)",
+                        job.id
+                    ));
+                }
+                told = why;
+            }
+        }
+    };
     bar.finish();
     Ok(r?)
+}
+
+/// How long a job may sit queued before `follow` asks why, and how often.
+const QUEUED_FIRST: Duration = Duration::from_secs(2);
+const QUEUED_EVERY: Duration = Duration::from_secs(5);
+
+/// Why job `id` is still queued, if it is and the coordinator says: its
+/// agent never connected, is offline, or runs another job. A failed call
+/// is no reason (the wait itself reports a coordinator that is gone).
+async fn why_queued(client: &FleetClient, id: u64) -> Option<String> {
+    let j = client.job(id).await.ok()?;
+    if j.state != "queued" {
+        return None;
+    }
+    let agents = client.agents().await.ok()?;
+    match agents.iter().find(|a| a.name == j.agent) {
+        None => Some(format!(
+            "agent {} has not connected to the coordinator yet; the job starts when it does",
+            j.agent
+        )),
+        Some(a) if !a.online => Some(format!(
+            "agent {} is offline (last seen {}); the job starts when it reconnects",
+            a.name,
+            ferry_core::vault::format_rfc3339(a.last_seen)
+        )),
+        Some(a) if a.running_job != 0 && a.running_job != id => Some(format!(
+            "agent {} is running job {} first",
+            a.name, a.running_job
+        )),
+        Some(_) => None,
+    }
 }
 
 /// A finished job's exit code and summary (with its job id and agent), or

@@ -153,6 +153,14 @@ impl Bar {
         }
     }
 
+    /// A line on stderr, above the bar when there is one.
+    pub fn note(&self, line: &str) {
+        match &self.bar {
+            Some(b) => b.println(line),
+            None => eprintln!("{line}"),
+        }
+    }
+
     /// A bar that counts from now but draws nothing until [`Bar::show`]:
     /// `ferry sync`'s restore starts while the snapshot's bar still owns the
     /// terminal line.
