@@ -346,7 +346,7 @@ pub async fn run(cli: Cli) -> Result<u8> {
                     ferry_core::upkeep::upkeep(
                         vault,
                         catalog,
-                        &snap_summary.volume,
+                        &[snap_summary.volume.as_str()],
                         &Default::default(),
                     )
                     .await
@@ -564,11 +564,11 @@ pub(crate) fn snapshot_text(s: &ferry_core::snapshot::SnapshotSummary) -> String
 }
 
 /// Only when the upkeep did something.
-fn upkeep_text(u: &ferry_core::upkeep::UpkeepSummary) -> String {
+pub(crate) fn upkeep_text(u: &ferry_core::upkeep::UpkeepSummary) -> String {
     let mut out = String::new();
     if !u.forgotten.is_empty() {
         out.push_str(&format!(
-            "\ndefault vault: forgot {} older snapshot(s) of the volume",
+            "\ndefault vault: forgot {} older snapshot(s)",
             u.forgotten.len()
         ));
     }

@@ -39,6 +39,9 @@ enum Mode {
     Embedded {
         vault: Arc<Vault>,
         catalog: Arc<dyn Catalog>,
+        /// The default vault: kept small after each pre-sync round, as
+        /// after each `ferry sync`.
+        upkeep: bool,
     },
     /// Agents run them, every pair at once; the coordinator keeps the
     /// record and signs reports.
@@ -61,9 +64,10 @@ impl Env {
                 },
             });
         }
-        let (vault, catalog) = match g.vault {
-            Some(_) => crate::commands::open(None, g).await?,
-            None => crate::commands::open_default_vault(g).await?,
+        let upkeep = g.vault.is_none();
+        let (vault, catalog) = match upkeep {
+            false => crate::commands::open(None, g).await?,
+            true => crate::commands::open_default_vault(g).await?,
         };
         let store = ferry_catalog::migration::SqliteMigrations::open(
             &crate::commands::catalog_path(g, &vault),
@@ -71,7 +75,11 @@ impl Env {
         Ok(Env {
             g: g.clone(),
             store: Arc::new(store),
-            mode: Mode::Embedded { vault, catalog },
+            mode: Mode::Embedded {
+                vault,
+                catalog,
+                upkeep,
+            },
         })
     }
 
@@ -98,6 +106,31 @@ impl Env {
             Mode::Fleet { client, .. } => *doc = client.sign_report(doc).await?,
         }
         Ok(())
+    }
+
+    /// The default vault's upkeep after a pre-sync round: each pair's
+    /// volume keeps its newest two snapshots, and the vault is pruned once
+    /// it outgrows them (see `ferry_core::upkeep`). None for any other
+    /// vault, and over agents (the coordinator's vault is the user's).
+    async fn upkeep(&self, m: &Migration) -> Result<Option<ferry_core::upkeep::UpkeepSummary>> {
+        let Mode::Embedded {
+            vault,
+            catalog,
+            upkeep: true,
+        } = &self.mode
+        else {
+            return Ok(None);
+        };
+        let volumes: Vec<&str> = m.pairs.iter().map(|p| p.volume.as_str()).collect();
+        let u = ferry_core::upkeep::upkeep(
+            vault.clone(),
+            catalog.clone(),
+            &volumes,
+            &Default::default(),
+        )
+        .await
+        .context("the default vault's upkeep (the round is done and recorded)")?;
+        Ok(Some(u))
     }
 
     async fn verify(&self, doc: &Value) -> Result<std::result::Result<(), String>> {
@@ -457,7 +490,7 @@ async fn run_pair_inner(
     out: &mut PairRound,
 ) -> Result<()> {
     let (vault, catalog) = match &env.mode {
-        Mode::Embedded { vault, catalog } => (vault, catalog),
+        Mode::Embedded { vault, catalog, .. } => (vault, catalog),
         Mode::Fleet { client, catalog } => {
             return run_pair_fleet(&env.g, client, catalog, pair, limit, strict, args, out).await;
         }
@@ -623,7 +656,7 @@ async fn compare_pair(
 ) -> Result<Comparison> {
     let spec = format!("{}@{id}", pair.volume);
     let (vault, catalog) = match &env.mode {
-        Mode::Embedded { vault, catalog } => (vault, catalog),
+        Mode::Embedded { vault, catalog, .. } => (vault, catalog),
         Mode::Fleet { client, .. } => {
             let side = Side::place(&env.g, args, &pair.target, &pair.to_agent, false, true).await?;
             let job = if fleet_bucket(&pair.target) {
@@ -928,6 +961,7 @@ async fn presync(
     let env = Env::open(g).await?;
     let (m, mut rounds) = env.load(name)?;
     let mut ran = Vec::new();
+    let mut upkeep = Vec::new();
     let mut stopped = None;
     let mut previous: Option<f64> = rounds
         .iter()
@@ -956,6 +990,15 @@ async fn presync(
         env.store.add_round(name, &r)?;
         if !g.json {
             eprintln!("{}", round_text(&m, &r));
+        }
+        if let Some(u) = env.upkeep(&m).await? {
+            if !g.json {
+                let text = crate::commands::upkeep_text(&u);
+                if !text.is_empty() {
+                    eprintln!("{}", text.trim_start());
+                }
+            }
+            upkeep.push(u);
         }
         rounds.push(r.clone());
         let ok = r.ok;
@@ -986,6 +1029,9 @@ async fn presync(
         #[serde(skip_serializing_if = "Option::is_none")]
         stopped: Option<String>,
         estimate: &'a Estimate,
+        /// The default vault's upkeep after each round.
+        #[serde(skip_serializing_if = "Vec::is_empty")]
+        upkeep: Vec<ferry_core::upkeep::UpkeepSummary>,
     }
     let failed = ran.iter().any(|r| !r.ok);
     print(
@@ -995,6 +1041,7 @@ async fn presync(
             rounds: &ran,
             stopped: stopped.clone(),
             estimate: &e,
+            upkeep,
         },
         || {
             format!(

@@ -1,4 +1,5 @@
-//! Upkeep of a vault nobody manages: the default vault of `ferry sync`.
+//! Upkeep of a vault nobody manages: the default vault of `ferry sync` and
+//! of embedded `ferry migration` rounds.
 //!
 //! A user of `ferry sync` expects rsync: nothing piles up anywhere. The
 //! default vault is only the memory that makes the next run a delta, so
@@ -54,12 +55,13 @@ pub struct UpkeepSummary {
     pub prune_error: Option<String>,
 }
 
-/// Keeps `volume`'s newest snapshots, then prunes the vault if it outgrew
-/// `policy`. Runs after the sync is complete: its target is already in place.
+/// Keeps the newest snapshots of each of `volumes` (those that have any),
+/// then prunes the vault if it outgrew `policy`. Runs after the sync (or
+/// the migration round) is complete: its targets are already in place.
 pub async fn upkeep(
     vault: Arc<Vault>,
     catalog: Arc<dyn Catalog>,
-    volume: &str,
+    volumes: &[&str],
     policy: &UpkeepPolicy,
 ) -> Result<UpkeepSummary> {
     let all = catalog.snapshots()?;
@@ -67,12 +69,15 @@ pub async fn upkeep(
         last: Some(policy.keep_last.max(1)),
         within: None,
     };
-    let (kept, old) = crate::forget::plan(&all, volume, &keep, crate::forget::now_ns())?;
-    let forgotten = crate::forget::forget(&vault, catalog.as_ref(), &kept, &old, false).await?;
-    let mut s = UpkeepSummary {
-        forgotten: forgotten.forgotten,
-        ..Default::default()
-    };
+    let mut s = UpkeepSummary::default();
+    for volume in volumes {
+        if !all.iter().any(|r| r.volume == *volume) {
+            continue;
+        }
+        let (kept, old) = crate::forget::plan(&all, volume, &keep, crate::forget::now_ns())?;
+        let f = crate::forget::forget(&vault, catalog.as_ref(), &kept, &old, false).await?;
+        s.forgotten.extend(f.forgotten);
+    }
     s.pack_bytes = catalog.packs()?.iter().map(|(_, n)| n).sum();
     s.limit_bytes = limit(&catalog.snapshots()?, policy.max_growth);
     if s.pack_bytes > s.limit_bytes {
