@@ -313,6 +313,7 @@ pub async fn run(cli: Cli) -> Result<u8> {
             let Synced {
                 snapshot: snap_summary,
                 restore: rs,
+                snapshot_at,
                 restore_at,
                 ..
             } = snapshot_and_restore(
@@ -358,7 +359,7 @@ pub async fn run(cli: Cli) -> Result<u8> {
                 snapshot_id: &snap_summary.snapshot_id,
                 bytes_written: rs.bytes_written,
                 duration_s,
-                report: sync_report(&snap_summary.report, &rs.report, restore_at),
+                report: sync_report(&snap_summary.report, snapshot_at, &rs.report, restore_at),
                 snapshot: &snap_summary,
                 restore: &rs,
                 upkeep,
@@ -638,16 +639,19 @@ pub(crate) fn unstable_text(unstable: &[String]) -> String {
     )
 }
 
-/// A sync's cutover report: the snapshot's phases, then the restore's on
-/// the same timeline (the restore began `restore_at` seconds into the sync).
+/// A sync's cutover report: the snapshot's phases, then the restore's, on
+/// the sync's timeline (their clocks began `snapshot_at` and `restore_at`
+/// seconds into it).
 pub(crate) fn sync_report(
     snapshot: &[ferry_core::phase::Phase],
+    snapshot_at: f64,
     restore: &[ferry_core::phase::Phase],
     restore_at: f64,
 ) -> Vec<ferry_core::phase::Phase> {
     snapshot
         .iter()
         .cloned()
+        .map(|p| p.shifted(snapshot_at))
         .chain(restore.iter().cloned().map(|p| p.shifted(restore_at)))
         .collect()
 }
@@ -658,7 +662,9 @@ pub(crate) struct Synced {
     /// The committed snapshot's record.
     pub record: ferry_core::manifest::SnapshotRecord,
     pub restore: ferry_core::restore::RestoreSummary,
-    /// When the restore started, in seconds from `started`.
+    /// When the snapshot's and the restore's clocks started, in seconds
+    /// from `started`.
+    pub snapshot_at: f64,
     pub restore_at: f64,
 }
 
@@ -785,11 +791,19 @@ pub(crate) async fn snapshot_and_restore(
             (rs, restore_at)
         }
     };
+    // Each side's phases count from its own clock, started inside it
+    // (after the lock, the catalog sync): put them on the sync's from there.
+    let since = |at: Option<std::time::Instant>, otherwise: f64| {
+        at.map_or(otherwise, |at| {
+            at.saturating_duration_since(started).as_secs_f64()
+        })
+    };
     Ok(Synced {
+        snapshot_at: since(snapshot.started, 0.0),
+        restore_at: since(restore.started, restore_at),
         snapshot,
         record,
         restore,
-        restore_at,
     })
 }
 

@@ -347,7 +347,7 @@ pub async fn sync(g: &Global, s: SyncJob) -> Result<u8> {
             .and_then(Value::as_u64)
             .unwrap_or(0),
         duration_s: started.elapsed().as_secs_f64(),
-        report: crate::commands::sync_report(&phases(&snap), &phases(&restore), restore_at),
+        report: crate::commands::sync_report(&phases(&snap), 0.0, &phases(&restore), restore_at),
         snapshot: &snap,
         restore: &restore,
     };

@@ -150,6 +150,11 @@ pub struct RestoreSummary {
     pub warnings: u64,
     /// Files read back and found equal (with --verify).
     pub files_verified: u64,
+    /// When `report`'s clock started: a sync puts the restore's phases on
+    /// its own timeline from this, not from when it called the restore
+    /// (the lock and the target's memory come in between).
+    #[serde(skip)]
+    pub started: Option<Instant>,
 }
 
 /// Where scatter writes a file's chunks, and whether it is a new file (all
@@ -1077,7 +1082,10 @@ async fn restore_locked(
     let (mut trees, loader) =
         prefetch_trees(vault.clone(), catalog.clone(), root, old_root, opts.clone());
     let mut stack: WalkStack = vec![(root, target.to_path_buf(), Vec::new())];
-    let mut summary = RestoreSummary::default();
+    let mut summary = RestoreSummary {
+        started: Some(started),
+        ..Default::default()
+    };
     // Kept to the end: directory metadata goes on deepest first once every
     // file is in place, and a hard link's first name may come in a later
     // batch. One entry per directory or link, not per file.

@@ -146,6 +146,9 @@ pub struct SnapshotSummary {
     /// the source and left out.
     #[serde(default)]
     pub skipped_state: Vec<String>,
+    /// When `report`'s clock started (see [`crate::restore::RestoreSummary`]).
+    #[serde(skip)]
+    pub started: Option<Instant>,
 }
 
 /// When each part of a snapshot ended, in seconds from its start (they
@@ -791,6 +794,7 @@ async fn snapshot_locked(
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clone(),
+        started: Some(started),
     })
 }
 
