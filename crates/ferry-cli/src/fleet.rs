@@ -11,7 +11,7 @@ use ferry_catalog::SqliteCatalog;
 use ferry_catalog::jobs::JobQueue;
 use ferry_fleet::client::FleetClient;
 use ferry_fleet::conn::ConnectOptions;
-use ferry_fleet::proto::JobInfo;
+use ferry_fleet::proto::{AgentInfo, JobInfo};
 use ferry_fleet::spec::JobSpec;
 use serde::Serialize;
 use serde_json::Value;
@@ -174,15 +174,20 @@ pub async fn follow(client: &FleetClient, job: &JobInfo) -> Result<JobInfo> {
 const QUEUED_FIRST: Duration = Duration::from_secs(2);
 const QUEUED_EVERY: Duration = Duration::from_secs(5);
 
-/// Why job `id` is still queued, if it is and the coordinator says: its
-/// agent never connected, is offline, or runs another job. A failed call
-/// is no reason (the wait itself reports a coordinator that is gone).
+/// Why job `id` is still queued, if it is and the coordinator says (see
+/// [`queued_because`]). A failed call is no reason (the wait itself
+/// reports a coordinator that is gone).
 async fn why_queued(client: &FleetClient, id: u64) -> Option<String> {
     let j = client.job(id).await.ok()?;
     if j.state != "queued" {
         return None;
     }
-    let agents = client.agents().await.ok()?;
+    queued_because(&j, &client.agents().await.ok()?)
+}
+
+/// Why the queued job `j` waits: its agent never connected, is offline, or
+/// runs another job; none of these, no reason.
+fn queued_because(j: &JobInfo, agents: &[AgentInfo]) -> Option<String> {
     match agents.iter().find(|a| a.name == j.agent) {
         None => Some(format!(
             "agent {} has not connected to the coordinator yet; the job starts when it does",
@@ -193,7 +198,7 @@ async fn why_queued(client: &FleetClient, id: u64) -> Option<String> {
             a.name,
             ferry_core::vault::format_rfc3339(a.last_seen)
         )),
-        Some(a) if a.running_job != 0 && a.running_job != id => Some(format!(
+        Some(a) if a.running_job != 0 && a.running_job != j.id => Some(format!(
             "agent {} is running job {} first",
             a.name, a.running_job
         )),
@@ -598,4 +603,49 @@ pub async fn jobs(g: &Global, id: Option<u64>) -> Result<u8> {
         s
     })?;
     Ok(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_queued_job_says_what_its_agent_is_doing() {
+        let job = JobInfo {
+            id: 7,
+            agent: "node1".into(),
+            state: "queued".into(),
+            ..Default::default()
+        };
+        let agent = |online: bool, running_job: u64| AgentInfo {
+            name: "node1".into(),
+            online,
+            running_job,
+            last_seen: 1_700_000_000,
+            ..Default::default()
+        };
+        let other = AgentInfo {
+            name: "node2".into(),
+            online: true,
+            ..Default::default()
+        };
+        let why = |agents: &[AgentInfo]| queued_because(&job, agents);
+        assert!(
+            why(std::slice::from_ref(&other))
+                .unwrap()
+                .contains("has not connected")
+        );
+        let offline = why(&[other.clone(), agent(false, 0)]).unwrap();
+        assert!(
+            offline.contains("node1 is offline (last seen 2023-11-14T22:13:20Z)"),
+            "{offline}"
+        );
+        assert_eq!(
+            why(&[agent(true, 5)]).unwrap(),
+            "agent node1 is running job 5 first"
+        );
+        // Idle, or already on this job (it is about to show as running).
+        assert_eq!(why(&[agent(true, 0)]), None);
+        assert_eq!(why(&[agent(true, 7)]), None);
+    }
 }
