@@ -67,7 +67,7 @@ pub fn plan(
         let by_count = policy.last.is_some_and(|n| i < n);
         let by_age = policy
             .within
-            .is_some_and(|d| now_ns - s.time_ns <= d.as_nanos() as i64);
+            .is_some_and(|d| i128::from(now_ns) - i128::from(s.time_ns) <= d.as_nanos() as i128);
         if by_count || by_age {
             keep.push(s);
         } else {
@@ -187,6 +187,17 @@ pub(crate) mod tests {
         };
         let (keep, _) = plan(&all, "db", &p, now).unwrap();
         assert_eq!(ids(&keep), ["s9", "s8", "s7", "s6", "s5"]);
+
+        // A span longer than i64 nanoseconds (292 years) keeps everything:
+        // it once wrapped around and forgot every snapshot.
+        for years in [293, 1000, 100_000] {
+            let p = KeepPolicy {
+                last: None,
+                within: Some(parse_duration(&format!("{years}y")).unwrap()),
+            };
+            let (keep, forget) = plan(&all, "db", &p, now).unwrap();
+            assert_eq!((keep.len(), forget.len()), (10, 0), "{years}y");
+        }
 
         let (keep, forget) = plan(&all, "db@s3", &KeepPolicy::default(), now).unwrap();
         assert_eq!(ids(&forget), ["s3"]);
