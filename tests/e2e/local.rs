@@ -1,6 +1,7 @@
 //! The embedded default on a local-directory vault, as a new user runs it.
 
 use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
 
 use crate::common::*;
 
@@ -491,6 +492,68 @@ fn lost_catalog_is_rebuilt_from_the_vault() {
         cat.to_str().unwrap(),
     ]);
     assert_eq!(s2["bytes_new"], 0, "{s2}");
+    // Rebuilt again over that catalog: it is replaced, and still knows.
+    let rebuild = |cat: &str| {
+        env.run(&[
+            "catalog",
+            "rebuild",
+            "--vault",
+            &vault,
+            "--catalog",
+            cat,
+            "--json",
+        ])
+    };
+    let again = rebuild(cat.to_str().unwrap());
+    assert!(again.status.success(), "{}", stderr(&again));
+    let list = env.json(&[
+        "snapshots",
+        "--vault",
+        &vault,
+        "--catalog",
+        cat.to_str().unwrap(),
+    ]);
+    assert_eq!(list["snapshots"].as_array().unwrap().len(), 2, "{list}");
+
+    // What is not a catalog is never replaced: not a mistyped file, not the
+    // vault's own config (its wrapped keys), not another vault's catalog.
+    let notes = env.path("notes.txt");
+    std::fs::write(&notes, b"my notes").unwrap();
+    let config = Path::new(&vault).join("config");
+    let config_before = std::fs::read(&config).unwrap();
+    for victim in [&notes, &config] {
+        let out = rebuild(victim.to_str().unwrap());
+        assert!(!out.status.success(), "{}", victim.display());
+        let err = stderr(&out);
+        assert!(err.contains("not a catalog"), "{err}");
+        assert_eq!(err.trim().lines().count(), 1, "{err}");
+    }
+    assert_eq!(std::fs::read(&notes).unwrap(), b"my notes");
+    assert_eq!(std::fs::read(&config).unwrap(), config_before);
+    let other = env.path("other-vault").display().to_string();
+    assert!(env.run(&["vault", "init", &other]).status.success());
+    let out = env.run(&[
+        "catalog",
+        "rebuild",
+        "--vault",
+        &other,
+        "--catalog",
+        cat.to_str().unwrap(),
+    ]);
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("belongs to vault"),
+        "{}",
+        stderr(&out)
+    );
+    let list = env.json(&[
+        "snapshots",
+        "--vault",
+        &vault,
+        "--catalog",
+        cat.to_str().unwrap(),
+    ]);
+    assert_eq!(list["snapshots"].as_array().unwrap().len(), 2, "{list}");
 }
 
 #[test]

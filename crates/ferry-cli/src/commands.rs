@@ -494,24 +494,9 @@ pub async fn run(cli: Cli) -> Result<u8> {
             Ok(0)
         }
         Command::Catalog(CatalogCmd::Rebuild) => {
-            let loc = location_of(None, g)?;
-            let vault = Vault::open(&loc, &passphrase(g)?).await?;
+            let vault = open_vault(g).await?;
             let path = catalog_path(g, &vault);
-            for suffix in ["", "-wal", "-shm"] {
-                let mut p = path.clone().into_os_string();
-                p.push(suffix);
-                match std::fs::remove_file(&p) {
-                    Ok(()) => {}
-                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                    Err(e) => {
-                        return Err(e).with_context(|| {
-                            format!("removing old catalog {}", Path::new(&p).display())
-                        });
-                    }
-                }
-            }
-            let (catalog, _) = SqliteCatalog::open(&path, vault.id())?;
-            let s = ferry_core::sync::sync_catalog(&vault, &catalog, true).await?;
+            let s = rebuild_catalog(&vault, &path).await?;
             #[derive(Serialize)]
             struct Out<'a> {
                 catalog: String,
@@ -899,6 +884,105 @@ pub(crate) fn skip_own_state(g: &Global) -> Vec<PathBuf> {
 fn default_vault_exists() -> bool {
     let dir = ferry_catalog::state_dir();
     dir.join("default-vault.key").exists() && dir.join("default-vault/config").exists()
+}
+
+/// The vault alone, without its catalog: the one named, else the one
+/// `ferry sync` made (when it exists).
+async fn open_vault(g: &Global) -> Result<Vault> {
+    if g.vault.is_none() && default_vault_exists() {
+        let key_file = ferry_catalog::state_dir().join("default-vault.key");
+        let pass =
+            std::fs::read(&key_file).with_context(|| format!("reading {}", key_file.display()))?;
+        let loc = Location::Local(ferry_catalog::state_dir().join("default-vault"));
+        return Ok(Vault::open(&loc, &pass).await?);
+    }
+    let loc = location_of(None, g)?;
+    Ok(Vault::open(&loc, &passphrase(g)?).await?)
+}
+
+/// Builds a new catalog of `vault` beside `path` and renames it over the
+/// old one once it is complete: a rebuild that fails keeps the old
+/// catalog. Only a catalog is ever replaced: a file that is not an SQLite
+/// database (a mistyped `--catalog`, a vault's own config) or the catalog of
+/// another vault is refused, never overwritten.
+async fn rebuild_catalog(vault: &Vault, path: &Path) -> Result<ferry_core::sync::SyncSummary> {
+    match std::fs::symlink_metadata(path) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e).with_context(|| format!("catalog {}", path.display())),
+        Ok(md) if !md.is_file() => {
+            bail!(
+                "{} is not a catalog file: refusing to replace it",
+                path.display()
+            )
+        }
+        Ok(_) => {
+            let mut head = [0u8; 16];
+            let n = std::io::Read::read(
+                &mut std::fs::File::open(path)
+                    .with_context(|| format!("reading {}", path.display()))?,
+                &mut head,
+            )
+            .with_context(|| format!("reading {}", path.display()))?;
+            if n > 0 && head[..n] != b"SQLite format 3\0"[..n] {
+                bail!(
+                    "{} is not a catalog (not an SQLite database): refusing to replace it; \
+                     name another --catalog path",
+                    path.display()
+                );
+            }
+            // A catalog too damaged to open is what a rebuild is for; one
+            // that opens must be this vault's.
+            if let Err(e @ ferry_catalog::Error::OtherVault { .. }) =
+                SqliteCatalog::open(path, vault.id())
+            {
+                bail!("{e}: refusing to replace it");
+            }
+        }
+    }
+    let with = |suffix: &str| {
+        let mut p = path.as_os_str().to_owned();
+        p.push(suffix);
+        PathBuf::from(p)
+    };
+    let fresh = with(&format!(".rebuild-{}", std::process::id()));
+    let remove = |p: &Path| match std::fs::remove_file(p) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            Err(e).with_context(|| format!("removing {}", p.display()))
+        }
+        _ => Ok(()),
+    };
+    let built = async {
+        let (catalog, _) = SqliteCatalog::open(&fresh, vault.id())?;
+        let s = ferry_core::sync::sync_catalog(vault, &catalog, true).await?;
+        drop(catalog);
+        anyhow::Ok(s)
+    }
+    .await;
+    let s = match built {
+        Ok(s) => s,
+        Err(e) => {
+            for suffix in ["", "-wal", "-shm"] {
+                let mut p = fresh.clone().into_os_string();
+                p.push(suffix);
+                let _ = std::fs::remove_file(p);
+            }
+            return Err(e);
+        }
+    };
+    // The old catalog's log must not be replayed into the new one.
+    for suffix in ["-wal", "-shm"] {
+        remove(&with(suffix))?;
+    }
+    for suffix in ["-wal", "-shm", ""] {
+        let mut from = fresh.clone().into_os_string();
+        from.push(suffix);
+        let from = PathBuf::from(from);
+        if suffix.is_empty() || from.exists() {
+            std::fs::rename(&from, with(suffix))
+                .with_context(|| format!("renaming {} into place", from.display()))?;
+        }
+    }
+    Ok(s)
 }
 
 pub(crate) async fn open_default_vault(g: &Global) -> Result<(Arc<Vault>, Arc<dyn Catalog>)> {
