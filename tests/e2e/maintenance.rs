@@ -499,3 +499,99 @@ fn a_large_snapshot_writes_its_index_as_it_goes_and_a_rebuilt_catalog_restores_i
     assert_eq!(restored["files"], 20_000, "{restored}");
     assert_same_tree(&src, &dst);
 }
+
+fn flip_byte(p: &Path, at: usize) {
+    let mut b = std::fs::read(p).unwrap();
+    b[at] ^= 0xff;
+    std::fs::write(p, b).unwrap();
+}
+
+/// One damaged snapshot record or index object costs what it held, not the
+/// vault: a new machine lists and restores the other snapshots (the packs
+/// a damaged index described are read from their headers), `vault check`
+/// names the damaged objects, and prune deletes nothing while a snapshot
+/// record cannot be read (what it references is unknown).
+#[test]
+fn a_damaged_snapshot_record_or_index_object_leaves_the_rest_usable() {
+    let env = local_env("1M");
+    let src = env.path("src");
+    make_tree(&src);
+    std::fs::write(src.join("only-first"), noise(1_500_000, 5)).unwrap();
+    let first = env.json(&["snapshot", s(&src), "--volume", "v"]);
+    std::fs::remove_file(src.join("only-first")).unwrap();
+    std::fs::write(src.join("added"), noise(200_000, 7)).unwrap();
+    let second = env.json(&["snapshot", s(&src), "--volume", "v"]);
+    let first_id = first["snapshot_id"].as_str().unwrap();
+    let second_id = second["snapshot_id"].as_str().unwrap();
+
+    flip_byte(&env.path(&format!("vault/snapshots/{first_id}")), 60);
+    let indexes = files_under(&env.path("vault/index"));
+    assert!(!indexes.is_empty());
+    for idx in &indexes {
+        flip_byte(idx, 60);
+    }
+    std::fs::write(env.path("vault/snapshots/notanid"), b"stray").unwrap();
+
+    let other = other_machine(&env);
+    let out = other.run(&["snapshots", "--json"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let list: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let ids: Vec<&str> = list["snapshots"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, [second_id], "{list}");
+    let err = stderr(&out);
+    for object in [format!("snapshots/{first_id}"), "snapshots/notanid".into()] {
+        assert!(
+            err.lines()
+                .any(|l| l.starts_with("warning: vault object") && l.contains(&object)),
+            "{err}"
+        );
+    }
+    let dst = other.path("dst");
+    other.json(&["restore", "v", s(&dst), "--verify"]);
+    assert_same_tree(&src, &dst);
+
+    let check = other.run(&["vault", "check", "--json"]);
+    assert_eq!(check.status.code(), Some(1), "{}", stderr(&check));
+    let report: serde_json::Value = serde_json::from_slice(&check.stdout).unwrap();
+    let named: HashSet<&str> = report["damaged_objects"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["object"].as_str().unwrap())
+        .collect();
+    assert_eq!(named.len(), indexes.len() + 2, "{report}");
+    assert!(
+        named.contains(format!("snapshots/{first_id}").as_str()),
+        "{report}"
+    );
+
+    // Only the damaged record references the first snapshot's own file.
+    let packs = || {
+        let mut p = files_under(&env.path("vault/packs"));
+        p.sort();
+        p
+    };
+    let packs_before = packs();
+    let pruned = other.run(&["prune"]);
+    assert!(!pruned.status.success());
+    let err = stderr(&pruned);
+    assert!(
+        err.contains("prune stopped") && err.contains(first_id),
+        "{err}"
+    );
+    assert_eq!(packs(), packs_before);
+    // Once the damaged records are gone from the vault, prune runs (and
+    // reclaims the first snapshot's file); the second snapshot restores.
+    std::fs::remove_file(env.path(&format!("vault/snapshots/{first_id}"))).unwrap();
+    std::fs::remove_file(env.path("vault/snapshots/notanid")).unwrap();
+    let p = other.json(&["prune"]);
+    assert!(p["bytes_deleted"].as_u64().unwrap() > 1_000_000, "{p}");
+    let again = other.path("again");
+    other.json(&["restore", "v", s(&again), "--verify"]);
+    assert_same_tree(&src, &again);
+}

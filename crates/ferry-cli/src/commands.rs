@@ -94,6 +94,9 @@ pub async fn run(cli: Cli) -> Result<u8> {
                         String::new()
                     }
                 );
+                for d in &report.damaged_objects {
+                    s.push_str(&format!("\ndamaged object {}: {}", d.object, d.reason));
+                }
                 for d in &report.damaged_packs {
                     s.push_str(&format!("\ndamaged pack {}: {}", d.pack, d.reason));
                 }
@@ -117,8 +120,9 @@ pub async fn run(cli: Cli) -> Result<u8> {
                 Ok(0)
             } else {
                 eprintln!(
-                    "error: vault {} is damaged: {} damaged pack(s), {} missing blob(s), {} affected file(s)",
+                    "error: vault {} is damaged: {} damaged object(s), {} damaged pack(s), {} missing blob(s), {} affected file(s)",
                     vault.name(),
+                    report.damaged_objects.len(),
                     report.damaged_packs.len(),
                     report.missing_blobs.len(),
                     report.affected.len()
@@ -886,6 +890,16 @@ fn default_vault_exists() -> bool {
     dir.join("default-vault.key").exists() && dir.join("default-vault/config").exists()
 }
 
+/// Vault objects the catalog could not take in, one line each on stderr
+/// (commands log nothing below errors otherwise).
+pub(crate) fn warn_damaged(s: &ferry_core::sync::SyncSummary) {
+    for d in &s.damaged {
+        eprintln!(
+            "warning: vault object {d}; left out (`ferry vault check` lists what is damaged)"
+        );
+    }
+}
+
 /// The vault alone, without its catalog: the one named, else the one
 /// `ferry sync` made (when it exists).
 async fn open_vault(g: &Global) -> Result<Vault> {
@@ -954,6 +968,7 @@ async fn rebuild_catalog(vault: &Vault, path: &Path) -> Result<ferry_core::sync:
     let built = async {
         let (catalog, _) = SqliteCatalog::open(&fresh, vault.id())?;
         let s = ferry_core::sync::sync_catalog(vault, &catalog, true).await?;
+        warn_damaged(&s);
         drop(catalog);
         anyhow::Ok(s)
     }
@@ -1015,7 +1030,7 @@ pub(crate) async fn open_default_vault(g: &Global) -> Result<(Arc<Vault>, Arc<dy
     let vault = Vault::open(&loc, &pass).await?;
     let path = catalog_path(g, &vault);
     let (catalog, fresh) = SqliteCatalog::open(&path, vault.id())?;
-    ferry_core::sync::sync_catalog(&vault, &catalog, fresh).await?;
+    warn_damaged(&ferry_core::sync::sync_catalog(&vault, &catalog, fresh).await?);
     Ok((Arc::new(vault), Arc::new(catalog)))
 }
 
@@ -1077,7 +1092,7 @@ pub(crate) async fn open(
     let vault = Vault::open(&loc, &passphrase(g)?).await?;
     let path = catalog_path(g, &vault);
     let (catalog, fresh) = SqliteCatalog::open(&path, vault.id())?;
-    ferry_core::sync::sync_catalog(&vault, &catalog, fresh).await?;
+    warn_damaged(&ferry_core::sync::sync_catalog(&vault, &catalog, fresh).await?);
     Ok((Arc::new(vault), Arc::new(catalog)))
 }
 

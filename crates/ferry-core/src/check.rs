@@ -16,7 +16,8 @@ use crate::catalog::Catalog;
 use crate::codec::ObjectCipher;
 use crate::error::Result;
 use crate::id::{BlobId, PackId};
-use crate::manifest::NodeKind;
+use crate::manifest::{IndexObject, NodeKind, SnapshotRecord};
+use crate::sync::PruneRecord;
 use crate::vault::{Vault, pack_path};
 
 #[derive(Clone, Debug, Default, Serialize)]
@@ -27,6 +28,10 @@ pub struct CheckReport {
     pub packs_read: u64,
     pub blobs_verified: u64,
     pub damaged_packs: Vec<DamagedPack>,
+    /// Snapshot records, index objects and prune records that cannot be
+    /// read, read from the vault itself: the catalog may hold copies taken
+    /// before the damage.
+    pub damaged_objects: Vec<DamagedObject>,
     /// Blobs referenced by a snapshot but recorded in no pack.
     pub missing_blobs: Vec<String>,
     /// Files and directories that cannot be fully restored.
@@ -36,6 +41,12 @@ pub struct CheckReport {
 #[derive(Clone, Debug, Serialize)]
 pub struct DamagedPack {
     pub pack: String,
+    pub reason: String,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct DamagedObject {
+    pub object: String,
     pub reason: String,
 }
 
@@ -72,7 +83,10 @@ pub async fn check(
 }
 
 async fn check_locked(vault: &Vault, catalog: &dyn Catalog, read: ReadData) -> Result<CheckReport> {
-    let mut report = CheckReport::default();
+    let mut report = CheckReport {
+        damaged_objects: damaged_metadata(vault).await?,
+        ..Default::default()
+    };
     let in_vault: HashMap<PackId, u64> = vault
         .list("packs/")
         .await?
@@ -213,10 +227,52 @@ async fn check_locked(vault: &Vault, catalog: &dyn Catalog, read: ReadData) -> R
     report
         .affected
         .sort_by(|a, b| (&a.snapshot, &a.path).cmp(&(&b.snapshot, &b.path)));
-    report.ok = report.damaged_packs.is_empty()
+    report.ok = report.damaged_objects.is_empty()
+        && report.damaged_packs.is_empty()
         && report.missing_blobs.is_empty()
         && report.affected.is_empty();
     Ok(report)
+}
+
+/// Reads every snapshot record, index object and prune record in the vault
+/// (small objects, eight at a time) and names those that do not
+/// authenticate or parse.
+async fn damaged_metadata(vault: &Vault) -> Result<Vec<DamagedObject>> {
+    let mut names = Vec::new();
+    for prefix in ["snapshots/", "index/", "prune/"] {
+        names.extend(
+            vault
+                .list(prefix)
+                .await?
+                .into_iter()
+                .map(|o| o.location.to_string()),
+        );
+    }
+    let read: Vec<Result<()>> = futures::stream::iter(names)
+        .map(|name| async move {
+            if name.starts_with("snapshots/") {
+                vault.get_meta::<SnapshotRecord>(&name).await.map(drop)
+            } else if name.starts_with("index/") {
+                vault.get_meta::<IndexObject>(&name).await.map(drop)
+            } else {
+                vault.get_meta::<PruneRecord>(&name).await.map(drop)
+            }
+        })
+        .buffer_unordered(8)
+        .collect()
+        .await;
+    let mut out = Vec::new();
+    for r in read {
+        match r {
+            Ok(()) => {}
+            Err(crate::Error::DamagedObject { object, reason }) => {
+                out.push(DamagedObject { object, reason })
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    out.sort_by(|a, b| a.object.cmp(&b.object));
+    Ok(out)
 }
 
 /// Downloads a pack and verifies it end to end; returns the blobs checked.

@@ -128,7 +128,21 @@ async fn run(
     catalog: &dyn Catalog,
     opts: &PruneOptions,
 ) -> Result<PruneSummary> {
-    crate::sync::sync_catalog(vault, catalog, false).await?;
+    let synced = crate::sync::sync_catalog(vault, catalog, false).await?;
+    let unknown: Vec<&String> = synced.damaged_snapshots().collect();
+    if !unknown.is_empty() {
+        return Err(Error::Invalid(format!(
+            "prune stopped: {} snapshot record(s) in the vault cannot be read, so what they \
+             reference is unknown and nothing is deleted ({}); `ferry vault check` lists them; \
+             delete such an object from the vault to prune without it",
+            unknown.len(),
+            unknown
+                .iter()
+                .map(|s| s.as_str())
+                .collect::<Vec<_>>()
+                .join("; ")
+        )));
+    }
     let mut s = PruneSummary {
         dry_run: opts.dry_run,
         snapshots: catalog.snapshots()?.len() as u64,

@@ -23,6 +23,26 @@ pub struct SyncSummary {
     pub packs_from_headers: u64,
     pub prune_records: u64,
     pub snapshots_forgotten: u64,
+    /// Index and snapshot objects that could not be read (damaged, or not
+    /// ferry's): left out, and read again next time. A snapshot whose
+    /// record is damaged is not listed; the packs a damaged index object
+    /// described are learned from their own headers.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub damaged: Vec<String>,
+}
+
+impl SyncSummary {
+    /// Damaged snapshot records: what they reference is unknown, so nothing
+    /// may be deleted as unreferenced while there are any.
+    pub fn damaged_snapshots(&self) -> impl Iterator<Item = &String> {
+        self.damaged.iter().filter(|d| d.starts_with("snapshots/"))
+    }
+}
+
+/// One damaged object, named, for the summary and the log.
+fn damaged(summary: &mut SyncSummary, object: &str, reason: &str) {
+    tracing::warn!("vault object {object} is damaged and left out: {reason}");
+    summary.damaged.push(format!("{object}: {reason}"));
 }
 
 /// Imports what the catalog has not seen. With `scan_packs`, also reads
@@ -81,8 +101,19 @@ pub async fn sync_catalog(
         summary.prune_records += 1;
         new_seen.push(name);
     }
+    let mut scan_packs = scan_packs;
     for name in index {
-        let mut idx: IndexObject = vault.get_meta(&name).await?;
+        let mut idx: IndexObject = match vault.get_meta(&name).await {
+            Ok(idx) => idx,
+            Err(Error::DamagedObject { object, reason }) => {
+                // An index object only repeats what its packs' headers say:
+                // those are read instead.
+                damaged(&mut summary, &object, &reason);
+                scan_packs = true;
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
         idx.packs.retain(|p| !deleted.contains(&p.id));
         catalog.add_packs(&idx.packs)?;
         summary.index_objects += 1;
@@ -119,7 +150,15 @@ pub async fn sync_catalog(
         if seen.contains(&name) {
             continue;
         }
-        let snap: SnapshotRecord = vault.get_meta(&name).await?;
+        let snap: SnapshotRecord = match vault.get_meta(&name).await {
+            Ok(snap) => snap,
+            // One damaged record must not hide the vault's other snapshots.
+            Err(Error::DamagedObject { object, reason }) => {
+                damaged(&mut summary, &object, &reason);
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
         catalog.add_snapshot(&snap)?;
         summary.snapshots += 1;
         new_seen.push(name);
