@@ -156,6 +156,48 @@ fn a_migration_presyncs_while_sources_change_cuts_over_and_reports() {
         ],
         "/nonexistent",
     );
+    // Two pairs into one target (the second's --delete would remove the
+    // first's files), a target inside a source.
+    let other = env.path("other-src");
+    std::fs::create_dir_all(&other).unwrap();
+    let o = other.to_str().unwrap();
+    let one = env.path("one-target");
+    let one_in = one.join("sub");
+    fail(
+        &[
+            "migration",
+            "create",
+            "m4",
+            "--from",
+            s,
+            "--to",
+            one.to_str().unwrap(),
+            "--from",
+            o,
+            "--to",
+            one_in.to_str().unwrap(),
+        ],
+        "pairs 1 and 2 write into the same place",
+    );
+    let inside = src.join("copy");
+    fail(
+        &[
+            "migration",
+            "create",
+            "m5",
+            "--from",
+            o,
+            "--to",
+            inside.to_str().unwrap(),
+            "--from",
+            s,
+            "--to",
+            env.path("t5").to_str().unwrap(),
+        ],
+        "overlaps the source of pair 2",
+    );
+    assert!(!inside.exists() && !one.exists());
+    fail(&["migration", "status", "m4"], "no migration \"m4\"");
     fail(&["migration", "status", "nope"], "no migration \"nope\"");
 
     // Rounds while the application writes.

@@ -389,6 +389,9 @@ async fn create(
             .await?,
         );
     }
+    if let Some(why) = migration::conflicts(&pairs) {
+        bail!("migration {name}: {why}");
+    }
     let m = Migration {
         name: name.clone(),
         created: now_text(),

@@ -421,9 +421,95 @@ fn canonical(v: &serde_json::Value) -> String {
     sorted(v).to_string()
 }
 
+/// Why these pairs cannot run together, if they cannot: a target that
+/// another pair also writes (one `--delete` would remove the other's files),
+/// or a target that overlaps a source (each round would copy the copy, or
+/// write over what it reads). Places on different agents never overlap;
+/// bucket URLs are the same place wherever they are named from.
+pub fn conflicts(pairs: &[Pair]) -> Option<String> {
+    let is_bucket = |p: &Pair| p.kind == PairKind::Bucket && p.target.contains(':');
+    let place = |text: &str, agent: &Option<String>, bucket: bool| {
+        let machine = if bucket {
+            String::new()
+        } else {
+            agent.clone().unwrap_or_default()
+        };
+        (
+            machine,
+            std::path::PathBuf::from(text.trim_end_matches('/')),
+        )
+    };
+    let overlap = |a: &(String, std::path::PathBuf), b: &(String, std::path::PathBuf)| {
+        a.0 == b.0 && (a.1.starts_with(&b.1) || b.1.starts_with(&a.1))
+    };
+    let targets: Vec<_> = pairs
+        .iter()
+        .map(|p| place(&p.target, &p.to_agent, is_bucket(p)))
+        .collect();
+    let sources: Vec<_> = pairs
+        .iter()
+        .map(|p| place(&p.source, &p.from_agent, p.kind == PairKind::Bucket))
+        .collect();
+    for (i, t) in targets.iter().enumerate() {
+        for (j, u) in targets.iter().enumerate().skip(i + 1) {
+            if overlap(t, u) {
+                return Some(format!(
+                    "pairs {} and {} write into the same place ({} and {}): give each pair a target of its own",
+                    i + 1,
+                    j + 1,
+                    pairs[i].target,
+                    pairs[j].target
+                ));
+            }
+        }
+        for (j, s) in sources.iter().enumerate() {
+            if overlap(t, s) {
+                return Some(format!(
+                    "the target of pair {} ({}) overlaps the source of pair {} ({}): a round would write over what it reads",
+                    i + 1,
+                    pairs[i].target,
+                    j + 1,
+                    pairs[j].source
+                ));
+            }
+        }
+    }
+    None
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn pairs_that_share_a_target_or_write_into_a_source_conflict() {
+        let pair = |s: &str, t: &str, to_agent: Option<&str>| Pair {
+            source: s.into(),
+            target: t.into(),
+            volume: "v".into(),
+            kind: PairKind::Dir,
+            from_agent: None,
+            to_agent: to_agent.map(String::from),
+        };
+        let ok = [pair("/a", "/x/a", None), pair("/b", "/x/b", None)];
+        assert_eq!(conflicts(&ok), None);
+        let same = [pair("/a", "/same", None), pair("/b", "/same/", None)];
+        assert!(conflicts(&same).unwrap().contains("pairs 1 and 2"));
+        let nested = [pair("/a", "/x", None), pair("/b", "/x/b", None)];
+        assert!(conflicts(&nested).unwrap().contains("pairs 1 and 2"));
+        let into_own = [pair("/a", "/a", None)];
+        assert!(conflicts(&into_own).unwrap().contains("source of pair 1"));
+        let into_other = [pair("/a", "/x", None), pair("/b", "/a/sub", None)];
+        assert!(conflicts(&into_other).unwrap().contains("source of pair 1"));
+        // Look-alike names are not nested.
+        let alike = [pair("/a", "/xy", None), pair("/b", "/x", None)];
+        assert_eq!(conflicts(&alike), None);
+        // The same path on two agents is two places.
+        let agents = [pair("/a", "/t", Some("n1")), pair("/b", "/t", Some("n2"))];
+        assert_eq!(conflicts(&agents), None);
+        let one_agent = [pair("/a", "/t", Some("n1")), pair("/b", "/t", Some("n1"))];
+        assert!(conflicts(&one_agent).is_some());
+    }
 
     fn pr(written: u64, scanned: u64, snap_s: f64, rest_s: f64) -> PairRound {
         PairRound {
