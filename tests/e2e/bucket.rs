@@ -377,6 +377,23 @@ fn bucket_sync_between_two_clouds_is_incremental_exact_and_keeps_metadata() {
         ],
     );
     assert_eq!(up["objects_failed"], 0, "{up}");
+    // Overlapping sides are refused before anything is copied, as rclone
+    // does: the copy would be copied again on every run.
+    let copy = local.join("copy");
+    for (from, to) in [
+        (local.to_str().unwrap(), copy.to_str().unwrap()),
+        (
+            "cloud-b:dst-bucket/from-local",
+            "cloud-b:dst-bucket/from-local/again",
+        ),
+    ] {
+        let out = env.run(&["bucket", "sync", from, to, "--config", &cfg]);
+        assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+        let err = stderr(&out);
+        assert!(err.contains("overlaps the source"), "{err}");
+        assert_eq!(err.trim().lines().count(), 1, "{err}");
+    }
+    assert!(!copy.exists());
 }
 
 #[test]

@@ -99,6 +99,37 @@ impl Location {
         Ok(Location::Local(s.into()))
     }
 
+    /// Whether one holds the other (or they are the same): syncing between
+    /// them would copy the copy again on every run, or delete what it
+    /// reads. Two remotes are taken to be two stores (their endpoints may
+    /// still be one; that cannot be told from here).
+    pub fn overlaps(&self, other: &Location) -> bool {
+        match (self, other) {
+            (Location::Local(a), Location::Local(b)) => {
+                let (a, b) = (
+                    ferry_core::placement::resolve(a),
+                    ferry_core::placement::resolve(b),
+                );
+                a.starts_with(&b) || b.starts_with(&a)
+            }
+            (
+                Location::S3 {
+                    remote: r1,
+                    bucket: b1,
+                    prefix: p1,
+                },
+                Location::S3 {
+                    remote: r2,
+                    bucket: b2,
+                    prefix: p2,
+                },
+            ) => {
+                r1 == r2 && b1 == b2 && (p1.starts_with(p2.as_str()) || p2.starts_with(p1.as_str()))
+            }
+            _ => false,
+        }
+    }
+
     /// The remote settings of an S3 location (defaults for `s3://`).
     pub fn remote<'a>(&self, config: &'a Config) -> Option<&'a Remote> {
         match self {
@@ -113,6 +144,26 @@ impl Location {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn overlapping_locations() {
+        let mut c = Config::default();
+        c.remotes.insert("oss".into(), Remote::default());
+        c.remotes.insert("obs".into(), Remote::default());
+        let l = |s: &str| Location::parse(s, &c).unwrap();
+        let d = tempfile::tempdir().unwrap();
+        let p = |s: &str| d.path().join(s).display().to_string();
+        assert!(l(&p("src")).overlaps(&l(&p("src/copy"))));
+        assert!(l(&p("src/copy")).overlaps(&l(&p("src"))));
+        assert!(l(&p("src")).overlaps(&l(&p("src"))));
+        assert!(!l(&p("src")).overlaps(&l(&p("src2"))));
+        assert!(l("oss:bkt/a/").overlaps(&l("oss:bkt/a/b")));
+        assert!(l("oss:bkt").overlaps(&l("oss:bkt/a")));
+        assert!(!l("oss:bkt/a").overlaps(&l("oss:bkt/ab")));
+        assert!(!l("oss:bkt/a").overlaps(&l("obs:bkt/a")));
+        assert!(!l("oss:bkt/a").overlaps(&l("oss:other/a")));
+        assert!(!l("s3://bkt/a").overlaps(&l(&p("bkt/a"))));
+    }
 
     #[test]
     fn locations() {

@@ -43,6 +43,12 @@ pub async fn run(g: &Global, cmd: BucketCmd) -> Result<u8> {
             }
             let cfg = Config::load(config.as_deref())?;
             let (sl, dl) = (Location::parse(&src, &cfg)?, Location::parse(&dst, &cfg)?);
+            if sl.overlaps(&dl) {
+                bail!(
+                    "{dst} overlaps the source {src}: each run would copy the copy again; \
+                     choose a destination outside the source"
+                );
+            }
             let since_ns = since
                 .as_deref()
                 .map(ferry_bucket::sync::parse_since)
