@@ -263,6 +263,26 @@ fn sync_without_a_vault_repeats_cheaply() {
     let key = env2.path("state/ferry/default-vault.key");
     assert_eq!(key.metadata().unwrap().mode() & 0o777, 0o600);
 
+    // A target that is a file: refused before any snapshot is saved.
+    let file = env.path("a-file");
+    std::fs::write(&file, b"keep me").unwrap();
+    let listed = || {
+        env2.json(&["snapshots"])["snapshots"]
+            .as_array()
+            .unwrap()
+            .len()
+    };
+    assert_eq!(listed(), 1);
+    let out = env2.run(&["sync", s, file.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("is not a directory"),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(std::fs::read(&file).unwrap(), b"keep me");
+    assert_eq!(listed(), 1);
+
     let second = env2.json(&["sync", s, d]);
     assert_eq!(second["bytes_written"], 0, "{second}");
     // Nothing changed: no content is read, stored or written (how fast

@@ -841,3 +841,32 @@ fn a_restore_of_many_small_files_stays_under_the_open_files_limit() {
     assert_eq!(r["files"], 3000, "{r}");
     assert_same_tree(&src, &dst);
 }
+
+/// Volume names end up in tables and in `NAME@ID` specs: one with '@' or a
+/// control character is refused, and `ferry sync` makes a valid one from
+/// any directory name.
+#[test]
+fn volume_names_are_checked_and_defaults_are_valid() {
+    let env = Env::new();
+    let src = env.path("data@2024\x1b[31m");
+    std::fs::create_dir_all(&src).unwrap();
+    std::fs::write(src.join("f"), b"x").unwrap();
+    let vault = init(&env);
+    for bad in ["a\nb", "\x1b[31mRED", "v@1", ""] {
+        let out = env.run(&[
+            "snapshot",
+            src.to_str().unwrap(),
+            "--vault",
+            &vault,
+            "--volume",
+            bad,
+        ]);
+        assert_eq!(out.status.code(), Some(1), "{bad:?}: {}", stderr(&out));
+        assert!(stderr(&out).contains("bad volume name"), "{}", stderr(&out));
+    }
+    let dst = env.path("dst");
+    let synced = env.json(&["sync", src.to_str().unwrap(), dst.to_str().unwrap()]);
+    let volume = synced["snapshot"]["volume"].as_str().unwrap();
+    assert!(volume.starts_with("data_2024_[31m-"), "{volume}");
+    assert_same_tree(&src, &dst);
+}

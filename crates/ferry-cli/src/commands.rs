@@ -266,6 +266,9 @@ pub async fn run(cli: Cli) -> Result<u8> {
             check_placement(g, &target, None, delta.delete)?;
             let (vault, catalog) = open(None, g).await?;
             let snap = ferry_core::sync::find_snapshot(catalog.as_ref(), &snapshot)?;
+            if !snap.block {
+                directory_target(&target)?;
+            }
             let s = restore_into(vault, catalog, &snap, &target, &delta, None).await?;
             print(g, &s, || restore_text(&s, &target))?;
             Ok(0)
@@ -298,6 +301,10 @@ pub async fn run(cli: Cli) -> Result<u8> {
             }
             let started = std::time::Instant::now();
             check_placement(g, &target, Some(&source), delta.delete)?;
+            if !block {
+                // Before the snapshot: a sync that cannot restore saves none.
+                directory_target(&target)?;
+            }
             let default_vault = g.vault.is_none();
             let (vault, catalog) = match default_vault {
                 false => open(None, g).await?,
@@ -830,12 +837,33 @@ fn restore_options(
 /// The volume name `ferry sync` uses when none is given: stable per source.
 pub(crate) fn default_volume(source: &Path) -> String {
     let canon = std::fs::canonicalize(source).unwrap_or_else(|_| source.to_path_buf());
-    let base = canon
+    // Whatever the directory is called, the name is a valid volume name.
+    let base: String = canon
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "root".into());
+        .unwrap_or_else(|| "root".into())
+        .chars()
+        .map(|c| if c == '@' || c.is_control() { '_' } else { c })
+        .take(64)
+        .collect();
     let h = ferry_core::id::short_hash(canon.as_os_str().as_encoded_bytes());
     format!("{base}-{h}")
+}
+
+/// A directory restore's target is a directory (or a link to one), or is
+/// yet to be made.
+fn directory_target(target: &Path) -> Result<()> {
+    match std::fs::metadata(target) {
+        Ok(md) if !md.is_dir() => bail!(
+            "target {} exists and is not a directory: a directory snapshot restores into a directory",
+            target.display()
+        ),
+        Err(_) if std::fs::symlink_metadata(target).is_ok() => bail!(
+            "target {} is a link to nothing: give a directory",
+            target.display()
+        ),
+        _ => Ok(()),
+    }
 }
 
 /// Refuses a target that is, holds or lies inside its source, or that

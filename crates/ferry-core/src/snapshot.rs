@@ -426,9 +426,14 @@ async fn snapshot_locked(
 ) -> Result<SnapshotSummary> {
     let started = Instant::now();
     let block = matches!(input, Input::Path { block: true, .. });
-    if opts.volume.is_empty() || opts.volume.contains('@') {
+    // Listed in tables and typed back in `NAME@ID`: no '@', nothing a
+    // terminal would act on.
+    if opts.volume.is_empty()
+        || opts.volume.len() > 255
+        || opts.volume.chars().any(|c| c == '@' || c.is_control())
+    {
         return Err(Error::Invalid(format!(
-            "bad volume name {:?} (non-empty, no '@')",
+            "bad volume name {:?} (1-255 bytes, no '@', no control characters)",
             opts.volume
         )));
     }
