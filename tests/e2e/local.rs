@@ -589,6 +589,7 @@ fn unreadable_file_gives_an_incomplete_but_consistent_snapshot() {
     let src = env.path("src");
     std::fs::create_dir_all(&src).unwrap();
     std::fs::write(src.join("readable"), b"fine").unwrap();
+    std::fs::write(src.join("big"), noise(2 << 20, 3)).unwrap();
     std::fs::write(src.join("secret"), b"no").unwrap();
     std::fs::set_permissions(src.join("secret"), std::fs::Permissions::from_mode(0o000)).unwrap();
     // Root reads everything: run ferry as nobody when we are root.
@@ -614,7 +615,7 @@ fn unreadable_file_gives_an_incomplete_but_consistent_snapshot() {
     let s: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(s["incomplete"], true);
     assert_eq!(s["warnings"], 1);
-    assert_eq!(s["files"], 1);
+    assert_eq!(s["files"], 2);
     assert!(stderr(&out).contains("secret"), "{}", stderr(&out));
     let list = as_nobody(&["snapshots", "--vault", &vault, "--json"]);
     let list: serde_json::Value = serde_json::from_slice(&list.stdout).unwrap();
@@ -631,6 +632,43 @@ fn unreadable_file_gives_an_incomplete_but_consistent_snapshot() {
     assert!(out.status.success(), "{}", stderr(&out));
     assert_eq!(std::fs::read(dst.join("readable")).unwrap(), b"fine");
     assert!(!dst.join("secret").exists());
+
+    // Target files changed behind ferry's back and shut to the user (mode
+    // 000): they cannot be read to compare, so they are written whole
+    // under a temporary name and renamed over (rsync does the same).
+    std::fs::write(dst.join("readable"), b"edit").unwrap();
+    let mut big = std::fs::read(dst.join("big")).unwrap();
+    big[1000] ^= 1;
+    std::fs::write(dst.join("big"), &big).unwrap();
+    for f in ["readable", "big"] {
+        std::fs::set_permissions(dst.join(f), std::fs::Permissions::from_mode(0o000)).unwrap();
+    }
+    let out = as_nobody(&[
+        "restore",
+        "v",
+        dst.to_str().unwrap(),
+        "--vault",
+        &vault,
+        "--json",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(std::fs::read(dst.join("readable")).unwrap(), b"fine");
+    assert_eq!(
+        std::fs::read(dst.join("big")).unwrap(),
+        std::fs::read(src.join("big")).unwrap()
+    );
+    let mode = std::fs::metadata(dst.join("big"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(
+        mode & 0o777,
+        std::fs::metadata(src.join("big"))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777
+    );
 
     // A target directory the user cannot write: one line, exit 1.
     let ro = env.path("ro-target");

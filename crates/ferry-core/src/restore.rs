@@ -396,6 +396,19 @@ pub(crate) fn changed_by_list(old: &[ChunkRef], new: &[ChunkRef]) -> Vec<bool> {
 
 /// Which chunks of `new` differ from the target file, by reading it and
 /// hashing each range with the vault's id key.
+/// `None` when the target's file may not be opened (its mode shuts us
+/// out): it is then written whole under a temporary name and renamed over,
+/// which needs only the directory's permission, as rsync does.
+fn readable<T>(r: Result<T>) -> Result<Option<T>> {
+    match r {
+        Ok(v) => Ok(Some(v)),
+        Err(Error::Io { source, .. }) if source.kind() == std::io::ErrorKind::PermissionDenied => {
+            Ok(None)
+        }
+        Err(e) => Err(e),
+    }
+}
+
 pub(crate) fn changed_by_reading(
     path: &Path,
     size: u64,
@@ -849,23 +862,25 @@ impl Walker<'_> {
                     _ => None,
                 };
                 if *size >= PATCH_MIN && m.len() >= PATCH_MIN {
-                    changed = Some(match old_chunks {
-                        Some(oc) => changed_by_list(&oc, chunks),
+                    changed = match old_chunks {
+                        Some(oc) => Some(changed_by_list(&oc, chunks)),
                         None => {
-                            let (c, read) =
-                                changed_by_reading(&path, m.len(), chunks, self.vault.ids())?;
-                            plan.bytes_compared += read;
-                            c
+                            readable(changed_by_reading(&path, m.len(), chunks, self.vault.ids()))?
+                                .map(|(c, read)| {
+                                    plan.bytes_compared += read;
+                                    c
+                                })
                         }
-                    });
+                    };
                 } else if old_chunks.is_none() && m.len() == *size {
                     // Small file, unknown to the memory: equal content needs
                     // no write, only the memory updated.
-                    let (c, read) = if *size == 0 {
-                        (Vec::new(), 0)
+                    let compared = if *size == 0 {
+                        Some((Vec::new(), 0))
                     } else {
-                        changed_by_reading(&path, m.len(), chunks, self.vault.ids())?
+                        readable(changed_by_reading(&path, m.len(), chunks, self.vault.ids()))?
                     };
+                    let (c, read) = compared.unwrap_or((vec![true], 0));
                     plan.bytes_compared += read;
                     if !c.contains(&true) {
                         plan.unchanged.push(Unchanged {
@@ -903,11 +918,14 @@ impl Walker<'_> {
                     known: false,
                 });
             }
-            Some(c) if changed_bytes(&c) * 2 <= *size => {
+            Some(c)
+                if changed_bytes(&c) * 2 <= *size
+                    && let Some(f) =
+                        readable(open_for_write(&path).map_err(|e| Error::io(&path, e)))? =>
+            {
                 // Patch in place: the memory forgets the file first, so a
                 // crash mid-patch is caught by the next run.
                 self.state.forget(std::slice::from_ref(&rel))?;
-                let f = open_for_write(&path).map_err(|e| Error::io(&path, e))?;
                 f.set_len(*size).map_err(|e| Error::io(&path, e))?;
                 plan.bytes_planned += changed_bytes(&c);
                 for ((off, ch), need) in chunk_offsets(chunks).zip(&c) {
