@@ -908,3 +908,36 @@ fn volume_names_are_checked_and_defaults_are_valid() {
     assert!(volume.starts_with("data_2024_[31m-"), "{volume}");
     assert_same_tree(&src, &dst);
 }
+
+/// A file dated past what a tree's i64 nanoseconds hold comes back at the
+/// end of that range (2262), not wrapped around into 1901.
+#[test]
+fn file_times_past_2262_are_clamped_not_wrapped() {
+    use std::os::unix::fs::MetadataExt;
+    let env = Env::new();
+    let src = env.path("src");
+    std::fs::create_dir_all(&src).unwrap();
+    let f = src.join("future");
+    std::fs::write(&f, b"x").unwrap();
+    let y2300 = std::time::UNIX_EPOCH + std::time::Duration::from_secs(10_413_792_000);
+    std::fs::File::options()
+        .write(true)
+        .open(&f)
+        .unwrap()
+        .set_modified(y2300)
+        .unwrap();
+    let vault = init(&env);
+    let dst = env.path("dst");
+    env.json(&[
+        "snapshot",
+        src.to_str().unwrap(),
+        "--vault",
+        &vault,
+        "--volume",
+        "v",
+    ]);
+    env.json(&["restore", "v", dst.to_str().unwrap(), "--vault", &vault]);
+    let back = std::fs::metadata(dst.join("future")).unwrap().mtime();
+    // 2262-04-11T23:47:16Z.
+    assert_eq!(back, 9_223_372_036, "restored mtime {back}");
+}

@@ -414,7 +414,7 @@ impl Side {
                         key: key.to_string(),
                         size: md.len(),
                         etag: local_etag(&md),
-                        modified_ns: md.mtime() * 1_000_000_000 + md.mtime_nsec(),
+                        modified_ns: ferry_core::manifest::time_ns(md.mtime(), md.mtime_nsec()),
                     })),
                     Ok(_) => Ok(None),
                     Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
@@ -836,7 +836,7 @@ fn walk(root: &Path, range: &KeyRange, tx: &mpsc::Sender<Result<Entry>>) -> Resu
                 key,
                 size: md.len(),
                 etag: local_etag(&md),
-                modified_ns: md.mtime() * 1_000_000_000 + md.mtime_nsec(),
+                modified_ns: ferry_core::manifest::time_ns(md.mtime(), md.mtime_nsec()),
             };
             if tx.blocking_send(Ok(e)).is_err() {
                 return Ok(());

@@ -139,7 +139,7 @@ fn metadata_diff(md: &std::fs::Metadata, node: &Node, owners: bool) -> Vec<Strin
     if !md.file_type().is_symlink() && md.mode() & 0o7777 != node.mode {
         d.push(format!("mode {:o} != {:o}", node.mode, md.mode() & 0o7777));
     }
-    let mtime = md.mtime() * 1_000_000_000 + md.mtime_nsec();
+    let mtime = crate::manifest::time_ns(md.mtime(), md.mtime_nsec());
     if !md.file_type().is_symlink() && mtime != node.mtime_ns {
         d.push("mtime".into());
     }

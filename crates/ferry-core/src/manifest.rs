@@ -112,6 +112,13 @@ pub enum NodeKind {
     },
 }
 
+/// A file time as nanoseconds since the epoch, as trees store it: clamped
+/// to what an i64 holds (1677-09-21 to 2262-04-11), where the product
+/// would wrap (a file dated 2300 came back as 1901).
+pub fn time_ns(sec: i64, nsec: i64) -> i64 {
+    sec.saturating_mul(1_000_000_000).saturating_add(nsec)
+}
+
 /// A directory entry. Serialized flat (see [`NodeRepr`]): `type` and the
 /// fields of that type beside the common ones.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -348,6 +355,14 @@ mod tests {
             inode: 5,
             xattrs: vec![],
         }
+    }
+
+    #[test]
+    fn times_beyond_2262_are_clamped_not_wrapped() {
+        assert_eq!(time_ns(1_700_000_000, 5), 1_700_000_000_000_000_005);
+        // 2300-01-01 and 1600-01-01.
+        assert_eq!(time_ns(10_413_792_000, 0), i64::MAX);
+        assert_eq!(time_ns(-11_676_096_000, 0), i64::MIN);
     }
 
     #[test]

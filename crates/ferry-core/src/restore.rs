@@ -1927,7 +1927,7 @@ fn finish_tree(
 
 /// Whether mode, mtime or (as root) ownership differ from the snapshot.
 fn meta_differs(md: &Metadata, node: &Node, is_root: bool) -> bool {
-    let mtime = md.mtime() * 1_000_000_000 + md.mtime_nsec();
+    let mtime = crate::manifest::time_ns(md.mtime(), md.mtime_nsec());
     (md.mode() & 0o7777 != node.mode && !md.file_type().is_symlink())
         || mtime != node.mtime_ns
         || (is_root && (md.uid() != node.uid || md.gid() != node.gid))

@@ -59,8 +59,8 @@ impl From<&Metadata> for Meta {
             mode: md.mode() & 0o7777,
             uid: md.uid(),
             gid: md.gid(),
-            mtime_ns: md.mtime() * 1_000_000_000 + md.mtime_nsec(),
-            ctime_ns: md.ctime() * 1_000_000_000 + md.ctime_nsec(),
+            mtime_ns: crate::manifest::time_ns(md.mtime(), md.mtime_nsec()),
+            ctime_ns: crate::manifest::time_ns(md.ctime(), md.ctime_nsec()),
             inode: md.ino(),
         }
     }

@@ -33,8 +33,8 @@ impl TargetFile {
             path,
             content,
             size: md.len(),
-            mtime_ns: md.mtime() * 1_000_000_000 + md.mtime_nsec(),
-            ctime_ns: md.ctime() * 1_000_000_000 + md.ctime_nsec(),
+            mtime_ns: crate::manifest::time_ns(md.mtime(), md.mtime_nsec()),
+            ctime_ns: crate::manifest::time_ns(md.ctime(), md.ctime_nsec()),
             inode: md.ino(),
         }
     }
