@@ -47,7 +47,11 @@ pub fn one_line(e: &anyhow::Error) -> String {
     let mut out = String::new();
     for cause in e.chain() {
         let s = cause.to_string();
-        if out.contains(&s) {
+        // SQLite's own cause repeats the message with its code in front
+        // ("Error code 26: file is not a database").
+        let repeated = s.starts_with("Error code ")
+            && s.split_once(": ").is_some_and(|(_, t)| out.ends_with(t));
+        if out.contains(&s) || repeated {
             continue;
         }
         if !out.is_empty() {
@@ -224,6 +228,26 @@ impl Progress for Bar {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn one_line_drops_causes_that_only_repeat() {
+        #[derive(Debug)]
+        struct Inner;
+        impl std::fmt::Display for Inner {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("Error code 26: file is not a database")
+            }
+        }
+        impl std::error::Error for Inner {}
+        let e = anyhow::Error::new(Inner)
+            .context("file is not a database")
+            .context("catalog j");
+        assert_eq!(one_line(&e), "catalog j: file is not a database");
+        let e = anyhow::anyhow!("Error code 5: busy").context("catalog j: locked");
+        assert_eq!(one_line(&e), "catalog j: locked: Error code 5: busy");
+        let e = anyhow::anyhow!("disk full\nsecond line").context("writing x");
+        assert_eq!(one_line(&e), "writing x: disk full second line");
+    }
 
     #[test]
     fn sizes() {
