@@ -921,7 +921,14 @@ fn default_vault_exists() -> bool {
 /// Vault objects the catalog could not take in, one line each on stderr
 /// (commands log nothing below errors otherwise).
 pub(crate) fn warn_damaged(s: &ferry_core::sync::SyncSummary) {
+    // A command may sync more than once: each object is named once.
+    static SAID: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+    let mut said = SAID.lock().unwrap_or_else(|e| e.into_inner());
     for d in &s.damaged {
+        if said.contains(d) {
+            continue;
+        }
+        said.push(d.clone());
         eprintln!(
             "warning: vault object {d}; left out (`ferry vault check` lists what is damaged)"
         );

@@ -136,9 +136,14 @@ pub async fn restore_block(
             f.set_len(size).map_err(|e| Error::io(target, e))?;
             (false, c)
         }
-        Some(_) => {
+        Some(m) => {
+            let what = if m.is_dir() {
+                "a directory"
+            } else {
+                "neither a block device nor a regular file"
+            };
             return Err(Error::Invalid(format!(
-                "{}: a block snapshot restores onto a block device or an image file, not a directory",
+                "{}: a block snapshot restores onto a block device or an image file; this is {what}",
                 target.display()
             )));
         }
