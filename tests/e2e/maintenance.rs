@@ -595,3 +595,67 @@ fn a_damaged_snapshot_record_or_index_object_leaves_the_rest_usable() {
     other.json(&["restore", "v", s(&again), "--verify"]);
     assert_same_tree(&src, &again);
 }
+
+/// An index object lost from the vault leaves packs that a catalog which
+/// never read it does not know. Prune deletes unknown packs (a killed
+/// snapshot's), but never one that holds what a snapshot needs: those are
+/// read from their headers and indexed again.
+#[test]
+fn prune_never_deletes_a_pack_a_snapshot_needs_when_an_index_object_is_lost() {
+    let env = local_env("1M");
+    let src = env.path("src");
+    make_tree(&src);
+    std::fs::write(src.join("big"), noise(3_000_000, 11)).unwrap();
+    // The other machine's catalog is in step with the vault before the
+    // snapshot: it will learn the snapshot, but not the lost index.
+    let other = other_machine(&env);
+    assert!(other.run(&["snapshots"]).status.success());
+    let mut dry_machine = other_machine(&env);
+    for (k, v) in dry_machine.vars.iter_mut() {
+        if k == "XDG_STATE_HOME" {
+            *v = env.path("dry-state").display().to_string();
+        }
+    }
+    assert!(dry_machine.run(&["snapshots"]).status.success());
+    env.json(&["snapshot", s(&src), "--volume", "v"]);
+    for idx in files_under(&env.path("vault/index")) {
+        std::fs::remove_file(idx).unwrap();
+    }
+    // A killed snapshot's pack, which nothing needs, is still deleted.
+    let packs_dir = env.path("vault/packs");
+    let stray = noise(64, 99);
+    let stray_id = blake3::hash(&stray).to_hex().to_string();
+    let stray_path = packs_dir.join(&stray_id[..2]).join(&stray_id);
+    std::fs::create_dir_all(stray_path.parent().unwrap()).unwrap();
+    std::fs::write(&stray_path, &stray).unwrap();
+    let packs_before = files_under(&packs_dir).len();
+
+    let dry = dry_machine.json(&["prune", "--dry-run"]);
+    assert!(dry["packs_recovered"].as_u64().unwrap() >= 2, "{dry}");
+    assert_eq!(dry["packs_unknown"], 1, "{dry}");
+    assert_eq!(files_under(&packs_dir).len(), packs_before);
+    assert!(!env.path("vault/index").exists() || files_under(&env.path("vault/index")).is_empty());
+    let p = other.json(&["prune"]);
+    assert_eq!(p["packs_recovered"], dry["packs_recovered"], "{p}");
+    assert_eq!(p["packs_unknown"], 1, "{p}");
+    assert!(!stray_path.exists());
+    assert_eq!(files_under(&packs_dir).len(), packs_before - 1);
+    assert_eq!(files_under(&env.path("vault/index")).len(), 1);
+    let dst = other.path("dst");
+    other.json(&["restore", "v", s(&dst), "--verify"]);
+    assert_same_tree(&src, &dst);
+    // A new machine finds the packs through the new index object.
+    let third = Env {
+        dir: tempfile::tempdir().unwrap(),
+        vars: env.vars.clone(),
+    };
+    let mut third = third;
+    for (k, v) in third.vars.iter_mut() {
+        if k == "XDG_STATE_HOME" {
+            *v = env.path("third-state").display().to_string();
+        }
+    }
+    let r = third.json(&["catalog", "rebuild"]);
+    assert_eq!(r["packs_from_headers"], 0, "{r}");
+    assert_eq!(third.json(&["vault", "check"])["ok"], true);
+}

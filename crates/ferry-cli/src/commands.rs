@@ -500,6 +500,12 @@ pub async fn run(cli: Cli) -> Result<u8> {
                         "; {} {n} staging files of killed writes",
                         if dry_run { "would remove" } else { "removed" }
                     ),
+                } + &match s.packs_recovered {
+                    0 => String::new(),
+                    n => format!(
+                        "; {} {n} packs no index object listed (they hold what snapshots need)",
+                        if dry_run { "would index" } else { "indexed" }
+                    ),
                 }
             })?;
             Ok(0)

@@ -66,6 +66,10 @@ pub struct PruneSummary {
     pub packs_repacked: u64,
     /// Packs in the vault no catalog knew (a killed snapshot's).
     pub packs_unknown: u64,
+    /// Packs the catalog did not know that hold blobs a snapshot needs (an
+    /// index object lost from the vault): learned from their headers and
+    /// indexed again, never deleted.
+    pub packs_recovered: u64,
     pub packs_written: u64,
     pub bytes_deleted: u64,
     pub bytes_written: u64,
@@ -123,6 +127,74 @@ struct PackUse {
     dead_bytes: u64,
 }
 
+/// The live blobs, the catalog's packs with what of each is live, and how
+/// many live blobs some known pack holds.
+struct Survey {
+    live: HashSet<BlobId>,
+    packs: HashMap<PackId, PackUse>,
+    located: usize,
+}
+
+async fn survey(vault: &Vault, catalog: &dyn Catalog) -> Result<Survey> {
+    let live = live_blobs(vault, catalog).await?;
+    let mut packs: HashMap<PackId, PackUse> = catalog
+        .packs()?
+        .into_iter()
+        .map(|(id, size)| {
+            (
+                id,
+                PackUse {
+                    size,
+                    live: Vec::new(),
+                    dead_bytes: 0,
+                },
+            )
+        })
+        .collect();
+    let mut located: HashSet<BlobId> = HashSet::new();
+    for (blob, pack, stored) in catalog.blob_sizes()? {
+        let Some(u) = packs.get_mut(&pack) else {
+            continue;
+        };
+        if live.contains(&blob) {
+            located.insert(blob);
+            u.live.push(blob);
+        } else {
+            u.dead_bytes += u64::from(stored);
+        }
+    }
+    Ok(Survey {
+        located: located.len(),
+        live,
+        packs,
+    })
+}
+
+/// Reads the header of every pack in the vault the catalog does not know
+/// and records the readable ones (a damaged one stays unknown).
+async fn learn_unknown_packs(
+    vault: &Vault,
+    catalog: &dyn Catalog,
+) -> Result<Vec<crate::pack::PackRecord>> {
+    let known: HashSet<PackId> = catalog.packs()?.into_iter().map(|(p, _)| p).collect();
+    let mut learned = Vec::new();
+    for obj in vault.list("packs/").await? {
+        let Some(id) = PackId::from_hex(obj.location.filename().unwrap_or_default()) else {
+            continue;
+        };
+        if known.contains(&id) {
+            continue;
+        }
+        match vault.read_pack_header(&id, obj.size).await {
+            Ok(rec) => learned.push(rec),
+            Err(Error::DamagedPack { .. }) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    catalog.add_packs(&learned)?;
+    Ok(learned)
+}
+
 async fn run(
     vault: &Arc<Vault>,
     catalog: &dyn Catalog,
@@ -148,35 +220,48 @@ async fn run(
         snapshots: catalog.snapshots()?.len() as u64,
         ..Default::default()
     };
-    let live = live_blobs(vault, catalog).await?;
+    // Everything a snapshot needs must be in a pack the catalog knows, or
+    // the packs that hold it would look unknown and be deleted. When it is
+    // not (an index object lost from the vault), the headers of the packs
+    // the catalog does not know are read first and the survey made again.
+    let mut surveyed = survey(vault, catalog).await;
+    let incomplete = match &surveyed {
+        Ok(sv) => sv.live.len() > sv.located,
+        Err(Error::MissingBlob { .. }) => true,
+        Err(_) => false,
+    };
+    let mut learned = Vec::new();
+    if incomplete {
+        learned = learn_unknown_packs(vault, catalog).await?;
+        surveyed = survey(vault, catalog).await;
+    }
+    let Survey {
+        live,
+        packs,
+        located: _,
+    } = surveyed?;
     s.live_blobs = live.len() as u64;
-    s.staging_removed = vault.sweep_staging(opts.dry_run).await?;
-
-    let mut packs: HashMap<PackId, PackUse> = catalog
-        .packs()?
+    s.packs = packs.len() as u64;
+    // What was learned and is needed gets an index object again.
+    let recovered: Vec<crate::pack::PackRecord> = learned
         .into_iter()
-        .map(|(id, size)| {
-            (
-                id,
-                PackUse {
-                    size,
-                    live: Vec::new(),
-                    dead_bytes: 0,
+        .filter(|r| packs.get(&r.id).is_some_and(|u| !u.live.is_empty()))
+        .collect();
+    s.packs_recovered = recovered.len() as u64;
+    if !recovered.is_empty() && !opts.dry_run {
+        let name = format!("index/{}", crate::id::random_hex_id());
+        vault
+            .put_meta(
+                &name,
+                &IndexObject {
+                    packs: recovered.clone(),
                 },
             )
-        })
-        .collect();
-    s.packs = packs.len() as u64;
-    for (blob, pack, stored) in catalog.blob_sizes()? {
-        let Some(u) = packs.get_mut(&pack) else {
-            continue;
-        };
-        if live.contains(&blob) {
-            u.live.push(blob);
-        } else {
-            u.dead_bytes += u64::from(stored);
-        }
+            .await?;
+        catalog.mark_seen(&[name])?;
     }
+    s.staging_removed = vault.sweep_staging(opts.dry_run).await?;
+
     // Unreferenced: whole packs with nothing live, dead blobs of the others.
     s.unreferenced_bytes = packs
         .values()
@@ -199,7 +284,8 @@ async fn run(
         }
     }
     // Packs in the vault that the catalog does not know: nothing can
-    // reference them (no snapshot runs, the catalog is in step).
+    // reference them (no snapshot runs, the catalog is in step and holds
+    // every blob a snapshot needs).
     for obj in vault.list("packs/").await? {
         if let Some(id) = PackId::from_hex(obj.location.filename().unwrap_or_default())
             && !packs.contains_key(&id)
