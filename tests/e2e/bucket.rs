@@ -970,3 +970,51 @@ fn tags_storage_classes_and_markers_survive_on_a_store_that_has_them() {
         assert_eq!(again["objects_skipped"], 3, "{dst}: {again}");
     }
 }
+
+/// A directory target's symlinks are never followed: a key under a link
+/// planted in the target (to elsewhere, or out of an agent's root) fails
+/// that key, and nothing is written where the link points. A key whose
+/// file cannot be made leaves no temporary file behind.
+#[test]
+fn a_directory_target_never_writes_through_a_symlink() {
+    let env = Env::new();
+    let (src, dst, outside) = (env.path("src"), env.path("dst"), env.path("outside"));
+    std::fs::create_dir_all(src.join("escdir")).unwrap();
+    std::fs::write(src.join("escdir/pwned"), b"pwned").unwrap();
+    std::fs::write(src.join("fine"), b"ok").unwrap();
+    std::fs::create_dir_all(&dst).unwrap();
+    std::fs::create_dir_all(&outside).unwrap();
+    std::os::unix::fs::symlink(&outside, dst.join("escdir")).unwrap();
+    // A file whose place in the target is a directory with something in
+    // it: its rename fails.
+    std::fs::write(src.join("clash"), b"file").unwrap();
+    std::fs::create_dir_all(dst.join("clash")).unwrap();
+    std::fs::write(dst.join("clash/inner"), b"kept").unwrap();
+    let (s, d) = (src.to_str().unwrap(), dst.to_str().unwrap());
+    for _ in 0..2 {
+        let out = env.run(&["bucket", "sync", s, d, "--json"]);
+        assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let failed = v["failed"].as_array().unwrap();
+        assert!(
+            failed.iter().any(|f| f["key"] == "escdir/pwned"
+                && f["error"].as_str().unwrap().contains("symbolic link")),
+            "{v}"
+        );
+        assert_eq!(std::fs::read_dir(&outside).unwrap().count(), 0);
+        assert_eq!(std::fs::read(dst.join("fine")).unwrap(), b"ok");
+        assert!(dst.join("escdir").is_symlink());
+        assert!(failed.iter().any(|f| f["key"] == "clash"), "{v}");
+    }
+    // Nothing under a temporary name anywhere in the target.
+    let leftovers: Vec<_> = files_under(&dst)
+        .into_iter()
+        .filter(|p| {
+            p.file_name()
+                .unwrap()
+                .to_string_lossy()
+                .starts_with(".ferry-")
+        })
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+}

@@ -485,9 +485,15 @@ impl Side {
                     return Ok(Upload::LocalDir { path });
                 }
                 let dir = path.parent().unwrap_or(&l.root).to_path_buf();
-                tokio::fs::create_dir_all(&dir)
+                let root = l.root.clone();
+                let made = dir.clone();
+                tokio::task::spawn_blocking(move || make_dirs_within(&root, &made))
                     .await
-                    .map_err(|e| Error::Transfer(format!("{}: {e}", dir.display())))?;
+                    .map_err(|e| Error::Transfer(e.to_string()))?
+                    .map_err(|reason| Error::Key {
+                        key: key.into(),
+                        reason,
+                    })?;
                 let tmp = dir.join(format!(".ferry-{}.tmp", random_hex()));
                 let file = tokio::fs::File::create(&tmp)
                     .await
@@ -778,6 +784,42 @@ fn form_encode(s: &str) -> String {
     out
 }
 
+/// Makes the directories from `root` down to `dir` (which lies under it),
+/// never through a symbolic link: a link planted in the target (to `/etc`,
+/// or out of an agent's root) must not carry a write outside it. `root`
+/// itself may be a link, as a restore's target may.
+fn make_dirs_within(root: &Path, dir: &Path) -> std::result::Result<(), String> {
+    let rel = dir
+        .strip_prefix(root)
+        .map_err(|_| format!("{} is not under {}", dir.display(), root.display()))?;
+    std::fs::create_dir_all(root).map_err(|e| format!("{}: {e}", root.display()))?;
+    let mut at = root.to_path_buf();
+    for part in rel.components() {
+        at.push(part);
+        match std::fs::symlink_metadata(&at) {
+            Ok(md) if md.is_dir() => continue,
+            Ok(md) if md.file_type().is_symlink() => {
+                return Err(format!(
+                    "{} is a symbolic link in the target: not followed",
+                    at.display()
+                ));
+            }
+            Ok(_) => return Err(format!("{} is a file, not a directory", at.display())),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(format!("{}: {e}", at.display())),
+        }
+        match std::fs::create_dir(&at) {
+            Ok(()) => {}
+            // Made meanwhile by another transfer: a directory will do.
+            Err(e)
+                if e.kind() == std::io::ErrorKind::AlreadyExists
+                    && std::fs::symlink_metadata(&at).is_ok_and(|m| m.is_dir()) => {}
+            Err(e) => return Err(format!("{}: {e}", at.display())),
+        }
+    }
+    Ok(())
+}
+
 impl LocalSide {
     fn path(&self, key: &str) -> Result<PathBuf> {
         if let Some(why) = local_key_problem(key) {
@@ -1038,13 +1080,23 @@ impl Upload {
                 file.flush().await.map_err(io)?;
                 file.sync_all().await.map_err(io)?;
                 drop(file);
-                tokio::fs::rename(&tmp, &path)
-                    .await
-                    .map_err(|e| Error::Transfer(format!("{}: {e}", path.display())))
+                match tokio::fs::rename(&tmp, &path).await {
+                    Ok(()) => Ok(()),
+                    Err(e) => {
+                        // Nothing is left behind under our temporary name.
+                        let _ = tokio::fs::remove_file(&tmp).await;
+                        Err(Error::Transfer(format!("{}: {e}", path.display())))
+                    }
+                }
             }
-            (Upload::LocalDir { path }, _) => tokio::fs::create_dir_all(&path)
-                .await
-                .map_err(|e| Error::Transfer(format!("{}: {e}", path.display()))),
+            (Upload::LocalDir { path }, Side::Local(l)) => {
+                let root = l.root.clone();
+                let shown = path.display().to_string();
+                tokio::task::spawn_blocking(move || make_dirs_within(&root, &path))
+                    .await
+                    .map_err(|e| Error::Transfer(e.to_string()))?
+                    .map_err(|reason| Error::Transfer(format!("{shown}: {reason}")))
+            }
             _ => Err(Error::Transfer("upload and side do not match".into())),
         }
     }
