@@ -630,3 +630,65 @@ fn a_cutover_refuses_an_incomplete_snapshot_before_touching_the_target() {
     assert!(err.contains("no migration \"nested\""), "{err}");
     assert!(!src.join("db/copy").exists());
 }
+
+/// A source that became an empty directory between the pre-sync and the
+/// cutover (its volume no longer mounted) does not empty the target: the
+/// cutover fails before anything is deleted, the resume command does not
+/// run, the rollback does. `ferry sync --delete` refuses the same way.
+#[test]
+fn an_emptied_source_never_empties_the_target() {
+    let env = Env::new();
+    let (src, dst) = (env.path("src"), env.path("dst"));
+    std::fs::create_dir_all(src.join("d")).unwrap();
+    for i in 0..3u64 {
+        std::fs::write(src.join(format!("d/f{i}")), noise(50_000, i)).unwrap();
+    }
+    let vault = env.path("vault").display().to_string();
+    assert!(env.run(&["vault", "init", &vault]).status.success());
+    let (s, d) = (src.to_str().unwrap(), dst.to_str().unwrap());
+    let run = |args: &[&str]| {
+        let mut a = args.to_vec();
+        a.extend(["--vault", vault.as_str()]);
+        env.run(&a)
+    };
+    assert!(
+        run(&["migration", "create", "m", "--from", s, "--to", d])
+            .status
+            .success()
+    );
+    assert!(run(&["migration", "presync", "m"]).status.success());
+    assert_same_tree(&src, &dst);
+
+    std::fs::remove_dir_all(&src).unwrap();
+    std::fs::create_dir(&src).unwrap();
+    let (resumed, rolled) = (env.path("resumed"), env.path("rolled-back"));
+    let out = run(&[
+        "migration",
+        "cutover",
+        "m",
+        "--quiesce-cmd",
+        "true",
+        "--resume-cmd",
+        &format!("touch {}", resumed.display()),
+        "--rollback-cmd",
+        &format!("touch {}", rolled.display()),
+    ]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("the snapshot is empty"), "{text}");
+    assert!(!resumed.exists() && rolled.exists());
+    assert_eq!(files_under(&dst).len(), 3);
+
+    let out = env.run(&["sync", s, d, "--delete"]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("--delete would empty"),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(files_under(&dst).len(), 3);
+    // Without --delete an empty snapshot changes nothing, as before.
+    let out = env.run(&["sync", s, d]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(files_under(&dst).len(), 3);
+}

@@ -970,6 +970,39 @@ impl Walker<'_> {
     }
 }
 
+/// An empty snapshot restored with `delete` would empty the target: what a
+/// source that is an empty mount point (its volume not mounted) looks like
+/// at a cutover. Refused before anything is touched; emptying a target on
+/// purpose is a job for `rm`.
+async fn refuse_emptying(
+    vault: &Vault,
+    catalog: &dyn Catalog,
+    root: &BlobId,
+    target: &Path,
+) -> Result<()> {
+    if !crate::sync::load_tree(vault, catalog, root)
+        .await?
+        .entries
+        .is_empty()
+    {
+        return Ok(());
+    }
+    let held = std::fs::read_dir(target)
+        .map_err(|e| Error::io(target, e))?
+        .filter_map(|e| e.ok())
+        .filter(|e| !is_our_tmp(e.file_name().as_encoded_bytes()))
+        .count();
+    if held == 0 {
+        return Ok(());
+    }
+    Err(Error::Invalid(format!(
+        "the snapshot is empty (was its source an empty directory, a volume not mounted?) and \
+         --delete would empty {} ({held} entries): nothing was changed; to empty it on purpose, \
+         delete its contents yourself",
+        target.display()
+    )))
+}
+
 /// Restores `snap` into `target` (created if missing; may hold an earlier
 /// restore, which is updated in place).
 pub async fn restore(
@@ -1083,6 +1116,9 @@ async fn restore_locked(
     };
     let target = resolved.as_deref().unwrap_or(target);
     ensure_dir(target)?;
+    if opts.delete {
+        refuse_emptying(&vault, catalog.as_ref(), &root, target).await?;
+    }
     let old_root = match state.last_snapshot()? {
         Some(id) => catalog
             .snapshots()?
