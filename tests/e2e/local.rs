@@ -941,3 +941,59 @@ fn file_times_past_2262_are_clamped_not_wrapped() {
     // 2262-04-11T23:47:16Z.
     assert_eq!(back, 9_223_372_036, "restored mtime {back}");
 }
+
+/// Two restores into one target would delete each other's temporary files
+/// and leave a mix of both snapshots: while one holds the target (a lock
+/// on the directory, as a running restore takes it), another fails at once
+/// and changes nothing.
+#[test]
+fn one_restore_at_a_time_into_a_target() {
+    let env = Env::new();
+    let src = env.path("src");
+    make_tree(&src);
+    let vault = init(&env);
+    env.json(&[
+        "snapshot",
+        src.to_str().unwrap(),
+        "--vault",
+        &vault,
+        "--volume",
+        "v",
+    ]);
+    let dst = env.path("dst");
+    std::fs::create_dir_all(&dst).unwrap();
+    std::fs::write(dst.join("mine"), b"x").unwrap();
+    let held = std::fs::File::open(&dst).unwrap();
+    held.try_lock().unwrap();
+    for args in [
+        vec![
+            "restore",
+            "v",
+            dst.to_str().unwrap(),
+            "--vault",
+            &vault,
+            "--delete",
+        ],
+        vec!["sync", src.to_str().unwrap(), dst.to_str().unwrap()],
+    ] {
+        let out = env.run(&args);
+        assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+        assert!(
+            stderr(&out).contains("being restored by another process"),
+            "{}",
+            stderr(&out)
+        );
+        let names: Vec<_> = std::fs::read_dir(&dst).unwrap().collect();
+        assert_eq!(names.len(), 1, "{names:?}");
+    }
+    drop(held);
+    env.json(&[
+        "restore",
+        "v",
+        dst.to_str().unwrap(),
+        "--vault",
+        &vault,
+        "--delete",
+    ]);
+    assert_same_tree(&src, &dst);
+}

@@ -970,6 +970,23 @@ impl Walker<'_> {
     }
 }
 
+/// One restore at a time into a target, on this machine: two would remove
+/// each other's temporary files and leave a mix of both snapshots. The
+/// lock is on the target directory itself (`flock`), so it holds between
+/// processes whatever their state directories (two agents sharing a root)
+/// and goes with the process, however it ends.
+fn lock_target(target: &Path) -> Result<File> {
+    let dir = File::open(target).map_err(|e| Error::io(target, e))?;
+    match dir.try_lock() {
+        Ok(()) => Ok(dir),
+        Err(std::fs::TryLockError::WouldBlock) => Err(Error::Invalid(format!(
+            "{} is being restored by another process: wait for it to end",
+            target.display()
+        ))),
+        Err(std::fs::TryLockError::Error(e)) => Err(Error::io(target, e)),
+    }
+}
+
 /// An empty snapshot restored with `delete` would empty the target: what a
 /// source that is an empty mount point (its volume not mounted) looks like
 /// at a cutover. Refused before anything is touched; emptying a target on
@@ -1116,6 +1133,7 @@ async fn restore_locked(
     };
     let target = resolved.as_deref().unwrap_or(target);
     ensure_dir(target)?;
+    let _only_one = lock_target(target)?;
     if opts.delete {
         refuse_emptying(&vault, catalog.as_ref(), &root, target).await?;
     }
