@@ -684,11 +684,24 @@ fn settle(tx: &rusqlite::Transaction<'_>, parent: i64) -> rusqlite::Result<()> {
     let error = if ok {
         String::new()
     } else {
+        // The first failed task's reason, so that the job's own error says
+        // why without a look at each task.
+        let first: Option<(i64, String)> = tx
+            .query_row(
+                "SELECT id, error FROM jobs WHERE parent = ?1 AND state NOT IN ('queued', 'running', 'done') \
+                 AND error IS NOT NULL AND error != '' ORDER BY id LIMIT 1",
+                params![parent],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()?;
         format!(
-            "{} of {} tasks failed, {} keys failed",
+            "{} of {} tasks failed, {} keys failed{}",
             s.failed,
             s.done + s.failed,
-            s.failures
+            s.failures,
+            first
+                .map(|(id, e)| format!(" (task job {id}: {e})"))
+                .unwrap_or_default()
         )
     };
     tx.execute(
@@ -891,6 +904,47 @@ mod tests {
         let r: serde_json::Value = serde_json::from_str(&j.result).unwrap();
         assert_eq!(r["objects_copied"], 5);
         assert_eq!(q.rerun(p.id).unwrap(), 0);
+    }
+
+    #[test]
+    fn a_failed_distributed_job_says_why_its_first_task_failed() {
+        let (_d, q) = queue();
+        let p = q
+            .submit_distributed("bucket", "{}", "bucket_split", "{\"at\":0}")
+            .unwrap();
+        let split = q.lease("a", Duration::from_secs(30)).unwrap().unwrap();
+        assert!(
+            q.add_tasks(
+                "a",
+                split.id,
+                "bucket_range",
+                &["{}".into()],
+                "{\"at\":0}",
+                "{\"at\":1}"
+            )
+            .unwrap()
+        );
+        assert!(q.finish("a", split.id, 0, "{}", "").unwrap());
+        let t = q.lease("a", Duration::from_secs(30)).unwrap().unwrap();
+        assert!(
+            q.finish(
+                "a",
+                t.id,
+                1,
+                "{}",
+                "no remote named \"r\" in the config file"
+            )
+            .unwrap()
+        );
+        let j = q.job(p.id).unwrap().unwrap();
+        assert_eq!(j.state, "failed");
+        assert_eq!(
+            j.error,
+            format!(
+                "1 of 2 tasks failed, 0 keys failed (task job {}: no remote named \"r\" in the config file)",
+                t.id
+            )
+        );
     }
 
     #[test]
