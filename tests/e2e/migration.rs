@@ -365,6 +365,19 @@ fn a_migration_presyncs_while_sources_change_cuts_over_and_reports() {
         &["migration", "verify-report", forged.to_str().unwrap()],
         "does not match",
     );
+    // A forged value placed before the signed one: a person reads the
+    // first, a JSON parser keeps the last. Refused.
+    let text = std::fs::read_to_string(&report).unwrap();
+    let at = text.find("\"ok\"").unwrap();
+    std::fs::write(
+        &forged,
+        format!("{}\"ok\": false, {}", &text[..at], &text[at..]),
+    )
+    .unwrap();
+    fail(
+        &["migration", "verify-report", forged.to_str().unwrap()],
+        "appears twice",
+    );
     let other = env.path("other-vault");
     assert!(
         env.run(&["vault", "init", other.to_str().unwrap()])

@@ -1877,6 +1877,12 @@ async fn verify_report(g: &Global, file: &Path) -> Result<u8> {
             file.display()
         )
     })?;
+    if let Err(e) = serde_json::from_str::<migration::NoRepeatedKeys>(&text) {
+        bail!(
+            "{}: {e}: a report whose keys repeat reads one way and verifies another; refused",
+            file.display()
+        );
+    }
     let env = Env::open(g).await?;
     match env.verify(&doc).await? {
         Ok(()) => {

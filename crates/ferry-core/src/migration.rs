@@ -421,6 +421,62 @@ fn canonical(v: &serde_json::Value) -> String {
     sorted(v).to_string()
 }
 
+/// Parses any JSON document and fails on an object that repeats a key.
+/// A signed report with a repeated key reads one way to a person (the
+/// first value) and another to the signature check (the last one wins):
+/// such a report is refused whatever its signature.
+pub struct NoRepeatedKeys;
+
+impl<'de> serde::Deserialize<'de> for NoRepeatedKeys {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(NoRepeatedKeysVisitor)
+    }
+}
+
+struct NoRepeatedKeysVisitor;
+
+impl<'de> serde::de::Visitor<'de> for NoRepeatedKeysVisitor {
+    type Value = NoRepeatedKeys;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("a JSON value")
+    }
+    fn visit_bool<E>(self, _: bool) -> Result<Self::Value, E> {
+        Ok(NoRepeatedKeys)
+    }
+    fn visit_i64<E>(self, _: i64) -> Result<Self::Value, E> {
+        Ok(NoRepeatedKeys)
+    }
+    fn visit_u64<E>(self, _: u64) -> Result<Self::Value, E> {
+        Ok(NoRepeatedKeys)
+    }
+    fn visit_f64<E>(self, _: f64) -> Result<Self::Value, E> {
+        Ok(NoRepeatedKeys)
+    }
+    fn visit_str<E>(self, _: &str) -> Result<Self::Value, E> {
+        Ok(NoRepeatedKeys)
+    }
+    fn visit_unit<E>(self) -> Result<Self::Value, E> {
+        Ok(NoRepeatedKeys)
+    }
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+        while seq.next_element::<NoRepeatedKeys>()?.is_some() {}
+        Ok(NoRepeatedKeys)
+    }
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        let mut seen = std::collections::HashSet::new();
+        while let Some(key) = map.next_key::<String>()? {
+            if !seen.insert(key.clone()) {
+                return Err(serde::de::Error::custom(format!(
+                    "key {key:?} appears twice"
+                )));
+            }
+            map.next_value::<NoRepeatedKeys>()?;
+        }
+        Ok(NoRepeatedKeys)
+    }
+}
+
 /// Why these pairs cannot run together, if they cannot: a target that
 /// another pair also writes (one `--delete` would remove the other's files),
 /// or a target that overlaps a source (each round would copy the copy, or
@@ -480,6 +536,20 @@ pub fn conflicts(pairs: &[Pair]) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn repeated_keys_are_found_at_any_depth() {
+        let ok = r#"{"a": 1, "b": [{"a": 2}, {"a": 3}], "c": {"a": null}}"#;
+        assert!(serde_json::from_str::<NoRepeatedKeys>(ok).is_ok());
+        for bad in [
+            r#"{"ok": false, "ok": true}"#,
+            r#"{"pairs": [{"files": 1, "x": 0, "files": 2}]}"#,
+            r#"{"a": {"b": {"c": 1, "c": 1}}}"#,
+        ] {
+            let e = serde_json::from_str::<NoRepeatedKeys>(bad).err().unwrap();
+            assert!(e.to_string().contains("appears twice"), "{bad}: {e}");
+        }
+    }
 
     #[test]
     fn pairs_that_share_a_target_or_write_into_a_source_conflict() {
