@@ -323,7 +323,11 @@ pub async fn sync(
                         gone.push(k);
                     }
                     Outcome::Failed(key, error) => {
-                        progress.warn(&format!("{key}: {error}"));
+                        if error.starts_with(&format!("{key}: ")) {
+                            progress.warn(&error);
+                        } else {
+                            progress.warn(&format!("{key}: {error}"));
+                        }
                         s.failed.push(FailedKey { key, error });
                     }
                 }

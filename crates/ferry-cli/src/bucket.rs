@@ -162,7 +162,12 @@ async fn local(
             ));
         }
         for f in &s.failed {
-            out.push_str(&format!("failed: {}: {}\n", f.key, f.error));
+            // Errors about one key often name it already.
+            let why = f
+                .error
+                .strip_prefix(&format!("{}: ", f.key))
+                .unwrap_or(&f.error);
+            out.push_str(&format!("failed: {}: {why}\n", f.key));
         }
         for k in &s.mismatched {
             out.push_str(&format!("differs after copy: {k}\n"));
