@@ -127,6 +127,18 @@ struct PackUse {
     dead_bytes: u64,
 }
 
+/// Writes an index object listing `packs`; this catalog has seen it.
+async fn write_index(
+    vault: &Vault,
+    catalog: &dyn Catalog,
+    packs: Vec<crate::pack::PackRecord>,
+) -> Result<()> {
+    let name = format!("index/{}", crate::id::random_hex_id());
+    vault.put_meta(&name, &IndexObject { packs }).await?;
+    catalog.mark_seen(&[name])?;
+    Ok(())
+}
+
 /// The live blobs, the catalog's packs with what of each is live, and how
 /// many live blobs some known pack holds.
 struct Survey {
@@ -249,16 +261,7 @@ async fn run(
         .collect();
     s.packs_recovered = recovered.len() as u64;
     if !recovered.is_empty() && !opts.dry_run {
-        let name = format!("index/{}", crate::id::random_hex_id());
-        vault
-            .put_meta(
-                &name,
-                &IndexObject {
-                    packs: recovered.clone(),
-                },
-            )
-            .await?;
-        catalog.mark_seen(&[name])?;
+        write_index(vault, catalog, recovered).await?;
     }
     s.staging_removed = vault.sweep_staging(opts.dry_run).await?;
 
@@ -314,16 +317,7 @@ async fn run(
     s.packs_written = written.len() as u64;
     s.bytes_written = written.iter().map(|p| p.size).sum();
     if !written.is_empty() {
-        let name = format!("index/{}", crate::id::random_hex_id());
-        vault
-            .put_meta(
-                &name,
-                &IndexObject {
-                    packs: written.clone(),
-                },
-            )
-            .await?;
-        catalog.mark_seen(&[name])?;
+        write_index(vault, catalog, written.clone()).await?;
     }
     let condemned: Vec<PackId> = delete
         .iter()
