@@ -351,6 +351,16 @@ fn a_snapshot_on_one_agent_restores_on_another_and_dedups_across_the_fleet() {
         .json(&["vault", "check", "s3://vault/fleet", "--read-data"]);
     assert_eq!(check["ok"], true, "{check}");
     assert_eq!(check["snapshots"], 5, "{check}");
+
+    // With the coordinator named, `ferry snapshots` lists its vault's
+    // snapshots (no embedded catalog on this machine has any).
+    let listed = f.json(&["snapshots"]);
+    let listed = listed["snapshots"].as_array().unwrap();
+    assert_eq!(listed.len(), 5, "{listed:?}");
+    let db = f.json(&["snapshots", "db"]);
+    let db = db["snapshots"].as_array().unwrap();
+    assert!(!db.is_empty() && db.len() < 5, "{db:?}");
+    assert!(db.iter().all(|s| s["volume"] == "db"), "{db:?}");
 }
 
 #[test]

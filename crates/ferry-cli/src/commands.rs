@@ -192,7 +192,12 @@ pub async fn run(cli: Cli) -> Result<u8> {
             Ok(0)
         }
         Command::Snapshots { volume } => {
-            let (_vault, catalog) = open(None, g).await?;
+            // With a coordinator, its vault's snapshots: those its agents
+            // took, which no embedded catalog on this machine knows of.
+            let catalog: Arc<dyn Catalog> = match g.coordinator {
+                Some(_) => Arc::new(crate::fleet::remote_catalog(g)?),
+                None => open(None, g).await?.1,
+            };
             let list: Vec<_> = catalog
                 .snapshots()?
                 .into_iter()

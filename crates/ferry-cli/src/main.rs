@@ -93,7 +93,7 @@ pub enum Command {
         #[command(flatten)]
         remote: RemoteArgs,
     },
-    /// List snapshots, of one volume or all.
+    /// List snapshots, of one volume or all (with --coordinator: those in its vault).
     Snapshots {
         /// Only this volume.
         volume: Option<String>,
