@@ -584,6 +584,106 @@ fn an_interrupted_sync_leaves_no_partial_object_and_the_rerun_cleans_up() {
 }
 
 #[test]
+fn a_killed_sync_has_recorded_what_it_finished() {
+    // Small objects finish at once; the large one, paced, is still in
+    // flight a second and a half later when the run is killed. The rerun
+    // copies only the large one (the small ones' state was written within
+    // a second, not at the 500th copy or the end).
+    let env = Env::new();
+    let (src, dst) = (env.path("src"), env.path("dst"));
+    std::fs::create_dir_all(&src).unwrap();
+    for i in 0..5u64 {
+        std::fs::write(src.join(format!("small{i}")), noise(1000, i)).unwrap();
+    }
+    std::fs::write(src.join("zbig.bin"), noise(16 << 20, 9)).unwrap();
+    let mut child = env
+        .cmd(&[
+            "bucket",
+            "sync",
+            src.to_str().unwrap(),
+            dst.to_str().unwrap(),
+            "--bandwidth",
+            "1M",
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let start = Instant::now();
+    while (0..5).any(|i| !dst.join(format!("small{i}")).exists()) {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "small objects not copied"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(
+        !dst.join("zbig.bin").exists(),
+        "the paced object finished too soon"
+    );
+    child.kill().unwrap();
+    child.wait().unwrap();
+
+    let r = sync_json(&env, &[src.to_str().unwrap(), dst.to_str().unwrap()]);
+    assert_eq!(r["objects_copied"], 1, "{r}");
+    assert_eq!(r["objects_failed"], 0, "{r}");
+    assert_eq!(
+        std::fs::read(dst.join("zbig.bin")).unwrap(),
+        noise(16 << 20, 9)
+    );
+}
+
+#[test]
+fn a_directory_source_says_what_it_cannot_carry_and_deletes_none_of_it() {
+    use std::os::unix::ffi::OsStrExt;
+    let env = Env::new();
+    let (src, dst) = (env.path("src"), env.path("dst"));
+    std::fs::create_dir_all(&src).unwrap();
+    std::fs::write(src.join("real.txt"), b"real").unwrap();
+    std::fs::write(src.join("link"), b"a file, for now").unwrap();
+    let first = sync_json(&env, &[src.to_str().unwrap(), dst.to_str().unwrap()]);
+    assert_eq!(first["objects_copied"], 2, "{first}");
+    assert_eq!(first["objects_unsupported"], 0, "{first}");
+
+    // The file becomes a symlink; a FIFO and a name no key can carry
+    // appear.
+    std::fs::remove_file(src.join("link")).unwrap();
+    std::os::unix::fs::symlink("real.txt", src.join("link")).unwrap();
+    let fifo = std::process::Command::new("mkfifo")
+        .arg(src.join("pipe"))
+        .status()
+        .unwrap();
+    assert!(fifo.success());
+    let bad = src.join(std::ffi::OsStr::from_bytes(b"bad-\xff-name"));
+    std::fs::write(&bad, b"latin-1").unwrap();
+    let out = env.run(&[
+        "bucket",
+        "sync",
+        src.to_str().unwrap(),
+        dst.to_str().unwrap(),
+        "--delete",
+        "--json",
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(r["objects_unsupported"], 3, "{r}");
+    assert_eq!(r["objects_deleted"], 0, "{r}");
+    let err = stderr(&out);
+    for line in [
+        "link: skipped: a symlink (not followed)",
+        "pipe: skipped: not a regular file",
+        "skipped: a name that is not UTF-8",
+    ] {
+        assert!(err.contains(line), "no {line:?} in: {err}");
+    }
+    // The symlink's namesake stays: what it stands for is still there.
+    assert_eq!(std::fs::read(dst.join("link")).unwrap(), b"a file, for now");
+    assert_eq!(std::fs::read(dst.join("real.txt")).unwrap(), b"real");
+    assert!(!dst.join("pipe").exists());
+}
+
+#[test]
 fn an_object_rewritten_during_its_copy_is_never_copied_torn() {
     use std::sync::atomic::Ordering::Relaxed;
     let mut env = Env::new();

@@ -96,7 +96,14 @@ impl BucketObjects {
         self.rt
             .spawn(async move { side.list(&KeyRange::default(), tx).await });
         Box::new(std::iter::from_fn(move || {
-            rx.blocking_recv().map(|r| r.map(entry).map_err(io))
+            // A bucket holds no symlinks or special files; a directory's
+            // are not objects.
+            loop {
+                match rx.blocking_recv()? {
+                    Ok(e) if e.unsupported.is_some() => continue,
+                    r => return Some(r.map(entry).map_err(io)),
+                }
+            }
         }))
     }
 

@@ -27,6 +27,10 @@ pub struct Entry {
     /// As the store reports it, quotes removed; empty for local files.
     pub etag: String,
     pub modified_ns: i64,
+    /// Why a local directory's entry cannot be carried as an object (a
+    /// symlink, a special file, a name that is not UTF-8): listed so that
+    /// the sync says so and never deletes its namesake, never copied.
+    pub unsupported: Option<&'static str>,
 }
 
 impl Entry {
@@ -254,6 +258,7 @@ fn listed_entry(key: &str, o: &aws_sdk_s3::types::Object) -> Entry {
             .last_modified()
             .map(|t| t.as_nanos().clamp(0, i64::MAX as i128) as i64)
             .unwrap_or(0),
+        unsupported: None,
     }
 }
 
@@ -415,6 +420,7 @@ impl Side {
                         size: md.len(),
                         etag: local_etag(&md),
                         modified_ns: ferry_core::manifest::time_ns(md.mtime(), md.mtime_nsec()),
+                        unsupported: None,
                     })),
                     Ok(_) => Ok(None),
                     Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
@@ -857,8 +863,9 @@ impl LocalSide {
 fn walk(root: &Path, range: &KeyRange, tx: &mpsc::Sender<Result<Entry>>) -> Result<()> {
     use std::os::unix::fs::MetadataExt;
     // Stack of (directory, key prefix); entries pushed in reverse order.
-    let mut stack: Vec<(PathBuf, String, bool)> = vec![(root.to_path_buf(), String::new(), true)];
-    while let Some((path, key, is_dir)) = stack.pop() {
+    let mut stack: Vec<(PathBuf, String, bool, Option<&'static str>)> =
+        vec![(root.to_path_buf(), String::new(), true, None)];
+    while let Some((path, key, is_dir, unsupported)) = stack.pop() {
         if range.past_end(&key) {
             return Ok(()); // in key order: everything after is past it too
         }
@@ -871,14 +878,18 @@ fn walk(root: &Path, range: &KeyRange, tx: &mpsc::Sender<Result<Entry>>) -> Resu
         if !is_dir {
             let md = std::fs::symlink_metadata(&path)
                 .map_err(|e| Error::Store(format!("{}: {e}", path.display())))?;
-            if !md.is_file() {
-                continue;
-            }
+            let unsupported = match () {
+                _ if unsupported.is_some() => unsupported,
+                _ if md.is_file() => None,
+                _ if md.file_type().is_symlink() => Some("a symlink (not followed)"),
+                _ => Some("not a regular file"),
+            };
             let e = Entry {
                 key,
                 size: md.len(),
                 etag: local_etag(&md),
                 modified_ns: ferry_core::manifest::time_ns(md.mtime(), md.mtime_nsec()),
+                unsupported,
             };
             if tx.blocking_send(Ok(e)).is_err() {
                 return Ok(());
@@ -890,10 +901,15 @@ fn walk(root: &Path, range: &KeyRange, tx: &mpsc::Sender<Result<Entry>>) -> Resu
             .map_err(|e| Error::Store(format!("{}: {e}", path.display())))?
         {
             let d = d.map_err(|e| Error::Store(format!("{}: {e}", path.display())))?;
-            let name = d.file_name();
-            let Some(name) = name.to_str() else {
-                tracing::warn!("skipping {}: not UTF-8", d.path().display());
-                continue;
+            let os_name = d.file_name();
+            // A name no key can carry is listed (lossily) as unsupported,
+            // whatever it is: never walked into, never copied.
+            let (name, bad_name) = match os_name.to_str() {
+                Some(n) => (n.to_string(), None),
+                None => (
+                    os_name.to_string_lossy().into_owned(),
+                    Some("a name that is not UTF-8"),
+                ),
             };
             if name.starts_with(".ferry-") && name.ends_with(".tmp") {
                 continue;
@@ -901,22 +917,22 @@ fn walk(root: &Path, range: &KeyRange, tx: &mpsc::Sender<Result<Entry>>) -> Resu
             let ft = d
                 .file_type()
                 .map_err(|e| Error::Store(format!("{}: {e}", d.path().display())))?;
-            let dir = ft.is_dir();
+            let dir = ft.is_dir() && bad_name.is_none();
             let sort = if dir {
                 format!("{name}/")
             } else {
-                name.to_string()
+                name.clone()
             };
-            names.push((sort, name.to_string(), dir));
+            names.push((sort, name, os_name, dir, bad_name));
         }
-        names.sort();
-        for (_, name, dir) in names.into_iter().rev() {
+        names.sort_by(|a, b| a.0.cmp(&b.0));
+        for (_, name, os_name, dir, bad_name) in names.into_iter().rev() {
             let k = if dir {
                 format!("{key}{name}/")
             } else {
                 format!("{key}{name}")
             };
-            stack.push((path.join(&name), k, dir));
+            stack.push((path.join(&os_name), k, dir, bad_name));
         }
     }
     Ok(())

@@ -18,9 +18,12 @@ use std::time::Instant;
 use bytes::{Bytes, BytesMut};
 use ferry_core::bucket_state::{ObjectState, SyncState};
 use ferry_core::progress::Progress;
-use globset::{Glob, GlobSet, GlobSetBuilder};
+use globset::{GlobBuilder, GlobSet, GlobSetBuilder};
 use serde::Serialize;
 use tokio::sync::mpsc;
+
+/// The longest a finished copy or delete waits to be recorded.
+const STATE_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
 
 use crate::store::{Entry, KeyRange, Side, Upload};
 use crate::{Error, Result};
@@ -90,6 +93,10 @@ pub struct SyncSummary {
     pub objects_skipped: u64,
     pub objects_deleted: u64,
     pub objects_failed: u64,
+    /// Source entries no object can stand for (a directory's symlinks,
+    /// special files, names that are not UTF-8): skipped, each with a
+    /// warning.
+    pub objects_unsupported: u64,
     /// Copied by the store itself (same endpoint): no bytes through ferry.
     pub objects_copied_server_side: u64,
     pub objects_verified: u64,
@@ -135,9 +142,23 @@ fn globs(patterns: &[String]) -> Result<Option<GlobSet>> {
     if patterns.is_empty() {
         return Ok(None);
     }
+    // Read as rclone reads them: `*` and `?` stay within one segment of the
+    // key, `**` crosses segments, and a pattern that does not start with
+    // `/` matches at any depth (`*.log` is every log, `/*.log` only those
+    // at the top, `logs/*` the files directly in any `logs/`).
     let mut b = GlobSetBuilder::new();
     for p in patterns {
-        b.add(Glob::new(p).map_err(|e| Error::Config(format!("bad pattern {p:?}: {e}")))?);
+        let forms = match p.strip_prefix('/') {
+            Some(top) => vec![top.to_string()],
+            None => vec![p.clone(), format!("**/{p}")],
+        };
+        for f in forms {
+            let g = GlobBuilder::new(&f)
+                .literal_separator(true)
+                .build()
+                .map_err(|e| Error::Config(format!("bad pattern {p:?}: {e}")))?;
+            b.add(g);
+        }
     }
     b.build()
         .map(Some)
@@ -286,7 +307,24 @@ pub async fn sync(
             let mut s = CollectorSummary::default();
             let mut batch: Vec<(String, ObjectState)> = Vec::new();
             let mut gone: Vec<String> = Vec::new();
-            while let Some(o) = out_rx.recv().await {
+            // Written every 500 outcomes, and at most a second after the
+            // oldest unwritten one: a run killed while a large object is in
+            // flight has recorded what it finished, and its rerun skips it.
+            let mut due: Option<tokio::time::Instant> = None;
+            loop {
+                let o = match due {
+                    Some(at) => match tokio::time::timeout_at(at, out_rx.recv()).await {
+                        Ok(o) => o,
+                        Err(_) => {
+                            state.put(&std::mem::take(&mut batch)).map_err(st)?;
+                            state.remove(&std::mem::take(&mut gone)).map_err(st)?;
+                            due = None;
+                            continue;
+                        }
+                    },
+                    None => out_rx.recv().await,
+                };
+                let Some(o) = o else { break };
                 match o {
                     Outcome::Copied {
                         entry,
@@ -337,6 +375,11 @@ pub async fn sync(
                 if gone.len() >= 500 {
                     state.remove(&std::mem::take(&mut gone)).map_err(st)?;
                 }
+                if batch.is_empty() && gone.is_empty() {
+                    due = None;
+                } else if due.is_none() {
+                    due = Some(tokio::time::Instant::now() + STATE_EVERY);
+                }
             }
             state.put(&batch).map_err(st)?;
             state.remove(&gone).map_err(st)?;
@@ -361,7 +404,7 @@ pub async fn sync(
                 let s = s_head.take().expect("some");
                 s_head = next(&mut srx).await?;
                 summary.objects_listed += 1;
-                if filter.wants(&s.key) {
+                if filter.wants(&s.key) && supported(&s, &progress, &mut summary) {
                     pending.push((s, None));
                 }
             }
@@ -371,14 +414,18 @@ pub async fn sync(
                 s_head = next(&mut srx).await?;
                 d_head = next(&mut drx).await?;
                 summary.objects_listed += 1;
-                if filter.wants(&s.key) {
+                // An unsupported source entry keeps its namesake: what it
+                // stands for is still there.
+                if filter.wants(&s.key) && supported(&s, &progress, &mut summary) {
                     pending.push((s, Some(d)));
                 }
             }
             std::cmp::Ordering::Greater => {
                 let d = d_head.take().expect("some");
                 d_head = next(&mut drx).await?;
-                if opts.delete && filter.wants(&d.key) {
+                // A symlink or special file in a target directory is not
+                // ferry's to delete.
+                if opts.delete && d.unsupported.is_none() && filter.wants(&d.key) {
                     if opts.dry_run {
                         plan.push(Planned {
                             action: "delete",
@@ -440,6 +487,19 @@ struct CollectorSummary {
     bytes: u64,
     failed: Vec<FailedKey>,
     mismatched: Vec<String>,
+}
+
+/// Whether a source entry can be copied; if not, says why (as rclone
+/// does for the symlinks it does not follow) and counts it.
+fn supported(e: &Entry, progress: &Arc<dyn Progress>, summary: &mut SyncSummary) -> bool {
+    match e.unsupported {
+        None => true,
+        Some(why) => {
+            progress.warn(&format!("{}: skipped: {why}", e.key));
+            summary.objects_unsupported += 1;
+            false
+        }
+    }
 }
 
 async fn next(rx: &mut mpsc::Receiver<Result<Entry>>) -> Result<Option<Entry>> {
@@ -715,7 +775,31 @@ async fn hash_of(side: &Side, key: &str) -> Result<blake3::Hash> {
 
 #[cfg(test)]
 mod tests {
-    use super::parse_since;
+    use super::{Filter, globs, parse_since};
+
+    #[test]
+    fn patterns_read_as_rclone_reads_them() {
+        let f = |include: &[&str], exclude: &[&str]| Filter {
+            include: globs(&include.iter().map(|s| s.to_string()).collect::<Vec<_>>()).unwrap(),
+            exclude: globs(&exclude.iter().map(|s| s.to_string()).collect::<Vec<_>>()).unwrap(),
+            since_ns: None,
+        };
+        let logs = f(&["*.log"], &[]);
+        assert!(logs.wants("a.log") && logs.wants("x/y/a.log"));
+        assert!(!logs.wants("a.log/b") && !logs.wants("a.txt"));
+        let top = f(&["/*.log"], &[]);
+        assert!(top.wants("a.log") && !top.wants("x/a.log"));
+        let dir = f(&["logs/*"], &[]);
+        assert!(dir.wants("logs/a") && dir.wants("app/logs/a"));
+        assert!(!dir.wants("logs/old/a"), "* must not cross a /");
+        let deep = f(&["logs/**"], &[]);
+        assert!(deep.wants("logs/old/a") && deep.wants("app/logs/old/a"));
+        let all_txt = f(&["**.txt"], &["/unicode/**"]);
+        assert!(all_txt.wants("a/b/c.txt") && all_txt.wants("c.txt"));
+        assert!(!all_txt.wants("unicode/c.txt") && all_txt.wants("x/unicode/c.txt"));
+        assert!(f(&[], &[]).wants("anything/at/all"));
+        assert!(globs(&["a[".to_string()]).is_err());
+    }
 
     #[test]
     fn since_takes_utc_and_offsets_and_refuses_garbage() {

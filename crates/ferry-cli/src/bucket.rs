@@ -198,6 +198,12 @@ async fn local(
             s.objects_failed,
             s.duration_s
         ));
+        if s.objects_unsupported > 0 {
+            out.push_str(&format!(
+                "\n{} source entries skipped: symlinks, special files or names that are not UTF-8 (listed above)",
+                s.objects_unsupported
+            ));
+        }
         out
     })?;
     if !s.mismatched.is_empty() || !s.failed.is_empty() {
@@ -318,6 +324,7 @@ async fn report(g: &Global, job: u64, limit: u32) -> Result<u8> {
         objects_skipped: u64,
         objects_deleted: u64,
         objects_failed: u64,
+        objects_unsupported: u64,
         bytes_copied: u64,
         duration_s: u64,
         failed: Vec<Failure<'a>>,
@@ -343,6 +350,7 @@ async fn report(g: &Global, job: u64, limit: u32) -> Result<u8> {
         objects_skipped: num("objects_skipped"),
         objects_deleted: num("objects_deleted"),
         objects_failed: r.keys_failed,
+        objects_unsupported: num("objects_unsupported"),
         bytes_copied: num("bytes_copied"),
         duration_s: (end - info.created).max(0) as u64,
         failed: r
@@ -373,6 +381,12 @@ async fn report(g: &Global, job: u64, limit: u32) -> Result<u8> {
             out.objects_failed,
             out.duration_s
         );
+        if out.objects_unsupported > 0 {
+            s.push_str(&format!(
+                "\n{} source entries skipped: symlinks, special files or names that are not UTF-8",
+                out.objects_unsupported
+            ));
+        }
         if !info.error.is_empty() {
             s.push_str(&format!("\n{}", info.error));
         }

@@ -467,7 +467,7 @@ pub enum BucketCmd {
         /// Only objects modified at or after this time (RFC 3339).
         #[arg(long, value_name = "TIME")]
         since: Option<String>,
-        /// Only keys matching this glob (repeatable).
+        /// Only keys matching this glob (repeatable; as rclone: `*` within a segment, `**` across, a leading `/` anchors at the top).
         #[arg(long, value_name = "GLOB")]
         include: Vec<String>,
         /// Skip keys matching this glob (repeatable).
