@@ -143,6 +143,17 @@ fn source_chain(e: &dyn std::error::Error) -> String {
     parts.join(": ")
 }
 
+/// The causes of an error, without the reply the SDK keeps in its context
+/// (a whole listing), and at most 300 characters.
+fn short_chain(e: &dyn std::error::Error) -> String {
+    let mut why = source_chain(e);
+    if let Some((cut, _)) = why.char_indices().nth(300) {
+        why.truncate(cut);
+        why.push_str("...");
+    }
+    why
+}
+
 /// One line for an SDK error: the service's code and message, or why the
 /// request did not get an answer.
 fn s3_err<E, R>(op: &str, what: &str, e: aws_sdk_s3::error::SdkError<E, R>) -> Error
@@ -157,7 +168,7 @@ where
             match (err.code(), err.message()) {
                 (Some(c), Some(m)) => format!("{c}: {m}"),
                 (Some(c), None) => c.to_string(),
-                _ => format!("{}", aws_sdk_s3::error::DisplayErrorContext(&e)),
+                _ => short_chain(&e),
             }
         }
         SdkError::DispatchFailure(_) | SdkError::TimeoutError(_) => {
@@ -170,6 +181,8 @@ where
                 format!("no answer from the endpoint: {chain}")
             }
         }
+        // Not the reply itself (the SDK's context holds all of it).
+        SdkError::ResponseError(_) => format!("the reply could not be read: {}", short_chain(&e)),
         _ => format!("{}", aws_sdk_s3::error::DisplayErrorContext(&e)),
     };
     Error::Store(format!("{op} {what}: {}", detail.replace('\n', " ")))
@@ -266,6 +279,30 @@ fn unquote(s: &str) -> String {
     s.trim_matches('"').to_string()
 }
 
+/// Whether a request was answered with success but the reply could not be
+/// read (the SDK reports it as an error without a code).
+fn unreadable<E: ProvideErrorMetadata>(
+    e: &aws_sdk_s3::error::SdkError<E, aws_sdk_s3::config::http::HttpResponse>,
+) -> bool {
+    use aws_sdk_s3::error::SdkError;
+    match e {
+        SdkError::ResponseError(_) => true,
+        SdkError::ServiceError(s) => s.raw().status().is_success() && s.err().code().is_none(),
+        _ => false,
+    }
+}
+
+/// A key from a listing asked for with `encoding-type=url`: S3 encodes
+/// it as a form value (`+` for a space), so `+` decodes to a space and a
+/// real `+` came as `%2B`. `None` when the bytes are not UTF-8.
+fn url_decoded(key: &str) -> Option<String> {
+    let spaced = key.replace('+', " ");
+    percent_encoding::percent_decode_str(&spaced)
+        .decode_utf8()
+        .ok()
+        .map(|k| k.into_owned())
+}
+
 /// A local file's stand-in for an etag: its mtime and inode, so that a
 /// rewrite of the same size is noticed. It contains '-', like a multipart
 /// etag, so it is never compared with a store's etag.
@@ -304,15 +341,9 @@ impl Side {
     pub async fn probe(&self, create_local: bool, missing_ok: bool) -> Result<()> {
         match self {
             Side::S3(s) => s
-                .client
-                .list_objects_v2()
-                .bucket(&s.bucket)
-                .prefix(&s.prefix)
-                .max_keys(1)
-                .send()
+                .list_page(&s.prefix, None, None, Some(1), &mut false)
                 .await
-                .map(|_| ())
-                .map_err(|e| s3_err("list", &format!("s3://{}/{}", s.bucket, s.prefix), e)),
+                .map(|_| ()),
             Side::Local(l) => {
                 if create_local {
                     std::fs::create_dir_all(&l.root)
@@ -397,19 +428,11 @@ impl Side {
         match self {
             Side::S3(s) => {
                 let full = s.full(key);
-                let r = s
-                    .client
-                    .list_objects_v2()
-                    .bucket(&s.bucket)
-                    .prefix(&full)
-                    .max_keys(1)
-                    .send()
-                    .await
-                    .map_err(|e| s3_err("list", &full, e))?;
-                Ok(r.contents()
-                    .iter()
-                    .find(|o| o.key() == Some(full.as_str()))
-                    .map(|o| listed_entry(key, o)))
+                let (page, _) = s.list_page(&full, None, None, Some(1), &mut false).await?;
+                Ok(page.into_iter().find(|e| e.key == full).map(|mut e| {
+                    e.key = key.to_string();
+                    e
+                }))
             }
             Side::Local(l) => {
                 use std::os::unix::fs::MetadataExt;
@@ -686,23 +709,84 @@ impl S3Side {
         ))
     }
 
-    async fn list(&self, range: &KeyRange, tx: &mpsc::Sender<Result<Entry>>) -> Result<()> {
-        let mut token: Option<String> = None;
-        let start_after = range.after.as_ref().map(|a| self.full(a));
+    /// One page of a listing under `prefix`: its entries (full keys) and
+    /// the next page's token. XML 1.0 cannot carry every character a key
+    /// may hold (control characters): when a plain reply cannot be read,
+    /// this page and the ones after it are asked for with url-encoded keys
+    /// (`*encoded`), which are decoded only if the reply says it encoded
+    /// them (a store that ignores the request sends keys as they are).
+    async fn list_page(
+        &self,
+        prefix: &str,
+        start_after: Option<&str>,
+        token: Option<&str>,
+        max_keys: Option<i32>,
+        encoded: &mut bool,
+    ) -> Result<(Vec<Entry>, Option<String>)> {
+        use aws_sdk_s3::types::EncodingType;
+        let what = || format!("s3://{}/{prefix}", self.bucket);
         loop {
             let r = self
                 .client
                 .list_objects_v2()
                 .bucket(&self.bucket)
-                .prefix(&self.prefix)
-                .set_start_after(start_after.clone())
-                .set_continuation_token(token.clone())
+                .prefix(prefix)
+                .set_start_after(start_after.map(String::from))
+                .set_continuation_token(token.map(String::from))
+                .set_max_keys(max_keys)
+                .set_encoding_type(encoded.then_some(EncodingType::Url))
                 .send()
-                .await
-                .map_err(|e| s3_err("list", &format!("s3://{}/{}", self.bucket, self.prefix), e))?;
+                .await;
+            let r = match r {
+                Ok(r) => r,
+                Err(e) if !*encoded && unreadable(&e) => {
+                    *encoded = true;
+                    continue;
+                }
+                Err(e) => return Err(s3_err("list", &what(), e)),
+            };
+            let decode = r.encoding_type() == Some(&EncodingType::Url);
+            let mut page = Vec::with_capacity(r.contents().len());
             for o in r.contents() {
-                let Some(full) = o.key() else { continue };
-                let Some(key) = full.strip_prefix(&self.prefix) else {
+                let Some(key) = o.key() else { continue };
+                if !decode {
+                    page.push(listed_entry(key, o));
+                    continue;
+                }
+                match url_decoded(key) {
+                    Some(k) => page.push(listed_entry(&k, o)),
+                    None => {
+                        return Err(Error::Store(format!(
+                            "list {}: the store sent a key that does not decode: {key:?}",
+                            what()
+                        )));
+                    }
+                }
+            }
+            let next = match r.next_continuation_token() {
+                Some(t) if r.is_truncated() == Some(true) => Some(t.to_string()),
+                _ => None,
+            };
+            return Ok((page, next));
+        }
+    }
+
+    async fn list(&self, range: &KeyRange, tx: &mpsc::Sender<Result<Entry>>) -> Result<()> {
+        let mut token: Option<String> = None;
+        let start_after = range.after.as_ref().map(|a| self.full(a));
+        let mut encoded = false;
+        loop {
+            let (page, next) = self
+                .list_page(
+                    &self.prefix,
+                    start_after.as_deref(),
+                    token.as_deref(),
+                    None,
+                    &mut encoded,
+                )
+                .await?;
+            for mut e in page {
+                let Some(key) = e.key.strip_prefix(&self.prefix) else {
                     continue;
                 };
                 if key.is_empty() || !range.after_start(key) {
@@ -711,14 +795,14 @@ impl S3Side {
                 if range.past_end(key) {
                     return Ok(());
                 }
-                let e = listed_entry(key, o);
+                e.key = key.to_string();
                 if tx.send(Ok(e)).await.is_err() {
                     return Ok(());
                 }
             }
-            match r.next_continuation_token() {
-                Some(t) if r.is_truncated() == Some(true) => token = Some(t.to_string()),
-                _ => return Ok(()),
+            match next {
+                Some(t) => token = Some(t),
+                None => return Ok(()),
             }
         }
     }
