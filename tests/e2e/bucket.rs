@@ -574,7 +574,7 @@ fn an_interrupted_sync_leaves_no_partial_object_and_the_rerun_cleans_up() {
         &[src.to_str().unwrap(), "s3://resume/dst", "--verify"],
     );
     assert_eq!(r["objects_failed"], 0, "{r}");
-    assert!(r["stale_uploads_aborted"].as_u64().unwrap() >= 1, "{r}");
+    assert_eq!(r["stale_uploads_aborted"], 1, "{r}");
     let visible = read_all(&c, "resume", "dst/");
     assert_eq!(visible["big.bin"].body.len(), 40 << 20);
     assert_eq!(visible.len(), 6);
@@ -642,8 +642,10 @@ fn a_directory_source_says_what_it_cannot_carry_and_deletes_none_of_it() {
     std::fs::create_dir_all(&src).unwrap();
     std::fs::write(src.join("real.txt"), b"real").unwrap();
     std::fs::write(src.join("link"), b"a file, for now").unwrap();
+    std::fs::create_dir_all(src.join("ext")).unwrap();
+    std::fs::write(src.join("ext/keep.txt"), b"under a directory, for now").unwrap();
     let first = sync_json(&env, &[src.to_str().unwrap(), dst.to_str().unwrap()]);
-    assert_eq!(first["objects_copied"], 2, "{first}");
+    assert_eq!(first["objects_copied"], 3, "{first}");
     assert_eq!(first["objects_unsupported"], 0, "{first}");
 
     // The file becomes a symlink; a FIFO and a name no key can carry
@@ -657,6 +659,11 @@ fn a_directory_source_says_what_it_cannot_carry_and_deletes_none_of_it() {
     assert!(fifo.success());
     let bad = src.join(std::ffi::OsStr::from_bytes(b"bad-\xff-name"));
     std::fs::write(&bad, b"latin-1").unwrap();
+    // The directory moves away and a symlink takes its place; a name that
+    // would forge a second warning line.
+    std::fs::rename(src.join("ext"), env.path("moved")).unwrap();
+    std::os::unix::fs::symlink(env.path("moved"), src.join("ext")).unwrap();
+    std::os::unix::fs::symlink("real.txt", src.join("evil\nwarning: fake")).unwrap();
     let out = env.run(&[
         "bucket",
         "sync",
@@ -667,16 +674,27 @@ fn a_directory_source_says_what_it_cannot_carry_and_deletes_none_of_it() {
     ]);
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!(r["objects_unsupported"], 3, "{r}");
+    assert_eq!(r["objects_unsupported"], 5, "{r}");
     assert_eq!(r["objects_deleted"], 0, "{r}");
     let err = stderr(&out);
     for line in [
         "link: skipped: a symlink (not followed)",
+        "ext: skipped: a symlink (not followed)",
         "pipe: skipped: not a regular file",
         "skipped: a name that is not UTF-8",
+        "evil\u{240a}warning: fake: skipped: a symlink (not followed)",
     ] {
         assert!(err.contains(line), "no {line:?} in: {err}");
     }
+    assert!(
+        !err.lines().any(|l| l.starts_with("warning: fake")),
+        "a key forged a line: {err}"
+    );
+    // What the directory symlink stands for is still in the destination.
+    assert_eq!(
+        std::fs::read(dst.join("ext/keep.txt")).unwrap(),
+        b"under a directory, for now"
+    );
     // The symlink's namesake stays: what it stands for is still there.
     assert_eq!(std::fs::read(dst.join("link")).unwrap(), b"a file, for now");
     assert_eq!(std::fs::read(dst.join("real.txt")).unwrap(), b"real");

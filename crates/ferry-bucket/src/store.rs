@@ -590,7 +590,9 @@ impl Side {
     }
 
     /// Aborts multipart uploads that an earlier, interrupted run started.
-    pub async fn abort_upload(&self, key: &str, id: &str) -> Result<()> {
+    /// Aborts an open multipart upload: true if it was open, false if the
+    /// store no longer has it (it completed, or was aborted already).
+    pub async fn abort_upload(&self, key: &str, id: &str) -> Result<bool> {
         if let Side::S3(s) = self {
             let r = s
                 .client
@@ -600,13 +602,13 @@ impl Side {
                 .upload_id(id)
                 .send()
                 .await;
-            if let Err(e) = r
-                && !is_code(&e, &["NoSuchUpload"])
-            {
-                return Err(s3_err("abort upload of", key, e));
-            }
+            return match r {
+                Ok(_) => Ok(true),
+                Err(e) if is_code(&e, &["NoSuchUpload"]) => Ok(false),
+                Err(e) => Err(s3_err("abort upload of", key, e)),
+            };
         }
-        Ok(())
+        Ok(false)
     }
 }
 

@@ -146,11 +146,21 @@ fn globs(patterns: &[String]) -> Result<Option<GlobSet>> {
     // key, `**` crosses segments, and a pattern that does not start with
     // `/` matches at any depth (`*.log` is every log, `/*.log` only those
     // at the top, `logs/*` the files directly in any `logs/`).
+    // A pattern ending in `/` names a directory: everything under it.
     let mut b = GlobSetBuilder::new();
     for p in patterns {
-        let forms = match p.strip_prefix('/') {
+        if p.is_empty() {
+            return Err(Error::Config(
+                "an empty pattern (an unset variable?) would match nothing or everything".into(),
+            ));
+        }
+        let body = match p.strip_suffix('/') {
+            Some(dir) => format!("{dir}/**"),
+            None => p.clone(),
+        };
+        let forms = match body.strip_prefix('/') {
             Some(top) => vec![top.to_string()],
-            None => vec![p.clone(), format!("**/{p}")],
+            None => vec![body.clone(), format!("**/{body}")],
         };
         for f in forms {
             let g = GlobBuilder::new(&f)
@@ -207,7 +217,8 @@ fn st(e: ferry_core::catalog::CatalogError) -> Error {
 
 /// Aborts the multipart uploads recorded as open on `dst` for the keys
 /// `mine` accepts: those of a run that was killed, or of this run when it is
-/// interrupted. Returns how many were aborted.
+/// interrupted. Returns how many were still open (a record may outlive its
+/// upload: a run killed between completing it and forgetting it).
 pub async fn abort_open_uploads(
     dst: &Side,
     state: &dyn SyncState,
@@ -216,9 +227,10 @@ pub async fn abort_open_uploads(
     let mut n = 0;
     for (key, id) in state.uploads().map_err(st)? {
         if mine(&key) {
-            dst.abort_upload(&key, &id).await?;
+            if dst.abort_upload(&key, &id).await? {
+                n += 1;
+            }
             state.remove_upload(&key, &id).map_err(st)?;
-            n += 1;
         }
     }
     Ok(n)
@@ -392,6 +404,7 @@ pub async fn sync(
     let mut s_head = next(&mut srx).await?;
     let mut d_head = next(&mut drx).await?;
     let mut plan = Vec::new();
+    let mut shields = Shields::default();
     loop {
         let step = match (&s_head, &d_head) {
             (None, None) => break,
@@ -404,6 +417,7 @@ pub async fn sync(
                 let s = s_head.take().expect("some");
                 s_head = next(&mut srx).await?;
                 summary.objects_listed += 1;
+                shields.add(&s);
                 if filter.wants(&s.key) && supported(&s, &progress, &mut summary) {
                     pending.push((s, None));
                 }
@@ -414,6 +428,7 @@ pub async fn sync(
                 s_head = next(&mut srx).await?;
                 d_head = next(&mut drx).await?;
                 summary.objects_listed += 1;
+                shields.add(&s);
                 // An unsupported source entry keeps its namesake: what it
                 // stands for is still there.
                 if filter.wants(&s.key) && supported(&s, &progress, &mut summary) {
@@ -425,7 +440,11 @@ pub async fn sync(
                 d_head = next(&mut drx).await?;
                 // A symlink or special file in a target directory is not
                 // ferry's to delete.
-                if opts.delete && d.unsupported.is_none() && filter.wants(&d.key) {
+                if opts.delete
+                    && d.unsupported.is_none()
+                    && !shields.covers(&d.key)
+                    && filter.wants(&d.key)
+                {
                     if opts.dry_run {
                         plan.push(Planned {
                             action: "delete",
@@ -487,6 +506,27 @@ struct CollectorSummary {
     bytes: u64,
     failed: Vec<FailedKey>,
     mismatched: Vec<String>,
+}
+
+/// The destination keys `--delete` must spare: those under a source entry
+/// that was not followed (a symlink to a directory, say `ext`, stands for
+/// whatever the destination holds under `ext/`). Keys come in byte order,
+/// so a shield is dropped once the merge is past every key it covers.
+#[derive(Default)]
+struct Shields(Vec<String>);
+
+impl Shields {
+    fn add(&mut self, e: &Entry) {
+        if e.unsupported.is_some() {
+            self.0.push(format!("{}/", e.key));
+        }
+    }
+
+    fn covers(&mut self, key: &str) -> bool {
+        self.0
+            .retain(|p| key.starts_with(p.as_str()) || key.as_bytes() < p.as_bytes());
+        self.0.iter().any(|p| key.starts_with(p.as_str()))
+    }
 }
 
 /// Whether a source entry can be copied; if not, says why (as rclone
@@ -775,7 +815,28 @@ async fn hash_of(side: &Side, key: &str) -> Result<blake3::Hash> {
 
 #[cfg(test)]
 mod tests {
-    use super::{Filter, globs, parse_since};
+    use super::{Entry, Filter, Shields, globs, parse_since};
+
+    #[test]
+    fn a_skipped_source_entry_shields_what_lies_under_its_name() {
+        let entry = |key: &str, unsupported| Entry {
+            key: key.into(),
+            size: 0,
+            etag: String::new(),
+            modified_ns: 0,
+            unsupported,
+        };
+        let mut s = Shields::default();
+        s.add(&entry("a", None));
+        s.add(&entry("ext", Some("a symlink (not followed)")));
+        assert!(!s.covers("ext"), "the name itself is the caller's");
+        assert!(!s.covers("ext-a"));
+        assert!(s.covers("ext/keep.txt") && s.covers("ext/deep/er"));
+        assert!(!s.covers("extra/x") && !s.covers("f"));
+        // Past its range, a shield is gone for good.
+        assert!(!s.covers("ext/late"));
+        assert!(!s.covers("a/b"));
+    }
 
     #[test]
     fn patterns_read_as_rclone_reads_them() {
@@ -799,6 +860,11 @@ mod tests {
         assert!(!all_txt.wants("unicode/c.txt") && all_txt.wants("x/unicode/c.txt"));
         assert!(f(&[], &[]).wants("anything/at/all"));
         assert!(globs(&["a[".to_string()]).is_err());
+        assert!(globs(&[String::new()]).is_err(), "an empty pattern");
+        let dirs = f(&[], &["cache/"]);
+        assert!(!dirs.wants("cache/a") && !dirs.wants("x/cache/a/b"));
+        assert!(dirs.wants("cache") && dirs.wants("caches/a"));
+        assert!(!f(&[], &["/"]).wants("a/b"), "/ is the whole tree");
     }
 
     #[test]

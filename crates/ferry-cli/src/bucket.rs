@@ -13,7 +13,7 @@ use serde::Serialize;
 use serde_json::Value;
 
 use crate::commands::print;
-use crate::ui::{Bar, human_bytes};
+use crate::ui::{Bar, human_bytes, printable};
 use crate::{BucketCmd, Global};
 
 pub async fn run(g: &Global, cmd: BucketCmd) -> Result<u8> {
@@ -157,7 +157,7 @@ async fn local(
             out.push_str(&format!(
                 "would {} {} ({})\n",
                 p.action,
-                p.key,
+                printable(&p.key),
                 human_bytes(p.size)
             ));
         }
@@ -167,10 +167,14 @@ async fn local(
                 .error
                 .strip_prefix(&format!("{}: ", f.key))
                 .unwrap_or(&f.error);
-            out.push_str(&format!("failed: {}: {why}\n", f.key));
+            out.push_str(&format!(
+                "failed: {}: {}\n",
+                printable(&f.key),
+                printable(why)
+            ));
         }
         for k in &s.mismatched {
-            out.push_str(&format!("differs after copy: {k}\n"));
+            out.push_str(&format!("differs after copy: {}\n", printable(k)));
         }
         out.push_str(&format!(
             "{}: listed {}, {} {} ({}{}), skipped {}, {} {}, failed {} in {:.1}s",
@@ -217,7 +221,7 @@ async fn local(
         eprintln!(
             "error: {} object(s) failed or differ: {}{}",
             s.mismatched.len() + s.failed.len(),
-            keys.join(", "),
+            printable(&keys.join(", ")),
             if s.mismatched.len() + s.failed.len() > 10 {
                 ", ..."
             } else {
@@ -391,7 +395,11 @@ async fn report(g: &Global, job: u64, limit: u32) -> Result<u8> {
             s.push_str(&format!("\n{}", info.error));
         }
         for f in &out.failed {
-            s.push_str(&format!("\nfailed: {}: {}", f.key, f.error));
+            s.push_str(&format!(
+                "\nfailed: {}: {}",
+                printable(f.key),
+                printable(f.error)
+            ));
         }
         if r.keys_failed > out.failed.len() as u64 {
             s.push_str(&format!(

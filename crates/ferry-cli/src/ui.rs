@@ -59,7 +59,21 @@ pub fn one_line(e: &anyhow::Error) -> String {
         }
         out.push_str(&s);
     }
-    out.replace('\n', " ")
+    printable(&out.replace('\n', " "))
+}
+
+/// `s` with control characters shown as their Unicode pictures (`\n` as
+/// U+240A, ESC as U+241B), as rclone shows them: a key or file name that
+/// holds them can neither break a message into two lines nor drive the
+/// terminal.
+pub fn printable(s: &str) -> String {
+    s.chars()
+        .map(|c| match c {
+            '\u{0}'..='\u{1f}' => char::from_u32(0x2400 + c as u32).unwrap_or('?'),
+            '\u{7f}' => '\u{2421}',
+            c => c,
+        })
+        .collect()
 }
 
 /// Parses 4096, 16K, 16KiB, 1M, 1MiB, 2G.
@@ -218,6 +232,7 @@ impl Progress for Bar {
     }
 
     fn warn(&self, message: &str) {
+        let message = printable(message);
         match &self.bar {
             Some(b) => b.println(format!("warning: {message}")),
             None => eprintln!("warning: {message}"),
@@ -247,6 +262,17 @@ mod tests {
         assert_eq!(one_line(&e), "catalog j: locked: Error code 5: busy");
         let e = anyhow::anyhow!("disk full\nsecond line").context("writing x");
         assert_eq!(one_line(&e), "writing x: disk full second line");
+        let e = anyhow::anyhow!("a\u{1b}[31mred\tkey");
+        assert_eq!(one_line(&e), "a\u{241b}[31mred\u{2409}key");
+    }
+
+    #[test]
+    fn control_characters_are_shown_not_sent() {
+        assert_eq!(
+            printable("evil\nwarning: fake\u{1b}[31m\u{7f}"),
+            "evil\u{240a}warning: fake\u{241b}[31m\u{2421}"
+        );
+        assert_eq!(printable("日本語 ok"), "日本語 ok");
     }
 
     #[test]
