@@ -702,6 +702,41 @@ fn a_directory_source_says_what_it_cannot_carry_and_deletes_none_of_it() {
 }
 
 #[test]
+fn a_tree_copied_before_with_its_times_is_not_copied_again() {
+    // A destination made by `cp -a` (sizes and modification times kept):
+    // the first sync skips what is the same, as rsync and rclone do, and
+    // copies what differs in size or time.
+    let env = Env::new();
+    let (src, dst) = (env.path("src"), env.path("dst"));
+    std::fs::create_dir_all(src.join("d")).unwrap();
+    std::fs::create_dir_all(dst.join("d")).unwrap();
+    let when = std::time::SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+    for (i, name) in ["a", "d/b", "same-size", "grown"].iter().enumerate() {
+        std::fs::write(src.join(name), noise(1000, i as u64)).unwrap();
+        std::fs::write(dst.join(name), noise(1000, i as u64)).unwrap();
+        for root in [&src, &dst] {
+            std::fs::File::options()
+                .write(true)
+                .open(root.join(name))
+                .unwrap()
+                .set_modified(when)
+                .unwrap();
+        }
+    }
+    // Rewritten in place, same size, a later time; and grown.
+    std::fs::write(src.join("same-size"), noise(1000, 99)).unwrap();
+    std::fs::write(src.join("grown"), noise(1001, 3)).unwrap();
+    let r = sync_json(&env, &[src.to_str().unwrap(), dst.to_str().unwrap()]);
+    assert_eq!(r["objects_skipped"], 2, "{r}");
+    assert_eq!(r["objects_copied"], 2, "{r}");
+    assert_eq!(
+        std::fs::read(dst.join("same-size")).unwrap(),
+        noise(1000, 99)
+    );
+    assert_eq!(std::fs::read(dst.join("grown")).unwrap(), noise(1001, 3));
+}
+
+#[test]
 fn an_object_rewritten_during_its_copy_is_never_copied_torn() {
     use std::sync::atomic::Ordering::Relaxed;
     let mut env = Env::new();

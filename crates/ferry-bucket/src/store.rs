@@ -308,8 +308,16 @@ fn url_decoded(key: &str) -> Option<String> {
 /// etag, so it is never compared with a store's etag.
 pub fn local_etag(md: &std::fs::Metadata) -> String {
     use std::os::unix::fs::MetadataExt;
-    format!("local-{}.{}-{}", md.mtime(), md.mtime_nsec(), md.ino())
+    format!(
+        "{LOCAL_ETAG}{}.{}-{}",
+        md.mtime(),
+        md.mtime_nsec(),
+        md.ino()
+    )
 }
+
+/// How a local file's stand-in etag begins.
+pub const LOCAL_ETAG: &str = "local-";
 
 /// Why a key cannot be a path under a local directory, if it cannot.
 pub fn local_key_problem(key: &str) -> Option<&'static str> {

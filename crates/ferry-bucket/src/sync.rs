@@ -25,7 +25,7 @@ use tokio::sync::mpsc;
 /// The longest a finished copy or delete waits to be recorded.
 const STATE_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
 
-use crate::store::{Entry, KeyRange, Side, Upload};
+use crate::store::{Entry, KeyRange, LOCAL_ETAG, Side, Upload};
 use crate::{Error, Result};
 use ferry_core::limit::Limiter;
 
@@ -612,7 +612,18 @@ async fn decide(
             }
             (Some(d), None) => {
                 // Equal sizes and equal plain (single-part) etags.
-                d.size == s.size && !s.etag.is_empty() && d.etag == s.etag && !s.etag.contains('-')
+                let etags = d.size == s.size
+                    && !s.etag.is_empty()
+                    && d.etag == s.etag
+                    && !s.etag.contains('-');
+                // Two directories: equal sizes and modification times,
+                // rsync's and rclone's quick check (a tree copied before
+                // with `cp -a` or `rsync -a` is not copied again).
+                let times = s.etag.starts_with(LOCAL_ETAG)
+                    && d.etag.starts_with(LOCAL_ETAG)
+                    && d.size == s.size
+                    && d.modified_ns == s.modified_ns;
+                etags || times
             }
             _ => false,
         };
