@@ -737,6 +737,52 @@ fn a_tree_copied_before_with_its_times_is_not_copied_again() {
 }
 
 #[test]
+fn a_destination_loses_the_temporary_files_of_killed_runs() {
+    // What a copy killed midway leaves: `.ferry-*.tmp` beside its object.
+    // The next sync into the directory removes those an hour old; a fresh
+    // one (a copy that may be running) stays, a dry run removes nothing,
+    // and a source's are left alone.
+    let env = Env::new();
+    let (src, dst) = (env.path("src"), env.path("dst"));
+    std::fs::create_dir_all(src.join("d")).unwrap();
+    std::fs::create_dir_all(dst.join("d")).unwrap();
+    std::fs::write(src.join("d/a"), b"a").unwrap();
+    let old = std::time::SystemTime::now() - Duration::from_secs(2 * 3600);
+    let plant = |p: std::path::PathBuf, aged: bool| {
+        std::fs::write(&p, b"half a copy").unwrap();
+        if aged {
+            std::fs::File::options()
+                .write(true)
+                .open(&p)
+                .unwrap()
+                .set_modified(old)
+                .unwrap();
+        }
+        p
+    };
+    let stale = plant(dst.join("d/.ferry-00112233aabbccdd.tmp"), true);
+    let top = plant(dst.join(".ferry-44556677eeff0011.tmp"), true);
+    let fresh = plant(dst.join("d/.ferry-8899aabbccddeeff.tmp"), false);
+    let in_source = plant(src.join(".ferry-0000000000000000.tmp"), true);
+    let (s, d) = (src.to_str().unwrap(), dst.to_str().unwrap());
+    let dry = sync_json(&env, &[s, d, "--dry-run"]);
+    assert_eq!(dry["plan"].as_array().unwrap().len(), 1, "{dry}");
+    assert!(
+        stale.exists() && top.exists(),
+        "a dry run removed something"
+    );
+    let r = sync_json(&env, &[s, d]);
+    assert_eq!(r["objects_copied"], 1, "{r}");
+    assert!(
+        !stale.exists() && !top.exists(),
+        "stale temporary files stayed"
+    );
+    assert!(fresh.exists(), "a fresh temporary file was removed");
+    assert!(in_source.exists(), "the source was touched");
+    assert_eq!(std::fs::read(dst.join("d/a")).unwrap(), b"a");
+}
+
+#[test]
 fn an_object_rewritten_during_its_copy_is_never_copied_torn() {
     use std::sync::atomic::Ordering::Relaxed;
     let mut env = Env::new();

@@ -376,9 +376,20 @@ impl Side {
     /// byte order, into `tx` (bounded: the listing never runs far ahead of
     /// the sync).
     pub async fn list(&self, range: &KeyRange, tx: mpsc::Sender<Result<Entry>>) {
+        self.list_as(range, tx, false).await
+    }
+
+    /// `list` of a sync's destination: a directory's walk also removes the
+    /// temporary files killed runs left (`.ferry-*.tmp`, an hour old: a
+    /// live copy writes its own all the time).
+    pub async fn list_target(&self, range: &KeyRange, tx: mpsc::Sender<Result<Entry>>) {
+        self.list_as(range, tx, true).await
+    }
+
+    async fn list_as(&self, range: &KeyRange, tx: mpsc::Sender<Result<Entry>>, sweep: bool) {
         let r = match self {
             Side::S3(s) => s.list(range, &tx).await,
-            Side::Local(l) => l.list(range, &tx).await,
+            Side::Local(l) => l.list(range, &tx, sweep).await,
         };
         if let Err(e) = r {
             let _ = tx.send(Err(e)).await;
@@ -934,14 +945,19 @@ impl LocalSide {
     }
 
     /// Walks in key byte order: a directory sorts as its name plus '/'.
-    async fn list(&self, range: &KeyRange, tx: &mpsc::Sender<Result<Entry>>) -> Result<()> {
+    async fn list(
+        &self,
+        range: &KeyRange,
+        tx: &mpsc::Sender<Result<Entry>>,
+        sweep: bool,
+    ) -> Result<()> {
         let root = self.root.clone();
         if !root.exists() {
             return Ok(()); // a dry run into a directory not made yet
         }
         let (itx, mut irx) = mpsc::channel::<Result<Entry>>(1024);
         let range = range.clone();
-        let walker = tokio::task::spawn_blocking(move || walk(&root, &range, &itx));
+        let walker = tokio::task::spawn_blocking(move || walk(&root, &range, &itx, sweep));
         while let Some(e) = irx.recv().await {
             if tx.send(e).await.is_err() {
                 break;
@@ -954,7 +970,15 @@ impl LocalSide {
     }
 }
 
-fn walk(root: &Path, range: &KeyRange, tx: &mpsc::Sender<Result<Entry>>) -> Result<()> {
+/// How old a temporary file of ours must be before a walk removes it.
+const STALE_TMP: std::time::Duration = std::time::Duration::from_secs(3600);
+
+fn walk(
+    root: &Path,
+    range: &KeyRange,
+    tx: &mpsc::Sender<Result<Entry>>,
+    sweep: bool,
+) -> Result<()> {
     use std::os::unix::fs::MetadataExt;
     // Stack of (directory, key prefix); entries pushed in reverse order.
     let mut stack: Vec<(PathBuf, String, bool, Option<&'static str>)> =
@@ -1006,6 +1030,18 @@ fn walk(root: &Path, range: &KeyRange, tx: &mpsc::Sender<Result<Entry>>) -> Resu
                 ),
             };
             if name.starts_with(".ferry-") && name.ends_with(".tmp") {
+                if sweep {
+                    let stale = d.metadata().ok().filter(|m| m.is_file()).and_then(|m| {
+                        m.modified()
+                            .ok()?
+                            .elapsed()
+                            .ok()
+                            .filter(|age| *age > STALE_TMP)
+                    });
+                    if stale.is_some() {
+                        let _ = std::fs::remove_file(d.path());
+                    }
+                }
                 continue;
             }
             let ft = d

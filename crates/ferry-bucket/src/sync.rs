@@ -287,7 +287,13 @@ pub async fn sync(
     let (s2, d2) = (src.clone(), dst.clone());
     let (r1, r2) = (opts.range.clone(), opts.range.clone());
     let lister_s = tokio::spawn(async move { s2.list(&r1, stx).await });
-    let lister_d = tokio::spawn(async move { d2.list(&r2, dtx).await });
+    let sweep = !opts.dry_run;
+    let lister_d = tokio::spawn(async move {
+        match sweep {
+            true => d2.list_target(&r2, dtx).await,
+            false => d2.list(&r2, dtx).await,
+        }
+    });
 
     let workers = opts.workers.max(1);
     let (task_tx, task_rx) = async_channel(workers * 4);
