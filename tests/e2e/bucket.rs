@@ -1035,6 +1035,18 @@ fn a_bucket_goes_through_the_vault_incrementally_with_its_metadata() {
     assert!(stderr(&out).contains("--block"), "{}", stderr(&out));
 }
 
+/// Points ferry's standard AWS variables at `moto`.
+fn use_moto(env: &mut Env, moto: &Moto) {
+    for (k, v) in [
+        ("AWS_ENDPOINT_URL", moto.endpoint.as_str()),
+        ("AWS_ACCESS_KEY_ID", "moto"),
+        ("AWS_SECRET_ACCESS_KEY", "moto"),
+        ("AWS_REGION", "us-east-1"),
+    ] {
+        env.vars.push((k.into(), v.into()));
+    }
+}
+
 fn moto_client(endpoint: &str) -> Client {
     let conf = aws_sdk_s3::config::Builder::new()
         .behavior_version(aws_sdk_s3::config::BehaviorVersion::latest())
@@ -1056,14 +1068,7 @@ fn moto_client(endpoint: &str) -> Client {
 fn tags_storage_classes_and_markers_survive_on_a_store_that_has_them() {
     let mut env = Env::new();
     let moto = Moto::start();
-    for (k, v) in [
-        ("AWS_ENDPOINT_URL", moto.endpoint.as_str()),
-        ("AWS_ACCESS_KEY_ID", "moto"),
-        ("AWS_SECRET_ACCESS_KEY", "moto"),
-        ("AWS_REGION", "us-east-1"),
-    ] {
-        env.vars.push((k.into(), v.into()));
-    }
+    use_moto(&mut env, &moto);
     let c = moto_client(&moto.endpoint);
     rt().block_on(async {
         for b in ["src-bucket", "dst-stream", "dst-server"] {
@@ -1226,14 +1231,7 @@ fn a_directory_target_never_writes_through_a_symlink() {
 fn keys_with_control_characters_are_listed_and_copied() {
     let mut env = Env::new();
     let moto = Moto::start();
-    for (k, v) in [
-        ("AWS_ENDPOINT_URL", moto.endpoint.as_str()),
-        ("AWS_ACCESS_KEY_ID", "moto"),
-        ("AWS_SECRET_ACCESS_KEY", "moto"),
-        ("AWS_REGION", "us-east-1"),
-    ] {
-        env.vars.push((k.into(), v.into()));
-    }
+    use_moto(&mut env, &moto);
     let c = moto_client(&moto.endpoint);
     let keys = ["ctl\u{1}key", "plain", "space and+plus%20.txt", "tab\there"];
     rt().block_on(async {
