@@ -715,12 +715,7 @@ fn a_tree_copied_before_with_its_times_is_not_copied_again() {
         std::fs::write(src.join(name), noise(1000, i as u64)).unwrap();
         std::fs::write(dst.join(name), noise(1000, i as u64)).unwrap();
         for root in [&src, &dst] {
-            std::fs::File::options()
-                .write(true)
-                .open(root.join(name))
-                .unwrap()
-                .set_modified(when)
-                .unwrap();
+            set_mtime(&root.join(name), when);
         }
     }
     // Rewritten in place, same size, a later time; and grown.
@@ -751,12 +746,7 @@ fn a_destination_loses_the_temporary_files_of_killed_runs() {
     let plant = |p: std::path::PathBuf, aged: bool| {
         std::fs::write(&p, b"half a copy").unwrap();
         if aged {
-            std::fs::File::options()
-                .write(true)
-                .open(&p)
-                .unwrap()
-                .set_modified(old)
-                .unwrap();
+            set_mtime(&p, old);
         }
         p
     };

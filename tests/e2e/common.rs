@@ -103,6 +103,16 @@ pub fn chmod_r(p: &Path) {
     assert!(st.success());
 }
 
+/// Sets a file's modification time.
+pub fn set_mtime(p: &Path, t: std::time::SystemTime) {
+    std::fs::File::options()
+        .write(true)
+        .open(p)
+        .unwrap()
+        .set_modified(t)
+        .unwrap();
+}
+
 pub fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }

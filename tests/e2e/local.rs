@@ -920,12 +920,7 @@ fn file_times_past_2262_are_clamped_not_wrapped() {
     let f = src.join("future");
     std::fs::write(&f, b"x").unwrap();
     let y2300 = std::time::UNIX_EPOCH + std::time::Duration::from_secs(10_413_792_000);
-    std::fs::File::options()
-        .write(true)
-        .open(&f)
-        .unwrap()
-        .set_modified(y2300)
-        .unwrap();
+    set_mtime(&f, y2300);
     let vault = init(&env);
     let dst = env.path("dst");
     env.json(&[

@@ -175,12 +175,7 @@ fn prune_sweeps_the_staging_files_of_killed_writes() {
     for p in [&old, &young] {
         std::fs::write(p, &bytes[..bytes.len() / 2]).unwrap();
     }
-    std::fs::File::options()
-        .write(true)
-        .open(&old)
-        .unwrap()
-        .set_modified(two_hours_ago)
-        .unwrap();
+    set_mtime(&old, two_hours_ago);
 
     let dry = env.json(&["prune", "--dry-run"]);
     assert_eq!(dry["staging_removed"], 1, "{dry}");
