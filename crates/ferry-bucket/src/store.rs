@@ -376,17 +376,14 @@ impl Side {
     /// byte order, into `tx` (bounded: the listing never runs far ahead of
     /// the sync).
     pub async fn list(&self, range: &KeyRange, tx: mpsc::Sender<Result<Entry>>) {
-        self.list_as(range, tx, false).await
+        self.list_swept(range, tx, false).await
     }
 
-    /// `list` of a sync's destination: a directory's walk also removes the
-    /// temporary files killed runs left (`.ferry-*.tmp`, an hour old: a
-    /// live copy writes its own all the time).
-    pub async fn list_target(&self, range: &KeyRange, tx: mpsc::Sender<Result<Entry>>) {
-        self.list_as(range, tx, true).await
-    }
-
-    async fn list_as(&self, range: &KeyRange, tx: mpsc::Sender<Result<Entry>>, sweep: bool) {
+    /// `list`; with `sweep` (a sync's destination, not in a dry run) a
+    /// directory's walk also removes the temporary files killed runs left
+    /// (`.ferry-*.tmp`, an hour old: a live copy writes its own all the
+    /// time).
+    pub async fn list_swept(&self, range: &KeyRange, tx: mpsc::Sender<Result<Entry>>, sweep: bool) {
         let r = match self {
             Side::S3(s) => s.list(range, &tx).await,
             Side::Local(l) => l.list(range, &tx, sweep).await,
@@ -634,15 +631,14 @@ impl Side {
 /// Percent-encodes a key for `x-amz-copy-source` (everything but
 /// unreserved characters and `/`).
 fn encode_key(k: &str) -> String {
-    let mut out = String::with_capacity(k.len());
-    for b in k.bytes() {
-        if b.is_ascii_alphanumeric() || b"-_.~/".contains(&b) {
-            out.push(b as char);
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
+    use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, utf8_percent_encode};
+    const KEEP: &AsciiSet = &NON_ALPHANUMERIC
+        .remove(b'-')
+        .remove(b'_')
+        .remove(b'.')
+        .remove(b'~')
+        .remove(b'/');
+    utf8_percent_encode(k, KEEP).to_string()
 }
 
 fn random_hex() -> String {

@@ -288,12 +288,7 @@ pub async fn sync(
     let (r1, r2) = (opts.range.clone(), opts.range.clone());
     let lister_s = tokio::spawn(async move { s2.list(&r1, stx).await });
     let sweep = !opts.dry_run;
-    let lister_d = tokio::spawn(async move {
-        match sweep {
-            true => d2.list_target(&r2, dtx).await,
-            false => d2.list(&r2, dtx).await,
-        }
-    });
+    let lister_d = tokio::spawn(async move { d2.list_swept(&r2, dtx, sweep).await });
 
     let workers = opts.workers.max(1);
     let (task_tx, task_rx) = async_channel(workers * 4);
